@@ -23,13 +23,14 @@ _NUMBER = (
     r"(?P<pct>\s*%)?"
 )
 _NUMBER_RE = re.compile(_NUMBER)
-# Explicit answer markers, strongest first. Each captures the text right after the marker.
+# Explicit answer markers, strongest first. Each captures the text right after the marker (the
+# "answer is" body is a lookahead so that a later marker on the same line is still found).
 _MARKERS = [
     re.compile(r"\\boxed\{(?P<body>[^{}]*)\}"),
     re.compile(r"####\s*(?P<body>[^\n]*)"),
     re.compile(
         r"(?:final answer|the answer|answer)\s*(?:is|:|=|would be|will be)?\s*[:=]?\s*"
-        r"(?P<body>[^\n]*)",
+        r"(?=(?P<body>[^\n]*))",
         re.IGNORECASE,
     ),
 ]
