@@ -5,8 +5,8 @@ a built-in generator of arithmetic word problems (the embedded default dataset).
     mdlite data check problems.jsonl
     mdlite data stats svamp:test --data-dir ../shared/data
 
-A problem source is a JSONL path, or `NAME[:SPLIT]` for NAME in svamp, gsm8k, asdiv, multiarith
-(split defaults to test), read from `<data_dir>/<NAME>/<SPLIT>.jsonl` with data_dir from
+A problem source is a JSONL path, `synth:N[:SEED]` (N generated problems), or `NAME[:SPLIT]` for
+NAME in svamp, gsm8k, asdiv, multiarith (split defaults to test), read from `<data_dir>/<NAME>/<SPLIT>.jsonl` with data_dir from
 `--data-dir`, else `$MDLITE_DATA`, else `~/.cache/mdlite/data`; without a local copy the dataset
 is loaded from the Hugging Face hub.
 """
@@ -65,10 +65,20 @@ def default_data_dir() -> Path:
 def load_problems(
     source: str | Path, *, data_dir: str | Path | None = None, limit: int | None = None
 ) -> list[Problem]:
-    """Problems from a JSONL file or a dataset name (`svamp:test`); MdliteError on bad input."""
+    """Problems from a JSONL file, `synth:N[:SEED]` or a dataset name (`svamp:test`); MdliteError on bad input."""
+    if str(source).startswith("synth:"):
+        count, seed = _synth_spec(str(source))
+        return synth_problems(count, seed=seed)[:limit]
     path = resolve_source(source, data_dir=data_dir)
     problems = read_jsonl_problems(path) if path is not None else _load_from_hub(str(source))
     return problems[:limit] if limit is not None else problems
+
+
+def _synth_spec(source: str) -> tuple[int, int]:
+    parts = source.split(":")[1:]
+    if not 1 <= len(parts) <= 2 or not all(p.isdigit() for p in parts) or int(parts[0]) < 1:
+        raise MdliteError(f"{source}: expected synth:N or synth:N:SEED with whole numbers, e.g. synth:200:0")
+    return int(parts[0]), int(parts[1]) if len(parts) == 2 else 0
 
 
 def resolve_source(source: str | Path, *, data_dir: str | Path | None = None) -> Path | None:

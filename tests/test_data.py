@@ -105,3 +105,10 @@ def test_stats_count_duplicates(tmp_path: Path) -> None:
     stats = problem_stats(read_jsonl_problems(_write(tmp_path, "\n".join(lines))))
     assert stats["problems"] == 5 and stats["duplicate_questions"] == 2
     assert stats["answer_min"] == 0 and stats["answer_max"] == 4
+
+
+def test_synth_source() -> None:
+    assert load_problems("synth:12:5") == synth_problems(12, seed=5)
+    assert len(load_problems("synth:30", limit=4)) == 4
+    with pytest.raises(MdliteError, match="expected synth:N"):
+        load_problems("synth:ten")
