@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint bench
+.PHONY: install demo test test-fast lint bench readme
 
 install: $(STAMP)
 
@@ -29,3 +29,6 @@ lint: install
 
 bench: install
 	$(PY) bench/run_all.py
+
+readme: install
+	UPDATE_README=1 $(PY) -m pytest -q tests/test_readme.py

@@ -74,7 +74,7 @@ def concurrency_part(dataset: str, count: int, tmp: Path) -> dict[int, float]:
     try:
         _wait_for(port)
         for concurrency in (8, 1, 8):  # the first run warms up the sandbox pool and the client
-            cfg = TeachConfig(dataset=dataset, limit=count, teacher="ollama:bench",
+            cfg = TeachConfig(data=dataset, limit=count, teacher="ollama:bench",
                               endpoints=[f"http://127.0.0.1:{port}"], concurrency=concurrency, n_cot=2, n_pot=2,
                               output_dir=str(tmp / f"fake-{time.time()}"))
             stats = run(cfg)["stats"]["session"]
@@ -98,7 +98,7 @@ def llama_part(dataset: str, count: int, tmp: Path) -> tuple[float, float, float
     try:
         _wait_for(port)
         before = len(_TOTAL_TIME.findall(log_path.read_text()))
-        cfg = TeachConfig(dataset=dataset, limit=count, teacher=f"openai:http://127.0.0.1:{port}/v1",
+        cfg = TeachConfig(data=dataset, limit=count, teacher=f"openai:http://127.0.0.1:{port}/v1",
                           concurrency=1, n_cot=1, n_pot=1, max_tokens=96, output_dir=str(tmp / "llama"))
         start = time.perf_counter()
         stats = run(cfg)["stats"]["session"]

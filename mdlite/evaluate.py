@@ -1,0 +1,618 @@
+"""`mdlite eval`: offline accuracy of a student GGUF or a teacher, with reports read at a glance.
+
+    mdlite eval --model runs/export/student-Q4_K_M.gguf --data svamp:test --paths 16 --output-dir runs/eval
+    mdlite eval --model qwen2.5-coder-0.5b-instruct --prompt-style few-shot --paths 0 --output-dir runs/base
+    mdlite eval --model ollama:qwen2.5:32b --data svamp:test --paths 8 --output-dir runs/teacher
+    mdlite eval compare runs/base runs/eval runs/teacher
+
+The model is a GGUF (path or registry name), run by `mdlite solve`'s own code (mdlite.solve.solve_questions:
+batched engine, student template or `--prompt-style few-shot`, sandboxed programs), or a teacher spec
+(`ollama:`, `openai:`, `openai-chat:`, `llamacpp:`) run through the teacher backends with the few-shot
+prompts and scored the same way: one harness measures base model, student and teacher.
+
+Per problem it decodes one greedy path per style (`greedy`) and samples `paths` paths of each style the
+modes need; every mode is voted from these same samples (paired comparison), as mdlite.vote votes:
+cot / pot (majority of that style), mixed (k paths: ceil(k/2) PoT + floor(k/2) CoT, pooled) and hybrid
+(PoT; the CoT vote when every program failed).
+
+maj@k, for k = 1, 2, 4, ..., paths, is the exact probability that the vote over uniformly random k of a
+problem's sampled paths is right (`vote_at_k`: combinatorics over all subsets, not "the first k"),
+averaged over problems; a tie of the gold answer with t-1 others counts 1/t. A mode's accuracy is its
+maj@paths. Also reported: greedy accuracy per style, PoT execution failures, paths without an answer,
+paths cut at max_tokens, tokens per path, questions/s and tokens/s.
+
+Outputs in `output_dir`: samples.jsonl (every path; appended and flushed per problem, so the same command
+again skips finished problems and drops a torn last line), report.json, report.md, accuracy.png, run.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import platform
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from mdlite import MdliteError, __version__
+from mdlite.answers import answers_match, extract_answer
+from mdlite.config import EvalConfig, to_dict
+from mdlite.data import Problem, load_problems
+from mdlite.prompts import extract_program, prompt_text
+
+log = logging.getLogger(__name__)
+
+MODE_STYLES = {"cot": ("cot",), "pot": ("pot",), "mixed": ("cot", "pot"), "hybrid": ("cot", "pot")}
+SAMPLES, REPORT_JSON, REPORT_MD, PLOT, RUN_JSON = ("samples.jsonl", "report.json", "report.md", "accuracy.png",
+                                                   "run.json")
+
+
+def run(cfg: EvalConfig) -> dict[str, Any]:
+    """Evaluate `cfg.model` on `cfg.data`; returns the output paths and the report."""
+    problems = load_problems(cfg.data, data_dir=cfg.data_dir or None, limit=cfg.limit or None)
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    with _exclusive(output_dir):
+        info = _run_record(cfg, problems)
+        _check_resumable(output_dir, info)
+        _write_json(output_dir / RUN_JSON, info)
+        plan = sampling_plan(cfg)
+        done = load_samples(output_dir / SAMPLES, per_problem=sum(plan.values()))
+        scores = {p.id: problem_scores(done[p.id], p.answer, cfg) for p in problems if p.id in done}
+        if scores:
+            log.info("%s: resuming; %d of %d problems are done", output_dir, len(scores), len(problems))
+        if len(scores) < len(problems):
+            _decode_all(problems, done, scores, plan, cfg, output_dir / SAMPLES, info)
+        report = build_report(problems, done, scores, cfg)
+        _write_json(output_dir / REPORT_JSON, report)
+        (output_dir / REPORT_MD).write_text(report_markdown(report), encoding="utf-8")
+        plot_accuracy(report, output_dir / PLOT)
+        info["wall_s"] = round(time.time() - started, 2)
+        _write_json(output_dir / RUN_JSON, info)
+    return {name: output_dir / name for name in (SAMPLES, REPORT_JSON, REPORT_MD, PLOT, RUN_JSON)} | {
+        "report": report}
+
+
+def sampling_plan(cfg: EvalConfig) -> dict[tuple[str, bool], int]:
+    """Paths per problem, {(style, greedy): count}, for the styles the modes need: one greedy path each
+    (with `greedy`) and `paths` sampled ones."""
+    styles = [style for style in ("cot", "pot") if any(style in MODE_STYLES[mode] for mode in cfg.mode)]
+    plan = {(style, True): 1 for style in styles} if cfg.greedy else {}
+    return plan | ({(style, False): cfg.paths for style in styles} if cfg.paths else {})
+
+
+# ---- the maj@k estimator ------------------------------------------------------------------------
+
+
+def vote_at_k(pools: Sequence[tuple[Sequence[float | None], int]], gold: float) -> float:
+    """Exact probability that majority vote over uniformly random subsets, of size k_i from each pool
+    (answers_i, k_i), picks `gold`. None answers (failed paths) take a slot but no vote; no answer at all is
+    wrong; a tie of the gold answer with t-1 others counts 1/t (a uniformly random tie-break; vote.py breaks
+    ties by path order instead). Answers are grouped as vote.py does: a path joins the first group whose
+    first answer it matches, the pools read in order (PoT first).
+
+    How: for each gold-matching group and each way j_i of drawing its votes from each pool, count the ways
+    to fill the other slots with failed paths and rival groups of at most sum(j_i) votes each, by the number
+    of rivals tied with it; divide by the number of subsets.
+    """
+    sizes, ks = [len(answers) for answers, _ in pools], tuple(k for _, k in pools)
+    if any(not 0 <= k <= n for k, n in zip(ks, sizes, strict=True)) or not sum(ks):
+        raise ValueError(f"subset sizes {ks} must be within the pool sizes {sizes}, and not all 0")
+    groups = _groups([answers for answers, _ in pools])
+    failed = tuple(sum(a is None for a in answers) for answers, _ in pools)
+    by_ties: Counter[int] = Counter()  # ties -> ways the gold answer wins with that many rivals tied
+    for g, (value, counts) in enumerate(groups):
+        if not answers_match(value, gold):
+            continue
+        rivals = [c for h, (_, c) in enumerate(groups) if h != g]
+        tables: dict[int, dict[tuple[tuple[int, ...], int], int]] = {}
+        for split in itertools.product(*(range(min(c, k) + 1) for c, k in zip(counts, ks, strict=True))):
+            if not (votes := sum(split)):
+                continue
+            if votes not in tables:
+                tables[votes] = _fillings(rivals, failed, ks, votes=votes)
+            rest = tuple(k - j for k, j in zip(ks, split, strict=True))
+            ways = math.prod(math.comb(c, j) for c, j in zip(counts, split, strict=True))
+            for (filled, ties), count in tables[votes].items():
+                if filled == rest:
+                    by_ties[ties] += ways * count
+    credit = sum(Fraction(ways, ties + 1) for ties, ways in by_ties.items())
+    return float(credit / math.prod(math.comb(n, k) for n, k in zip(sizes, ks, strict=True)))
+
+
+def majority_at_k(answers: Sequence[float | None], gold: float, k: int) -> float:
+    """maj@k of one problem: the probability that the vote over a uniformly random k of its `answers` is right."""
+    return vote_at_k([(answers, k)], gold)
+
+
+def hybrid_at_k(pot: Sequence[float | None], cot: Sequence[float | None], gold: float, k: int) -> float:
+    """maj@k of the hybrid vote: PoT vote over a random k of `pot`, else (no PoT answer among them) the
+    CoT vote over a random k of `cot`; the two subsets are independent."""
+    no_pot_answer = math.comb(sum(a is None for a in pot), k) / math.comb(len(pot), k)
+    return majority_at_k(pot, gold, k) + no_pot_answer * majority_at_k(cot, gold, k)
+
+
+def mode_at_k(mode: str, pools: dict[str, list[float | None]], gold: float, k: int) -> float:
+    """maj@k of `mode` with k paths, from each style's sampled answers (`pools["cot"]`, `pools["pot"]`),
+    split between the styles as `mdlite solve` does (mixed: ceil(k/2) PoT + floor(k/2) CoT)."""
+    if mode in ("cot", "pot"):
+        return majority_at_k(pools[mode], gold, k)
+    if mode == "mixed":
+        return vote_at_k([(pools["pot"], k - k // 2), (pools["cot"], k // 2)], gold)
+    return hybrid_at_k(pools["pot"], pools["cot"], gold, k)
+
+
+def k_values(paths: int) -> list[int]:
+    """1, 2, 4, ... up to `paths` (and `paths` itself)."""
+    ks = [2**i for i in range(paths.bit_length()) if 2**i <= paths]
+    return ks if not ks or ks[-1] == paths else [*ks, paths]
+
+
+def _groups(pools: list[Sequence[float | None]]) -> list[tuple[float, tuple[int, ...]]]:
+    """(first answer, count per pool) of each group of matching answers, in order of first appearance."""
+    groups: list[tuple[float, list[int]]] = []
+    for p, answers in enumerate(pools):
+        for answer in answers:
+            if answer is not None:
+                group = next((g for g in groups if answers_match(answer, g[0])), None)
+                if group is None:
+                    group = (answer, [0] * len(pools))
+                    groups.append(group)
+                group[1][p] += 1
+    return [(value, tuple(counts)) for value, counts in groups]
+
+
+def _fillings(rivals: list[tuple[int, ...]], failed: tuple[int, ...], ks: tuple[int, ...], *,
+              votes: int) -> dict[tuple[tuple[int, ...], int], int]:
+    """{(slots filled per pool, ties): ways} to draw from the rival groups (at most `votes` paths from
+    each) and the failed paths, where ties counts the rivals that drew exactly `votes`."""
+    table = {(tuple(0 for _ in ks), 0): 1}
+    for counts, rival in [*((c, True) for c in rivals), (failed, False)]:
+        grown: dict[tuple[tuple[int, ...], int], int] = defaultdict(int)
+        for (filled, ties), ways in table.items():
+            for take in itertools.product(*(range(min(c, k - f) + 1) for c, k, f in zip(counts, ks, filled,
+                                                                                          strict=True))):
+                if rival and sum(take) > votes:
+                    continue
+                state = tuple(f + t for f, t in zip(filled, take, strict=True)), ties + (rival and sum(take) == votes)
+                grown[state] += ways * math.prod(math.comb(c, t) for c, t in zip(counts, take, strict=True))
+        table = grown
+    return table
+
+
+# ---- metrics and reports ------------------------------------------------------------------------
+
+
+def build_report(problems: list[Problem], done: dict[str, list[dict[str, Any]]],
+                 scores: dict[str, dict[str, float]], cfg: EvalConfig) -> dict[str, Any]:
+    """Every metric of the run (report.json), from the sample records and `problem_scores` of `problems`."""
+    solved = [p for p in problems if p.id in done]
+    records = [r for p in solved for r in done[p.id]]
+    per_problem = [scores[p.id] for p in solved]
+    greedy = {style: _mean(s[f"greedy {style}"] for s in per_problem) for style in ("cot", "pot")
+              if (style, True) in sampling_plan(cfg)}
+    maj = {mode: {str(k): _mean(s[f"{mode}@{k}"] for s in per_problem) for k in k_values(cfg.paths)}
+           for mode in cfg.mode} if cfg.paths else {}
+    pot = [r for r in records if r["style"] == "pot"]
+    programs = [r for r in pot if r["program_result"] is not None]
+    seconds = sum(r["seconds"] for r in records)
+    tokens = sum(r["tokens"] for r in records)
+    return {
+        "model": cfg.model, "data": cfg.data, "problems": len(solved), "paths": cfg.paths,
+        "prompt_style": "few-shot" if is_teacher_spec(cfg.model) else cfg.prompt_style, "modes": list(cfg.mode),
+        "greedy_accuracy": greedy,
+        "accuracy": {mode: by_k[str(cfg.paths)] for mode, by_k in maj.items()},
+        "maj_at_k": maj,
+        "pot_exec_failure_rate": _ratio(sum(not r["program_result"]["ok"] for r in programs), len(programs)),
+        "parse_failure_rate": _ratio(sum(r["answer"] is None and (r["style"] == "cot" or r["program_result"] is None)
+                                         for r in records), len(records)),
+        "truncated_rate": _ratio(sum(r["finish_reason"] == "length" for r in records), len(records)),
+        "mean_tokens_per_path": {style: _mean(r["tokens"] for r in records if r["style"] == style)
+                                 for style in ("cot", "pot") if any(r["style"] == style for r in records)}
+        | {"all": _ratio(tokens, len(records))},
+        "paths_decoded": len(records), "seconds": round(seconds, 2),
+        "questions_per_s": _ratio(len(solved), seconds), "tokens_per_s": _ratio(tokens, seconds),
+    }
+
+
+def problem_scores(records: list[dict[str, Any]], gold: float, cfg: EvalConfig) -> dict[str, float]:
+    """One problem's scores: "greedy cot", "greedy pot" (0 or 1) and "MODE@k" (maj@k) for every mode and k."""
+    scores = {f"greedy {r['style']}": float(r["correct"]) for r in records if r["greedy"]}
+    pools: dict[str, list[float | None]] = {"cot": [], "pot": []}
+    for record in sorted((r for r in records if not r["greedy"]), key=lambda r: r["path"]):
+        pools[record["style"]].append(record["answer"])
+    for mode in cfg.mode if cfg.paths else ():
+        scores |= {f"{mode}@{k}": mode_at_k(mode, pools, gold, k) for k in k_values(cfg.paths)}
+    return scores
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """report.md: accuracy by mode and number of paths, then failure rates and speed."""
+    ks = list(next(iter(report["maj_at_k"].values()), {}))
+    modes = list(dict.fromkeys([*report["greedy_accuracy"], *report["maj_at_k"]]))
+    lines = [f"# {report['model']} on {report['data']}", "",
+             f"{report['problems']} problems, {report['paths']} sampled paths per style, prompts: "
+             f"{report['prompt_style']}. maj@k: exact expected majority-vote accuracy over k random paths.", "",
+             "| mode | greedy | " + " | ".join(f"maj@{k}" for k in ks) + " |",
+             "| --- | ---: |" + " ---: |" * len(ks)]
+    for mode in modes:
+        cells = [_percent(report["greedy_accuracy"].get(mode))]
+        cells += [_percent(report["maj_at_k"].get(mode, {}).get(k)) for k in ks]
+        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    tokens = report["mean_tokens_per_path"]
+    lines += ["", "| measure | value |", "| --- | ---: |",
+              f"| PoT programs that failed to run | {_percent(report['pot_exec_failure_rate'])} |",
+              f"| paths with no answer (parse failure) | {_percent(report['parse_failure_rate'])} |",
+              f"| paths cut at max_tokens | {_percent(report['truncated_rate'])} |",
+              "| tokens per path | " + ", ".join(f"{s} {_number(v)}" for s, v in tokens.items()) + " |",
+              f"| questions/s | {_number(report['questions_per_s'])} |",
+              f"| tokens/s | {_number(report['tokens_per_s'])} |",
+              f"| generation time (decoding and program runs) | {_duration(report['seconds'])} for "
+              f"{report['paths_decoded']} paths |", ""]
+    return "\n".join(lines)
+
+
+def plot_accuracy(report: dict[str, Any], path: Path) -> None:
+    """accuracy.png: maj@k against k per mode (log2 axis), greedy accuracy per style as dashed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for mode, by_k in report["maj_at_k"].items():
+        axes.plot([int(k) for k in by_k], [100 * v for v in by_k.values()], marker="o", label=mode)
+    for style, accuracy in report["greedy_accuracy"].items():
+        axes.axhline(100 * accuracy, linestyle="--" if style == "cot" else ":", linewidth=1.2, color="0.35",
+                     label=f"greedy {style}")
+    if report["maj_at_k"]:
+        axes.set_xscale("log", base=2)
+        ks = [int(k) for k in next(iter(report["maj_at_k"].values()))]
+        axes.set_xticks(ks, [str(k) for k in ks])
+    axes.set(xlabel="sampled paths (k)", ylabel="accuracy (%)", ylim=(0, 100),
+             title=f"{Path(report['model']).name} on {Path(report['data']).name} ({report['problems']} problems)")
+    axes.title.set_fontsize("medium")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower right", fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def compare_reports(folders: Sequence[str | Path]) -> str:
+    """The report.json of each eval folder side by side, as a Markdown table (columns: folders)."""
+    reports = []
+    for folder in folders:
+        path = Path(folder) / REPORT_JSON
+        try:
+            reports.append(json.loads(path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            raise MdliteError(f"{path}: no report; run `mdlite eval --output-dir {folder}` first") from None
+        except ValueError as error:
+            raise MdliteError(f"{path}: not a report ({error}); rerun `mdlite eval --output-dir {folder}`") from None
+    modes = list(dict.fromkeys(m for r in reports for m in r["accuracy"]))
+    rows: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
+        ("model", lambda r: Path(r["model"]).name), ("data", lambda r: Path(r["data"]).name),
+        ("problems", lambda r: str(r["problems"])), ("prompts", lambda r: r["prompt_style"]),
+        *((f"greedy {s}", lambda r, s=s: _percent(r["greedy_accuracy"].get(s))) for s in ("cot", "pot")),
+        *((f"{m} (maj@paths)", lambda r, m=m: _percent(r["accuracy"].get(m))) for m in modes),
+        ("paths", lambda r: str(r["paths"])),
+        ("PoT run failures", lambda r: _percent(r["pot_exec_failure_rate"])),
+        ("no answer", lambda r: _percent(r["parse_failure_rate"])),
+        ("tokens/path", lambda r: _number(r["mean_tokens_per_path"].get("all"))),
+        ("questions/s", lambda r: _number(r["questions_per_s"])),
+        ("tokens/s", lambda r: _number(r["tokens_per_s"])),
+    ]
+    names = [Path(f).name or str(f) for f in folders]
+    table = [["", *names], *([label, *(cell(r) for r in reports)] for label, cell in rows)]
+    widths = [max(len(row[i]) for row in table) for i in range(len(names) + 1)]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in table]
+    lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
+    return "\n".join(lines)
+
+
+def _mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else 0.0
+
+
+def _ratio(part: float, whole: float) -> float:
+    return part / whole if whole else 0.0
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}" if value < 100 else f"{value:.0f}"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+# ---- decoding -----------------------------------------------------------------------------------
+
+# solve(problems, style, greedy=..., n=...) -> the n scored paths of each problem (mdlite.solve.PathResult)
+Solver = Callable[..., list[list[Any]]]
+
+
+def is_teacher_spec(model: str) -> bool:
+    """True for `ollama:...`, `openai:...`, `openai-chat:...`, `llamacpp:...` (and no such file exists)."""
+    from mdlite.teacher import BACKENDS
+
+    return model.partition(":")[0] in BACKENDS and not Path(model).exists()
+
+
+def _solve_chunk(chunk: list[Problem], plan: dict[tuple[str, bool], int], solve: Solver) -> list[list[dict[str, Any]]]:
+    """Every planned path of the problems in `chunk`, as sample records, per problem."""
+    records: dict[str, list[dict[str, Any]]] = {p.id: [] for p in chunk}
+    for (style, greedy), n in plan.items():
+        for problem, paths in zip(chunk, solve(chunk, style, greedy=greedy, n=n), strict=True):
+            records[problem.id] += [_record(problem, greedy, path) for path in paths]
+    return [records[p.id] for p in chunk]
+
+
+def _record(problem: Problem, greedy: bool, path: Any) -> dict[str, Any]:
+    """One samples.jsonl line from a scored path (mdlite.solve.PathResult)."""
+    program = None if path.program is None else {"ok": path.answer is not None, "value": path.answer,
+                                                 "error": path.program_error}
+    return {"id": problem.id, "style": path.style, "greedy": greedy, "path": path.index, "gold": problem.answer,
+            "answer": path.answer, "correct": answers_match(path.answer, problem.answer), "text": path.text,
+            "program_result": program, "finish_reason": path.finish_reason, "tokens": path.tokens}
+
+
+def _engine_solver(cfg: EvalConfig) -> tuple[Solver, Callable[[], None], str | None]:
+    """(solve, close, model digest) for a GGUF: mdlite solve's own sampling, program runs and answers."""
+    from mdlite.engine import Engine
+    from mdlite.solve import solve_questions
+
+    engine = Engine(cfg.model, n_gpu_layers=cfg.n_gpu_layers, n_threads=cfg.n_threads)
+
+    def solve(chunk: list[Problem], style: str, *, greedy: bool, n: int) -> list[list[Any]]:
+        solutions = solve_questions(
+            engine, [p.question for p in chunk], ids=[p.id for p in chunk], mode=style, paths=n,
+            prompt_style=cfg.prompt_style, temperature=0.0 if greedy else cfg.temperature, top_p=cfg.top_p,
+            max_tokens=cfg.max_tokens, seed=cfg.seed, batch_paths=cfg.batch_paths,
+            program_timeout=cfg.program_timeout_s, program_memory_mb=cfg.program_memory_mb)
+        return [list(solution.paths) for solution in solutions]
+
+    return solve, engine.close, None
+
+
+def _teacher_solver(cfg: EvalConfig) -> tuple[Solver, Callable[[], None], str | None]:
+    """(solve, close, model digest) for a teacher spec: the few-shot prompts, one request per path (the
+    pool keeps up to its slots in flight), seeds and scoring as `mdlite solve` has them."""
+    import asyncio
+
+    from mdlite.engine import derive_seed
+    from mdlite.solve import prompt_for
+    from mdlite.teacher import Completion, TeacherError, make_pool
+
+    pool = make_pool(cfg.model, endpoints=cfg.endpoints, concurrency=cfg.concurrency, num_ctx=cfg.num_ctx,
+                     n_threads=cfg.n_threads)
+    loop = asyncio.new_event_loop()
+
+    def close() -> None:
+        loop.run_until_complete(pool.aclose())
+        loop.close()
+
+    try:
+        digest = loop.run_until_complete(pool.check())
+    except BaseException:
+        close()
+        raise
+
+    async def one(problem: Problem, style: str, greedy: bool, path: int) -> Completion:
+        prompt, stop = prompt_for(problem.question, style, prompt_style="few-shot")
+        seed = derive_seed(derive_seed(cfg.seed, problem.id, style), path)
+        try:
+            [completion] = await pool.complete(prompt, n=1, temperature=0.0 if greedy else cfg.temperature,
+                                               max_tokens=cfg.max_tokens, stop=stop, seed=seed)
+        except TeacherError as error:
+            raise MdliteError(f"teacher {cfg.model}: {error}; finished problems are saved, run the same command "
+                              "again to resume") from None
+        return completion
+
+    async def every(chunk: list[Problem], style: str, greedy: bool, n: int) -> list[Completion]:
+        return await asyncio.gather(*(one(problem, style, greedy, j) for problem in chunk for j in range(n)))
+
+    def solve(chunk: list[Problem], style: str, *, greedy: bool, n: int) -> list[list[Any]]:
+        completions = loop.run_until_complete(every(chunk, style, greedy, n))
+        paths = _score_completions(style, completions, n=n, cfg=cfg)
+        return [paths[i * n:(i + 1) * n] for i in range(len(chunk))]
+
+    return solve, close, digest
+
+
+def _score_completions(style: str, completions: Sequence[Any], *, n: int, cfg: EvalConfig) -> list[Any]:
+    """Teacher completions (n per problem, in order) as scored paths, the way mdlite.solve scores the
+    engine's: CoT answers by extract_answer (strict when cut at max_tokens), PoT programs by
+    extract_program and the sandbox."""
+    from mdlite.sandbox import run_programs
+    from mdlite.solve import PathResult
+
+    paths = []
+    for i, completion in enumerate(completions):
+        finish = "length" if completion.finish_reason == "length" else "stop"
+        answer = extract_answer(completion.text, style="cot", strict=finish == "length") if style == "cot" else None
+        program = extract_program(completion.text) if style == "pot" else None
+        paths.append(PathResult(style=style, index=i % n, text=completion.text, tokens=completion.tokens,
+                                finish_reason=finish, answer=answer, program=program,
+                                program_error="no program" if style == "pot" and program is None else None))
+    ran = [i for i, path in enumerate(paths) if path.program is not None]
+    results = run_programs([paths[i].program for i in ran], timeout=cfg.program_timeout_s,
+                           memory_mb=cfg.program_memory_mb) if ran else []
+    for i, result in zip(ran, results, strict=True):
+        paths[i] = dataclasses.replace(paths[i], answer=result.value if result.ok else None, program_error=result.error,
+                                       program_stdout=result.stdout)
+    return paths
+
+
+def _decode_all(problems: list[Problem], done: dict[str, list[dict[str, Any]]], scores: dict[str, dict[str, float]],
+                plan: dict[tuple[str, bool], int], cfg: EvalConfig, samples: Path, info: dict[str, Any]) -> None:
+    """Decode the problems not `done`, a few at a time (up to `batch_paths` paths of a style together),
+    appending and flushing each problem's records to `samples` as soon as it is finished."""
+    todo = [p for p in problems if p.id not in done]
+    solve, close, info["model"]["digest"] = (_teacher_solver if is_teacher_spec(cfg.model) else _engine_solver)(cfg)
+    per_chunk = max(1, cfg.batch_paths // max(plan.values()))
+    try:
+        with samples.open("a", encoding="utf-8") as sink, tqdm(total=len(problems), initial=len(scores),
+                                                               desc="eval", unit="problem") as bar:
+            for start in range(0, len(todo), per_chunk):
+                chunk = todo[start:start + per_chunk]
+                began = time.perf_counter()
+                solved = _solve_chunk(chunk, plan, solve)
+                seconds = (time.perf_counter() - began) / sum(map(len, solved))
+                for problem, records in zip(chunk, solved, strict=True):
+                    for record in records:
+                        record["seconds"] = round(seconds, 6)
+                    sink.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+                    sink.flush()
+                    done[problem.id] = records
+                    scores[problem.id] = problem_scores(records, problem.answer, cfg)
+                bar.update(len(chunk))
+                bar.set_postfix_str(_running_accuracy(scores, cfg))
+    finally:
+        close()
+
+
+def _running_accuracy(scores: dict[str, dict[str, float]], cfg: EvalConfig) -> str:
+    """The progress bar's running accuracy: greedy per style and each mode's maj@paths."""
+    labels = [f"greedy {s}" for s in ("cot", "pot")] + [f"{m}@{cfg.paths}" for m in cfg.mode]
+    found = [label for label in labels if all(label in s for s in scores.values())]
+    return " ".join(f"{label}={_mean(s[label] for s in scores.values()):.0%}" for label in found)
+
+
+# ---- files --------------------------------------------------------------------------------------
+
+
+def load_samples(path: Path, *, per_problem: int) -> dict[str, list[dict[str, Any]]]:
+    """The records of every finished problem in samples.jsonl, by problem id. A torn last line (a killed
+    run) and the records of an unfinished problem (fewer than `per_problem`) are removed from the file."""
+    if not path.exists():
+        return {}
+    complete, _, torn = path.read_bytes().rpartition(b"\n")
+    if torn.strip():
+        log.warning("%s: dropping a torn last line (a run was killed mid-write)", path)
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for number, line in enumerate(complete.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            groups[record["id"]].append(record)
+        except (ValueError, KeyError, TypeError):
+            raise MdliteError(f"{path}:{number}: not a sample record; delete that line (or the file) and "
+                              "rerun") from None
+    done = {pid: records for pid, records in groups.items() if len(records) == per_problem}
+    if torn or len(done) < len(groups):
+        if len(done) < len(groups):
+            log.warning("%s: dropping the records of %d unfinished problems", path, len(groups) - len(done))
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for rs in done.values() for r in rs),
+                           encoding="utf-8")
+        os.replace(partial, path)
+    return done
+
+
+def _check_resumable(output_dir: Path, info: dict[str, Any]) -> None:
+    """MdliteError when `output_dir` holds samples made with other sampling settings or another model."""
+    samples, previous = output_dir / SAMPLES, output_dir / RUN_JSON
+    if not samples.exists() or not samples.stat().st_size:
+        return
+    if not previous.exists():
+        raise MdliteError(f"{samples} has no run.json next to it, so it cannot be resumed safely; delete it or "
+                          "pick another --output-dir")
+    old = json.loads(previous.read_text(encoding="utf-8")).get("sampling") or {}
+    changed = [f"{key} {old.get(key)!r} -> {value!r}" for key, value in info["sampling"].items()
+               if old.get(key) != value]
+    if changed:
+        raise MdliteError(f"{output_dir} holds samples made with other settings ({'; '.join(changed)}); pick "
+                          f"another --output-dir, or delete {samples} to start over")
+
+
+def _run_record(cfg: EvalConfig, problems: list[Problem]) -> dict[str, Any]:
+    """run.json: resolved config, versions, the model's identity and the data hash."""
+    if is_teacher_spec(cfg.model):
+        from mdlite.teacher import parse_teacher_spec
+
+        parse_teacher_spec(cfg.model)
+        model = {"spec": cfg.model, "kind": "teacher", "prompts": "few-shot"}
+    else:
+        model = {"spec": cfg.model, "kind": "gguf", "prompts": cfg.prompt_style} | _gguf_identity(cfg.model)
+    prompts = ("teacher_cot", "teacher_pot") if model["prompts"] == "few-shot" else ("student",)
+    prompt_sha = hashlib.sha256("".join(prompt_text(name) for name in prompts).encode()).hexdigest()[:12]
+    plan = {f"{style} {'greedy' if greedy else 'sampled'}": n for (style, greedy), n in sampling_plan(cfg).items()}
+    return {
+        "stage": "eval", "config": to_dict(cfg), "seed": cfg.seed, "versions": _versions(), "model": model,
+        "inputs": {"data": cfg.data, "problems": len(problems),
+                   "problems_sha256": hashlib.sha256("\n".join(p.to_json() for p in problems).encode()).hexdigest()},
+        "sampling": {"model": model.get("sha256", cfg.model), "prompts": model["prompts"], "prompt_sha256": prompt_sha,
+                     "plan": plan, "temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
+                     "seed": cfg.seed},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _gguf_identity(model: str) -> dict[str, Any]:
+    """Path, size and sha256 of a GGUF (a registry model's sha256 comes from its card)."""
+    from mdlite.models import cached_gguf, model_path, registry
+
+    path = model_path(model)
+    if path.is_dir() or path.suffix != ".gguf":
+        raise MdliteError(f"{model}: not a .gguf file; give a GGUF file, a registry name or a teacher spec "
+                          "(flag --model)")
+    size = path.stat().st_size
+    card = registry().get(model)
+    if card and card.gguf and path == cached_gguf(card) and size == card.gguf["size"]:
+        return {"path": str(path), "size": size, "sha256": card.gguf["sha256"]}
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    return {"path": str(path), "size": size, "sha256": digest.hexdigest()}
+
+
+@contextmanager
+def _exclusive(output_dir: Path) -> Iterator[None]:
+    """Hold a lock on `output_dir` so that two evals never append to the same samples.jsonl."""
+    with (output_dir / ".eval.lock").open("w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise MdliteError(f"{output_dir}: another `mdlite eval` is writing there; wait for it or pick another "
+                              "--output-dir") from None
+        yield
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"mdlite": __version__, "python": platform.python_version()}
+    for package in ("llama-cpp-python", "ollama", "httpx", "numpy", "matplotlib"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "missing"
+    return found
+
+
+def _write_json(path: Path, value: Any) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(partial, path)

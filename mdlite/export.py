@@ -1,0 +1,828 @@
+"""`mdlite export-gguf`: merge the LoRA adapter into its full-precision base, convert it with llama.cpp's own
+converter, quantize, write an Ollama Modelfile, and check that the GGUF files behave like the trained student.
+
+    mdlite export-gguf runs/train/adapter -q Q4_K_M -q Q8_0 --output-dir runs/export
+    mdlite export-gguf path/to/hf-model-folder -q F16 --no-parity     # a full model folder is converted as is
+    mdlite export-gguf runs/demo/train/adapter -c configs/demo.yaml    # knobs from its `export:` section
+
+Merge: the adapter (train's `adapter/`, whose mdlite.json names the base) goes into a freshly loaded
+full-precision base (bf16/fp16 on a GPU, fp32 on CPU; never the 4-bit one, whose logits drift 0.15-0.22), saved
+as safetensors with the adapter's tokenizer files and the student template as chat template.
+Convert: `convert_hf_to_gguf.py` with its own `gguf-py`, from `$LLAMA_CPP_DIR` when set, else from the sdist of
+the installed llama-cpp-python (fetched once with pip into `$MDLITE_HOME/llama.cpp-<version>/`), so the converter
+matches the llama.cpp that loads the file. It writes the F16 GGUF; every other type is quantized from it with
+`llama_cpp.llama_model_quantize`.
+Parity (on by default): for the student prompts of N problems, in both styles, the GGUF's token ids equal the
+ones training used; the F16 file's greedy answers equal the merged model's (else the first divergence and the
+merged model's logit gap there are reported); each quantized file's answers agree with F16's; and every answer
+ends with EOS or a stop string within the budget. Thresholds are config knobs; crossing one exits with 1.
+
+Outputs in `output_dir`: merged/ (adapter input only), <name>-<TYPE>.gguf per quant type (F16 only when asked
+for), Modelfile (for the first type), parity.json and run.json. Everything is built in `.export.partial/` and
+renamed into place at the end, so an interrupted or failed export leaves no partial file under a final name.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import string
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mdlite import MdliteError, __version__, mdlite_home
+from mdlite.config import ExportConfig, to_dict
+from mdlite.prompts import STUDENT_DIRECTIVES, STUDENT_STOP, STYLES, prompt_text, student_prompt
+
+if TYPE_CHECKING:
+    from llama_cpp import Llama
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from mdlite.data import Problem
+
+log = logging.getLogger(__name__)
+
+# llama.cpp file types (llama-quantize spellings) that need no importance matrix, and the binding's constant.
+QUANT_TYPES = {
+    "F32": "LLAMA_FTYPE_ALL_F32", "F16": "LLAMA_FTYPE_MOSTLY_F16", "BF16": "LLAMA_FTYPE_MOSTLY_BF16",
+    **{name: f"LLAMA_FTYPE_MOSTLY_{name}" for name in (
+        "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0", "Q3_K_L",
+        "Q3_K_M", "Q3_K_S", "Q2_K", "IQ4_NL", "IQ4_XS", "IQ3_M", "IQ3_S", "IQ3_XS", "IQ3_XXS")},
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt")
+STAGING = ".export.partial"
+OUTPUT_FILES = ("merged", "Modelfile", "convert.log", "parity.json", "run.json")  # and the GGUF files
+CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
+
+
+@dataclass(frozen=True)
+class Source:
+    """What the export starts from: an adapter and its base, or a full model folder (`adapter_dir` None)."""
+
+    input_dir: Path
+    base_dir: Path
+    adapter_dir: Path | None
+    add_bos: bool | None  # what training did (mdlite.json); None: as the tokenizer does
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What `run` wrote."""
+
+    output_dir: Path
+    files: dict[str, Path]  # quant type -> GGUF file
+    modelfile: Path
+    run_json: Path
+    parity: dict[str, Any] | None = field(default=None)
+
+    @property
+    def passed(self) -> bool:
+        return self.parity is None or self.parity["passed"]
+
+
+def run(cfg: ExportConfig) -> ExportResult:
+    """Merge, convert, quantize, write the Modelfile, check parity; see the module docstring."""
+    started = time.monotonic()
+    output_dir = Path(cfg.output_dir)
+    quants = cfg.quant_types
+    source = resolve_source(Path(cfg.input_dir))
+    base_config = check_source(source)
+    converter = converter_dir()
+    check_architecture(base_config, source.base_dir, converter)
+    check_disk_space(output_dir, estimate_bytes(source, quants))
+
+    staging = output_dir / STAGING
+    shutil.rmtree(staging, ignore_errors=True)  # what an interrupted export left
+    staging.mkdir(parents=True)
+    timings: dict[str, float] = {}
+    clock = time.monotonic()
+    merged = staging / "merged"
+    model, tokenizer = build_model_folder(source, merged, load=cfg.parity)
+    add_bos = source.add_bos if source.add_bos is not None else tokenizer_adds_bos(tokenizer)
+    write_chat_template(merged, add_bos=add_bos)
+    timings["merge_s"] = time.monotonic() - clock
+
+    f16 = staging / f"{cfg.name}-F16.gguf"
+    clock = time.monotonic()
+    convert(merged, f16, converter=converter, log_file=staging / "convert.log")
+    timings["convert_s"] = time.monotonic() - clock
+    files = {"F16": f16}
+    for quant in quants:
+        if quant != "F16":
+            clock = time.monotonic()
+            files[quant] = quantize(f16, staging / f"{cfg.name}-{quant}.gguf", quant, n_threads=cfg.n_threads)
+            timings[f"quantize_{quant}_s"] = time.monotonic() - clock
+    (staging / "Modelfile").write_text(modelfile_text(files[quants[0]].name, num_ctx=cfg.num_ctx), "utf-8")
+
+    report = None
+    if cfg.parity:
+        clock = time.monotonic()
+        report = check_parity(model, tokenizer, files, cfg, add_bos=add_bos)
+        timings["parity_s"] = time.monotonic() - clock
+        _write_json(staging / "parity.json", report)
+    del model
+
+    finals = {quant: output_dir / files[quant].name for quant in quants}
+    record = {
+        "stage": "export", "status": "done" if report is None or report["passed"] else "parity_failed",
+        "config": to_dict(cfg), "seed": cfg.seed, "versions": _versions(), "llama_cpp": converter_info(converter),
+        "inputs": _input_record(source), "add_bos": add_bos,
+        "files": {q: {"path": str(p), "bytes": files[q].stat().st_size} for q, p in finals.items()},
+        "timings_s": {k: round(v, 2) for k, v in timings.items()},
+        "parity": {k: v for k, v in (report or {}).items() if k in ("passed", "failures", "summary")},
+    }
+    record["timings_s"]["total_s"] = round(time.monotonic() - started, 2)
+    _write_json(staging / "run.json", record)
+
+    # Everything is complete: move it into place, run.json last, and drop what an earlier export left under a
+    # name this one does not write (merged/ of an adapter, parity.json).
+    if source.adapter_dir is None:
+        shutil.rmtree(merged)  # links to the input model's files
+    for quant, final in finals.items():
+        files[quant].replace(final)
+    for name in OUTPUT_FILES:
+        target = output_dir / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        if (staging / name).exists():
+            (staging / name).replace(target)
+        elif target.exists():
+            target.unlink()
+    shutil.rmtree(staging)
+    log.info("exported %s to %s in %.0f s", ", ".join(quants), output_dir, time.monotonic() - started)
+    return ExportResult(output_dir, finals, output_dir / "Modelfile", output_dir / "run.json", report)
+
+
+# ---- inputs and up-front checks -----------------------------------------------------------------------------
+
+
+def resolve_source(input_dir: Path) -> Source:
+    """The adapter and its base, or the full model folder, behind `input_dir`."""
+    if not input_dir.is_dir():
+        raise MdliteError(f"{input_dir}: no such folder; give the adapter folder written by `mdlite train` "
+                          "(OUTPUT_DIR/adapter) or a Hugging Face model folder")
+    if not (input_dir / "adapter_config.json").exists():
+        if not (input_dir / "config.json").exists():
+            raise MdliteError(f"{input_dir}: neither a LoRA adapter (adapter_config.json) nor a Hugging Face model "
+                              "folder (config.json)")
+        return Source(input_dir, input_dir, None, None)
+    adapter_config = _read_json(input_dir / "adapter_config.json")
+    meta = _read_json(input_dir / "mdlite.json") if (input_dir / "mdlite.json").exists() else {}
+    path = meta.get("base_model_path")
+    if path and (Path(path) / "config.json").exists():
+        base = Path(path)
+    else:
+        spec = meta.get("base_model") or adapter_config.get("base_model_name_or_path")
+        if not spec:
+            raise MdliteError(f"{input_dir}: names no base model (mdlite.json base_model or adapter_config.json "
+                              "base_model_name_or_path); add it")
+        base = _local_base(str(spec), input_dir)
+    return Source(input_dir, base, input_dir, meta.get("add_bos"))
+
+
+def check_source(source: Source) -> dict[str, Any]:
+    """Refuse, before any heavy work, what cannot give a correct student: missing tokenizer files, a quantized
+    base, an unreadable adapter, an adapter whose shapes or vocabulary do not fit the base. Returns the base's
+    config.json."""
+    tokenizer_dir = source.adapter_dir or source.base_dir
+    present = {name for name in TOKENIZER_FILES if (tokenizer_dir / name).exists()}
+    if "tokenizer_config.json" not in present or not present & {"tokenizer.json", "tokenizer.model", "vocab.json"}:
+        where = f"; `mdlite train` saves them next to the adapter, copy them from {source.base_dir}" \
+            if source.adapter_dir else ""
+        raise MdliteError(f"{tokenizer_dir}: missing tokenizer files (tokenizer_config.json and tokenizer.json or "
+                          f"tokenizer.model){where}")
+    config = _read_json(source.base_dir / "config.json")
+    if "quantization_config" in config:
+        method = config["quantization_config"].get("quant_method", "?")
+        raise MdliteError(f"{source.base_dir}: the base is stored quantized ({method}); merging needs the "
+                          "full-precision weights (the 4-bit merge drifts 0.15-0.22 in logits): point mdlite.json's "
+                          "base_model at the original model")
+    if source.adapter_dir is None:
+        return config
+    base_shapes = _safetensors_shapes(source.base_dir)
+    adapter_file = source.adapter_dir / "adapter_model.safetensors"
+    if not adapter_file.exists():
+        raise MdliteError(f"{source.adapter_dir}: no adapter_model.safetensors; re-run `mdlite train` or copy the "
+                          "whole adapter folder")
+    adapter = _read_adapter(adapter_file)
+    problems = []
+    for key, shape in adapter.items():
+        match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.\w+)?\.weight", key)
+        if not match:
+            continue
+        target = match.group(1) + ".weight"
+        if target not in base_shapes:
+            problems.append(f"{match.group(1)} is not in the base")
+            continue
+        out_features, in_features = base_shapes[target][0], base_shapes[target][-1]
+        if (match.group(2) == "A" and shape[-1] != in_features) or (match.group(2) == "B" and shape[0] != out_features):
+            problems.append(f"{key} has shape {list(shape)} but the base's {target} is {list(base_shapes[target])}")
+    if problems:
+        raise MdliteError(f"{source.adapter_dir}: the adapter does not fit the base {source.base_dir} "
+                          f"({'; '.join(problems[:3])}{'; ...' if len(problems) > 3 else ''}); export it with the "
+                          "base it was trained on (mdlite.json base_model)")
+    _check_vocabulary(source, base_shapes)
+    return config
+
+
+def converter_dir() -> Path:
+    """llama.cpp's converter folder: `$LLAMA_CPP_DIR`, else the installed llama-cpp-python version's sdist,
+    fetched once with pip into `$MDLITE_HOME/llama.cpp-<version>/`."""
+    if os.environ.get("LLAMA_CPP_DIR"):
+        folder = Path(os.environ["LLAMA_CPP_DIR"])
+        if not (folder / "convert_hf_to_gguf.py").exists() or not (folder / "gguf-py").is_dir():
+            raise MdliteError(f"LLAMA_CPP_DIR={folder}: no convert_hf_to_gguf.py and gguf-py/ there; point it at a "
+                              "llama.cpp checkout, or unset it to use the installed llama-cpp-python's own")
+        return folder
+    try:
+        installed = version("llama-cpp-python")
+    except PackageNotFoundError:
+        raise MdliteError("export-gguf needs llama-cpp-python (pip install 'mdlite[infer]')") from None
+    folder = mdlite_home() / f"llama.cpp-{installed}"
+    if (folder / "source.json").exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    log.info("fetching llama.cpp's converter from the llama-cpp-python %s sdist (once, ~77 MB)", installed)
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".llama.cpp-") as tmp:
+        result = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+             "--disable-pip-version-check", "-q", "-d", tmp, f"llama-cpp-python=={installed}"],
+            capture_output=True, text=True,
+        )
+        archives = list(Path(tmp).glob("*.tar.gz"))
+        if result.returncode != 0 or len(archives) != 1:
+            tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise MdliteError(f"pip could not download the llama-cpp-python {installed} sdist ({tail}); check the "
+                              "network, or set LLAMA_CPP_DIR to a llama.cpp checkout of the same version")
+        partial = Path(tmp) / "llama.cpp"
+        commit = _extract_converter(archives[0], partial)
+        _write_json(partial / "source.json", {"llama_cpp_python": installed, "llama_cpp_commit": commit,
+                                              "sdist": archives[0].name})
+        if not (folder / "source.json").exists():  # another process may have finished first
+            shutil.rmtree(folder, ignore_errors=True)
+            partial.rename(folder)
+    return folder
+
+
+def converter_info(converter: Path) -> dict[str, Any]:
+    """Which llama.cpp converts (for run.json): the llama-cpp-python version and llama.cpp commit."""
+    marker = converter / "source.json"
+    if marker.exists():
+        return {**_read_json(marker), "converter": str(converter)}
+    head = subprocess.run(["git", "-C", str(converter), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return {"llama_cpp_python": version("llama-cpp-python"), "converter": str(converter),
+            "llama_cpp_commit": head.stdout.strip() if head.returncode == 0 else None}
+
+
+def check_architecture(config: dict[str, Any], base_dir: Path, converter: Path) -> None:
+    """MdliteError unless llama.cpp's converter knows the model's architecture."""
+    names = config.get("text_config", {}).get("architectures") or config.get("architectures") or []
+    if not names:
+        raise MdliteError(f"{base_dir}/config.json: no `architectures` entry; cannot tell which converter to use")
+    sources = [converter / "convert_hf_to_gguf.py", *sorted((converter / "conversion").glob("*.py"))]
+    known = set()
+    for path in sources:
+        for call in re.findall(r"ModelBase\.register\((.*?)\)", path.read_text("utf-8"), re.DOTALL):
+            known.update(re.findall(r"[\"'](\w+)[\"']", call))
+    if names[0] not in known:
+        raise MdliteError(f"{base_dir}: architecture {names[0]} is not supported by llama.cpp's converter "
+                          f"({converter}); supported include LlamaForCausalLM, Gemma3ForCausalLM, Qwen2ForCausalLM, "
+                          "MistralForCausalLM")
+
+
+def estimate_bytes(source: Source, quants: list[str]) -> int:
+    """Disk the export needs: merged weights (adapter input), the F16 GGUF and each quantized file."""
+    parameters = sum(_numel(shape) for shape in _safetensors_shapes(source.base_dir).values())
+    merged = parameters * (2 if _cuda() else 4) if source.adapter_dir else 0
+    bits = {"F32": 32, "F16": 16, "BF16": 16}
+    quantized = sum(parameters * bits.get(q, int(re.search(r"\d", q).group()) + 1) // 8 for q in quants if q != "F16")
+    return merged + parameters * 2 + quantized
+
+
+def check_disk_space(output_dir: Path, needed: int) -> None:
+    """MdliteError when `output_dir`'s file system has less than `needed` bytes (plus 5%) free."""
+    folder = output_dir
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < needed * 1.05:
+        raise MdliteError(f"{output_dir}: the export needs about {needed / 1e9:.2f} GB (merged weights and GGUF "
+                          f"files) but only {free / 1e9:.2f} GB are free; free some space or choose another "
+                          "--output-dir")
+
+
+# ---- merge, template, convert, quantize -----------------------------------------------------------------------
+
+
+def build_model_folder(source: Source, folder: Path, *, load: bool) -> tuple[PreTrainedModel | None,
+                                                                            PreTrainedTokenizerBase]:
+    """The folder the converter reads: the adapter merged into its full-precision base (safetensors and the
+    adapter's tokenizer files), or links to a full model's files. Returns the merged model (loaded only when
+    an adapter is merged or `load`) and the tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer_dir = source.adapter_dir or source.base_dir
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    except (OSError, ValueError) as error:
+        raise MdliteError(f"{tokenizer_dir}: cannot load the tokenizer ({str(error).splitlines()[0]})") from None
+    model = None
+    if source.adapter_dir is not None or load:
+        cuda = _cuda()
+        dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(source.base_dir, dtype=dtype,
+                                                     device_map={"": 0 if cuda else "cpu"})
+    folder.mkdir(parents=True)
+    if source.adapter_dir is None:
+        for path in source.base_dir.iterdir():
+            if path.is_file() and path.name not in ("tokenizer_config.json", "chat_template.jinja"):
+                (folder / path.name).symlink_to(path.resolve())
+        shutil.copy(source.base_dir / "tokenizer_config.json", folder / "tokenizer_config.json")
+        return model, tokenizer
+    from peft import PeftModel
+
+    try:
+        model = PeftModel.from_pretrained(model, source.adapter_dir).merge_and_unload()
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise MdliteError(f"{source.adapter_dir}: cannot load the adapter onto {source.base_dir} "
+                          f"({str(error).splitlines()[0]})") from None
+    model.eval()
+    model.save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        if (source.adapter_dir / name).exists():
+            shutil.copy(source.adapter_dir / name, folder / name)
+    if not (folder / "tokenizer.model").exists() and (source.base_dir / "tokenizer.model").exists():
+        shutil.copy(source.base_dir / "tokenizer.model", folder / "tokenizer.model")  # the converter prefers it
+    return model, tokenizer
+
+
+def chat_template(*, add_bos: bool) -> str:
+    """A Jinja chat template equal to `student_prompt`: a user message is the question, a system message the
+    style directive (default CoT), an assistant message the rationale followed by EOS."""
+    parts = []
+    for literal, name, _, _ in string.Formatter().parse(prompt_text("student")):
+        if literal:
+            parts.append(json.dumps(literal, ensure_ascii=False))
+        if name:
+            parts.append({"question": "(message['content'] | trim)", "directive": "ns.directive"}[name])
+    return (
+        f"{{%- set ns = namespace(directive={json.dumps(STUDENT_DIRECTIVES['cot'], ensure_ascii=False)}) -%}}"
+        + ("{{- bos_token -}}" if add_bos else "")
+        + "{%- for message in messages -%}"
+        "{%- if message['role'] == 'system' -%}{%- set ns.directive = message['content'] | trim -%}"
+        f"{{%- elif message['role'] == 'user' -%}}{{{{- {' + '.join(parts)} -}}}}"
+        "{%- elif message['role'] == 'assistant' -%}{{- message['content'] + eos_token -}}"
+        "{%- endif -%}{%- endfor -%}"
+    )
+
+
+def write_chat_template(folder: Path, *, add_bos: bool) -> None:
+    """Put the student's chat template into `folder`'s tokenizer files (the converter copies it into the GGUF's
+    `tokenizer.chat_template`)."""
+    template = chat_template(add_bos=add_bos)
+    config_path = folder / "tokenizer_config.json"
+    config = _read_json(config_path)
+    config["chat_template"] = template
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", "utf-8")
+    (folder / "chat_template.jinja").write_text(template, "utf-8")
+
+
+def convert(model_dir: Path, output: Path, *, converter: Path, log_file: Path) -> None:
+    """F16 GGUF of the HF folder `model_dir`, by llama.cpp's converter in a subprocess (log in `log_file`)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(converter / "gguf-py"), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env.pop("NO_LOCAL_GGUF", None)
+    command = [sys.executable, str(converter / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(output),
+               "--outtype", "f16"]
+    log.info("converting %s with %s", model_dir, converter)
+    with log_file.open("w", encoding="utf-8") as out:
+        code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+    if code != 0 or not output.exists():
+        lines = [line for line in log_file.read_text("utf-8", errors="replace").splitlines() if line.strip()]
+        raise MdliteError(f"{model_dir}: llama.cpp's converter failed (exit {code}): "
+                          f"{' | '.join(lines[-3:]) or 'no output'} (log: {log_file})")
+
+
+def quantize(source: Path, output: Path, quant: str, *, n_threads: int = 0) -> Path:
+    """`source` (F16 GGUF) quantized to `quant` with llama.cpp's quantizer."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, QUANT_TYPES[quant])
+    params.nthread = n_threads
+    log.info("quantizing %s to %s", source.name, quant)
+    code = llama_cpp.llama_model_quantize(str(source).encode(), str(output).encode(), ctypes.byref(params))
+    if code != 0 or not output.exists():
+        raise MdliteError(f"{source}: llama.cpp could not quantize to {quant} (code {code}); try another type")
+    return output
+
+
+def modelfile_text(gguf_name: str, *, num_ctx: int) -> str:
+    """An Ollama Modelfile for `gguf_name` that prompts exactly like training and stops where the student stops."""
+    fields = {"question": "{{ .Prompt }}", "directive": "{{ .System }}"}
+    template = "".join(literal + (fields[name] if name else "")
+                       for literal, name, _, _ in string.Formatter().parse(prompt_text("student")))
+    lines = [
+        "# mdlite student. Create it with: ollama create NAME -f Modelfile",
+        "# The system message is the answer style; the default asks for CoT. For a program (PoT), set it to:",
+        f"#   {STUDENT_DIRECTIVES['pot']}",
+        f"FROM ./{gguf_name}",
+        f"TEMPLATE {_ollama_quote(template + '{{ .Response }}')}",
+        f"SYSTEM {_ollama_quote(STUDENT_DIRECTIVES['cot'])}",
+        *[f"PARAMETER stop {_ollama_quote(stop)}" for stop in STUDENT_STOP],
+        f"PARAMETER num_ctx {num_ctx}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# ---- parity ---------------------------------------------------------------------------------------------------
+
+
+def check_parity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, files: dict[str, Path],
+                 cfg: ExportConfig, *, add_bos: bool) -> dict[str, Any]:
+    """Compare the GGUF files with the merged model on the student prompts of `cfg.parity_problems` problems."""
+    from llama_cpp import Llama
+    from tqdm import tqdm
+
+    problems = _parity_problems(cfg)
+    prompts = [(p, style, student_prompt(p.question, style=style)) for p in problems for style in STYLES]
+    bos = [tokenizer.bos_token_id] if add_bos else []
+    hf_ids = [bos + tokenizer(text, add_special_tokens=False).input_ids for _, _, text in prompts]
+    eos = tokenizer.eos_token_id
+
+    def stopped_at_string(tokens: list[int]) -> bool:
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        return any(stop in text for stop in STUDENT_STOP)
+
+    outputs: dict[str, list[list[int]]] = {}
+    report: dict[str, Any] = {"problems": len(problems), "source": cfg.parity_data or f"synthetic (seed {cfg.seed})",
+                              "max_tokens": cfg.parity_max_tokens}
+    for quant, path in files.items():
+        llm = Llama(str(path), n_ctx=cfg.num_ctx, n_threads=cfg.n_threads or None, seed=cfg.seed, verbose=False)
+        try:
+            if quant == "F16":
+                report["chat_template"] = _check_chat_template(llm, tokenizer, problems, add_bos=add_bos)
+                gguf_ids = [llm.tokenize(text.encode(), add_bos=True, special=False) for _, _, text in prompts]
+                report["tokens"] = _token_report(prompts, hf_ids, gguf_ids)
+            outputs[quant] = [_gguf_greedy(llm, ids, eos=eos, budget=cfg.parity_max_tokens, stop=stopped_at_string)
+                              for ids in tqdm(hf_ids, desc=f"parity {quant}", leave=False)]
+        finally:
+            llm.close()
+    reference = [_hf_greedy(model, ids, follow, eos=eos, budget=cfg.parity_max_tokens, stop=stopped_at_string)
+                 for ids, follow in tqdm(list(zip(hf_ids, outputs["F16"], strict=True)), desc="parity HF",
+                                         leave=False)]
+    report["greedy_f16"] = _greedy_report(prompts, reference, outputs["F16"], tokenizer, tie_margin=cfg.tie_margin)
+    report["files"] = _answer_report(prompts, outputs, tokenizer, eos=eos)
+    report["thresholds"] = {k: getattr(cfg, k) for k in ("min_token_match", "min_greedy_match", "tie_margin",
+                                                          "min_answer_agreement", "min_stop_rate")}
+    report["failures"] = _failures(report, cfg)
+    report["passed"] = not report["failures"]
+    report["summary"] = {
+        "token_match": report["tokens"]["match_rate"], "chat_template_ok": report["chat_template"]["ok"],
+        "greedy_identical": report["greedy_f16"]["identical_rate"],
+        "greedy_match_or_tie": report["greedy_f16"]["match_rate"],
+        **{f"{q}_stop_rate": f["stop_rate"] for q, f in report["files"].items()},
+        **{f"{q}_answer_agreement": f["answer_agreement"] for q, f in report["files"].items() if q != "F16"},
+    }
+    return report
+
+
+def _parity_problems(cfg: ExportConfig) -> list[Problem]:
+    from mdlite.data import load_problems, synth_problems
+
+    if cfg.parity_data:
+        return load_problems(cfg.parity_data, limit=cfg.parity_problems)
+    return synth_problems(cfg.parity_problems, seed=cfg.seed)
+
+
+def _check_chat_template(llm: Llama, tokenizer: PreTrainedTokenizerBase, problems: list[Problem], *,
+                         add_bos: bool) -> dict[str, Any]:
+    """Render the GGUF's own chat template (as llama-cpp-python does, with Jinja) against `student_prompt`."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    source = llm.metadata.get("tokenizer.chat_template")
+    if not source:
+        return {"ok": False, "error": "the GGUF has no tokenizer.chat_template"}
+    template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(source)
+    bos = tokenizer.bos_token if add_bos else ""
+    for problem in problems[:2]:
+        for style in STYLES:
+            messages = [{"role": "user", "content": problem.question}]
+            if style != "cot":
+                messages.insert(0, {"role": "system", "content": STUDENT_DIRECTIVES[style]})
+            rendered = template.render(messages=messages, bos_token=tokenizer.bos_token,
+                                       eos_token=tokenizer.eos_token, add_generation_prompt=True)
+            expected = bos + student_prompt(problem.question, style=style)
+            if rendered != expected:
+                return {"ok": False, "error": f"{style}: rendered {rendered!r}, expected {expected!r}"}
+    return {"ok": True}
+
+
+def _gguf_greedy(llm: Llama, ids: list[int], *, eos: int, budget: int,
+                 stop: Callable[[list[int]], bool]) -> list[int]:
+    out: list[int] = []
+    for token in llm.generate(ids, temp=0.0, repeat_penalty=1.0, reset=True):
+        out.append(token)
+        if token == eos or len(out) >= budget or stop(out):
+            break
+    return out
+
+
+def _hf_greedy(model: PreTrainedModel, ids: list[int], follow: list[int], *, eos: int, budget: int,
+               stop: Callable[[list[int]], bool]) -> dict[str, Any]:
+    """The merged model's greedy continuation, and at the first step where it leaves `follow` (the GGUF's), the
+    gap between the logits of its token and the GGUF's token."""
+    import torch
+
+    device = next(model.parameters()).device
+    out: list[int] = []
+    gap = None
+    past = None
+    step = torch.tensor([ids], device=device)
+    with torch.inference_mode():
+        while len(out) < budget:
+            result = model(input_ids=step, past_key_values=past, use_cache=True)
+            past, logits = result.past_key_values, result.logits[0, -1].float()
+            token = int(logits.argmax())
+            if gap is None and len(out) < len(follow) and token != follow[len(out)]:
+                gap = float(logits[token] - logits[follow[len(out)]])
+            out.append(token)
+            if token == eos or stop(out):
+                break
+            step = torch.tensor([[token]], device=device)
+    return {"tokens": out, "gap": gap}
+
+
+def _token_report(prompts: list[tuple[Problem, str, str]], hf_ids: list[list[int]],
+                  gguf_ids: list[list[int]]) -> dict[str, Any]:
+    mismatches = []
+    for (problem, style, _), hf, gguf in zip(prompts, hf_ids, gguf_ids, strict=True):
+        if hf != gguf:
+            at = next((i for i, (a, b) in enumerate(zip(hf, gguf, strict=False)) if a != b), min(len(hf), len(gguf)))
+            mismatches.append({"id": problem.id, "style": style, "position": at, "hf": hf[at:at + 5],
+                               "gguf": gguf[at:at + 5]})
+    return {"prompts": len(prompts), "identical": len(prompts) - len(mismatches),
+            "match_rate": _rate(len(prompts) - len(mismatches), len(prompts)), "mismatches": mismatches}
+
+
+def _greedy_report(prompts: list[tuple[Problem, str, str]], reference: list[dict[str, Any]],
+                   gguf: list[list[int]], tokenizer: PreTrainedTokenizerBase, *, tie_margin: float) -> dict[str, Any]:
+    divergences, ties = [], 0
+    for (problem, style, _), hf, ours in zip(prompts, reference, gguf, strict=True):
+        if hf["tokens"] == ours:
+            continue
+        at = next((i for i, (a, b) in enumerate(zip(hf["tokens"], ours, strict=False)) if a != b),
+                  min(len(hf["tokens"]), len(ours)))
+        tie = hf["gap"] is not None and hf["gap"] < tie_margin
+        ties += tie
+        divergences.append({
+            "id": problem.id, "style": style, "position": at, "near_tie": tie,
+            "hf_logit_gap": None if hf["gap"] is None else round(hf["gap"], 6),
+            "common_text": tokenizer.decode(ours[:at]), "hf_next": tokenizer.decode(hf["tokens"][at:at + 8]),
+            "gguf_next": tokenizer.decode(ours[at:at + 8]),
+        })
+    identical = len(prompts) - len(divergences)
+    return {"prompts": len(prompts), "identical": identical, "identical_rate": _rate(identical, len(prompts)),
+            "near_ties": ties, "match_rate": _rate(identical + ties, len(prompts)), "divergences": divergences}
+
+
+def _answer_report(prompts: list[tuple[Problem, str, str]], outputs: dict[str, list[list[int]]],
+                   tokenizer: PreTrainedTokenizerBase, *, eos: int) -> dict[str, Any]:
+    """Per file: how many answers stopped (EOS or a stop string within the budget), their answers, and the
+    share of answers equal to F16's (PoT programs are run in the sandbox)."""
+    from mdlite.answers import answers_match, extract_answer
+    from mdlite.prompts import extract_program
+    from mdlite.sandbox import run_programs
+
+    texts: dict[str, list[str]] = {}
+    stopped: dict[str, list[bool]] = {}
+    for quant, runs in outputs.items():
+        texts[quant], stopped[quant] = [], []
+        for tokens in runs:
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            cut = min([text.index(s) for s in STUDENT_STOP if s in text], default=None)
+            stopped[quant].append((bool(tokens) and tokens[-1] == eos) or cut is not None)
+            texts[quant].append(text if cut is None else text[:cut])
+    programs = [(q, i, extract_program(text)) for q in texts for i, text in enumerate(texts[q])
+                if prompts[i][1] == "pot"]
+    results = run_programs([code or "" for _, _, code in programs]) if programs else []
+    values = {(q, i): result.value if code else None for (q, i, code), result in zip(programs, results, strict=True)}
+    report = {}
+    for quant in outputs:
+        answers = [values[(quant, i)] if style == "pot" else extract_answer(texts[quant][i], style="cot")
+                   for i, (_, style, _) in enumerate(prompts)]
+        report[quant] = {"stop_rate": _rate(sum(stopped[quant]), len(prompts)), "answers": answers,
+                         "stopped": stopped[quant], "texts": texts[quant]}
+    for quant in outputs:
+        same = [a == b or (a is not None and b is not None and answers_match(a, b))
+                for a, b in zip(report[quant]["answers"], report["F16"]["answers"], strict=True)]
+        report[quant]["answer_agreement"] = _rate(sum(same), len(prompts))
+    return report
+
+
+def _failures(report: dict[str, Any], cfg: ExportConfig) -> list[str]:
+    found = []
+    if report["tokens"]["match_rate"] < cfg.min_token_match:
+        found.append(f"token ids differ from training's on {len(report['tokens']['mismatches'])} prompts "
+                     f"(match {report['tokens']['match_rate']:.2f} < min_token_match {cfg.min_token_match})")
+    if not report["chat_template"]["ok"]:
+        found.append(f"chat template: {report['chat_template']['error']}")
+    if report["greedy_f16"]["match_rate"] < cfg.min_greedy_match:
+        found.append(f"F16 greedy answers differ from the merged model's (match "
+                     f"{report['greedy_f16']['match_rate']:.2f} < min_greedy_match {cfg.min_greedy_match})")
+    for quant, numbers in report["files"].items():
+        if numbers["stop_rate"] < cfg.min_stop_rate:
+            found.append(f"{quant}: only {numbers['stop_rate']:.2f} of answers end with EOS or a stop string within "
+                         f"{cfg.parity_max_tokens} tokens (min_stop_rate {cfg.min_stop_rate})")
+        if quant != "F16" and numbers["answer_agreement"] < cfg.min_answer_agreement:
+            found.append(f"{quant}: answers agree with F16's on {numbers['answer_agreement']:.2f} "
+                         f"(min_answer_agreement {cfg.min_answer_agreement})")
+    return found
+
+
+# ---- helpers --------------------------------------------------------------------------------------------------
+
+
+def tokenizer_adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer starts an encoding with BOS (used when no mdlite.json says what training did)."""
+    return tokenizer.bos_token_id is not None and tokenizer("1").input_ids[:1] == [tokenizer.bos_token_id]
+
+
+def _local_base(spec: str, adapter_dir: Path) -> Path:
+    """A local folder with the base's full-precision weights: a folder as is; a registry name, .gguf or hub id
+    resolved like `mdlite train` does (a GGUF is dequantized once into the cache)."""
+    from mdlite.train import resolve_base_model
+
+    folder = Path(resolve_base_model(spec).path)
+    if folder.is_dir():
+        return folder
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(folder), allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+    except Exception as error:  # hub errors have many types; all mean "not available"
+        raise MdliteError(f"{adapter_dir}: its base {spec} is not a local folder and could not be downloaded "
+                          f"({str(error).splitlines()[0]}); set mdlite.json's base_model to a local folder") from None
+
+
+def _read_adapter(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of an adapter file, after checking that it reads and holds only finite numbers."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise MdliteError(f"{path}: cannot read the adapter ({error}); the file is damaged, re-run `mdlite train` "
+                          "or copy it again") from None
+    broken = [name for name, tensor in tensors.items() if not torch.isfinite(tensor).all()]
+    if broken or not tensors:
+        raise MdliteError(f"{path}: the adapter has {'no tensors' if not tensors else 'NaN/inf in ' + broken[0]}; "
+                          "the file is damaged or training diverged, re-run `mdlite train`")
+    return {name: tuple(tensor.shape) for name, tensor in tensors.items()}
+
+
+def _safetensors_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise MdliteError(f"{folder}: no .safetensors weights; save the base with save_pretrained "
+                          "(safe_serialization) first")
+    shapes = {}
+    for path in files:
+        try:
+            with safe_open(path, framework="pt") as weights:
+                shapes.update({key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()})  # noqa: SIM118
+        except (SafetensorError, OSError) as error:
+            raise MdliteError(f"{path}: cannot read the weights ({error})") from None
+    return shapes
+
+
+def _check_vocabulary(source: Source, base_shapes: dict[str, tuple[int, ...]]) -> None:
+    """The adapter's tokenizer must be the base's (same token ids) and fit its embedding."""
+    from transformers import AutoTokenizer
+
+    assert source.adapter_dir is not None
+    try:
+        adapter_tokenizer = AutoTokenizer.from_pretrained(source.adapter_dir)
+    except (OSError, ValueError) as error:
+        raise MdliteError(f"{source.adapter_dir}: cannot load the tokenizer ({str(error).splitlines()[0]})") from None
+    rows = next((shape[0] for key, shape in base_shapes.items() if key.endswith("embed_tokens.weight")), None)
+    if rows is not None and len(adapter_tokenizer) > rows:
+        raise MdliteError(f"{source.adapter_dir}: its tokenizer has {len(adapter_tokenizer)} tokens but the base "
+                          f"{source.base_dir} embeds only {rows}; the adapter was trained on another base")
+    if (source.base_dir / "tokenizer_config.json").exists():
+        base_vocab = AutoTokenizer.from_pretrained(source.base_dir).get_vocab()
+        if base_vocab != adapter_tokenizer.get_vocab():
+            differ = len(set(base_vocab.items()) ^ set(adapter_tokenizer.get_vocab().items()))
+            raise MdliteError(f"{source.adapter_dir}: its tokenizer differs from the base's {source.base_dir} "
+                              f"({differ} token ids differ); the adapter was trained on another base, export it "
+                              "with that one (mdlite.json base_model)")
+
+
+def _extract_converter(archive: Path, folder: Path) -> str | None:
+    """Extract the converter parts of a llama-cpp-python sdist into `folder`; the vendored llama.cpp commit."""
+    commit = None
+    with tarfile.open(archive) as sdist:
+        for member in sdist:
+            root, _, rest = member.name.partition("/")
+            if rest == ".git/modules/vendor/llama.cpp/HEAD":
+                commit = sdist.extractfile(member).read().decode().strip()  # type: ignore[union-attr]
+            name = rest.removeprefix("vendor/llama.cpp/")
+            if name == rest or not member.isfile() or ".." in Path(name).parts or \
+                    not any(name == part or name.startswith(part) for part in CONVERTER_PARTS):
+                continue
+            target = folder / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(sdist.extractfile(member).read())  # type: ignore[union-attr]
+    if not (folder / "convert_hf_to_gguf.py").exists():
+        raise MdliteError(f"{archive.name}: no vendor/llama.cpp/convert_hf_to_gguf.py in the sdist; set "
+                          "LLAMA_CPP_DIR to a llama.cpp checkout of the installed version")
+    return commit
+
+
+def _ollama_quote(value: str) -> str:
+    """A Modelfile argument that Ollama's parser reads back as `value` (it has no escapes: a value spans lines
+    only inside quotes, and ends at the first line end where its quotes are complete)."""
+    if '"""' in value:
+        raise MdliteError(f'cannot write {value!r} into a Modelfile: it contains """')
+    if "\n" in value or '"' in value or value != value.strip():
+        return f'"""{value}"""'
+    return value
+
+
+def _input_record(source: Source) -> dict[str, Any]:
+    record: dict[str, Any] = {"input_dir": str(source.input_dir), "kind": "adapter" if source.adapter_dir else "model",
+                              "base_dir": str(source.base_dir),
+                              "base_config_sha256": _sha256(source.base_dir / "config.json")}
+    if source.adapter_dir:
+        record["adapter_sha256"] = _sha256(source.adapter_dir / "adapter_model.safetensors")
+    return record
+
+
+def _versions() -> dict[str, str]:
+    found = {"mdlite": __version__, "python": sys.version.split()[0]}
+    for package in ("llama-cpp-python", "torch", "transformers", "peft", "safetensors"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "missing"
+    return found
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def _rate(count: int, total: int) -> float:
+    return round(count / total, 4) if total else 1.0
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise MdliteError(f"{path}: not readable JSON ({error}); the file is damaged, write it again") from None
+    if not isinstance(value, dict):
+        raise MdliteError(f"{path}: expected a JSON object")
+    return value
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as data:
+        while chunk := data.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, value: Any) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(value, indent=2, default=str) + "\n", encoding="utf-8")
+    partial.replace(path)

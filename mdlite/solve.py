@@ -1,0 +1,230 @@
+"""Solve questions with many CoT and PoT paths from one GGUF and vote on the answer.
+
+    mdlite solve "Tom has 3 apples and buys 5 more. How many apples?" --model student.gguf --mode mixed --paths 10
+    mdlite solve --file questions.txt --model qwen2.5-coder-0.5b-instruct --prompt-style few-shot --json
+
+For each question: prompts (`student_prompt` + STUDENT_STOP, or the teacher's few-shot prompts with
+`--prompt-style few-shot`) -> `Engine.sample` (several questions' paths in one batch) -> CoT answers
+with `extract_answer`, PoT programs with `extract_program` and the sandbox -> `vote.vote`.
+
+Paths per style: cot and pot modes give all `paths` to their style; mixed gives ceil(paths/2) to PoT
+and the rest to CoT; hybrid samples `paths` PoT paths and, for questions where every program
+failed, `paths` CoT paths. With early stopping the first round samples two paths (mixed: one CoT
+and one PoT); when their answers agree the question is done and the other paths are saved.
+Path j of a question's style is drawn with seed derive_seed(derive_seed(seed, id, style), j), the
+scheme `mdlite eval` uses (id: the question's id, by default its text).
+
+`run(cfg, questions)` writes solutions.jsonl (one `Solution` per line) and run.json to output_dir
+when it is set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from mdlite import MdliteError, __version__
+from mdlite.answers import extract_answer
+from mdlite.config import SolveConfig, to_dict
+from mdlite.engine import Engine, derive_seed
+from mdlite.prompts import STUDENT_STOP, TEACHER_STOP, extract_program, student_prompt, teacher_prompt
+from mdlite.vote import Vote, agree, vote
+
+log = logging.getLogger(__name__)
+
+PROMPT_STYLES = ("student", "few-shot")
+
+
+@dataclass(frozen=True)
+class PathResult:
+    """One sampled path: its text, how it ended, its answer and (PoT) its program and how it ran."""
+
+    style: str  # "cot" or "pot"
+    index: int  # path number within the question's style (seeded by it)
+    text: str
+    tokens: int
+    finish_reason: str  # "stop" or "length"
+    answer: float | None
+    program: str | None = None  # PoT: the extracted program, None when there was none
+    program_error: str | None = None  # PoT: "no program", "timeout", "NameError: ...", None when it answered
+    program_stdout: str | None = None  # PoT: what the program printed
+
+
+@dataclass(frozen=True)
+class Solution:
+    """A question's voted answer, the vote, every path, and the paths early stopping saved."""
+
+    id: str
+    question: str
+    answer: float | None
+    vote: Vote
+    paths: tuple[PathResult, ...]
+    paths_saved: int
+    tokens: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def run(cfg: SolveConfig, questions: Sequence[str]) -> list[Solution]:
+    """Load cfg.model once, solve `questions`, and write solutions.jsonl + run.json if cfg.output_dir."""
+    if not questions:
+        raise MdliteError("no questions given; pass QUESTION, '-' for stdin, or --file FILE (one per line)")
+    started = time.time()
+    with Engine(cfg.model, n_ctx=cfg.n_ctx, n_gpu_layers=cfg.n_gpu_layers, n_threads=cfg.n_threads) as engine:
+        solutions = solve_questions(
+            engine, questions, mode=cfg.mode, paths=cfg.paths, prompt_style=cfg.prompt_style,
+            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, max_tokens=cfg.max_tokens, seed=cfg.seed,
+            early_stop=cfg.early_stop, cot_weight=cfg.cot_weight, pot_weight=cfg.pot_weight,
+            batch_paths=cfg.batch_paths, program_timeout=cfg.program_timeout_s,
+            program_memory_mb=cfg.program_memory_mb, progress=len(questions) > 1)
+        model_file = engine.path
+    if cfg.output_dir:
+        output_dir = Path(cfg.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with (output_dir / "solutions.jsonl").open("w", encoding="utf-8") as out:
+            for solution in solutions:
+                out.write(json.dumps(solution.to_dict()) + "\n")
+        record = {"command": "solve", "config": to_dict(cfg), "seed": cfg.seed, "versions": _versions(),
+                  "inputs": {"model": {"path": str(model_file), "size": model_file.stat().st_size},
+                             "questions_sha256": hashlib.sha256("\n".join(questions).encode()).hexdigest(),
+                             "questions": len(questions)},
+                  "wall_s": round(time.time() - started, 3)}
+        (output_dir / "run.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return solutions
+
+
+def solve_questions(engine: Engine, questions: Sequence[str], *, mode: str, paths: int,
+                    ids: Sequence[str] | None = None,
+                    prompt_style: str = "student", temperature: float = 0.7, top_p: float = 1.0, top_k: int = 0,
+                    max_tokens: int = 256, seed: int = 0, early_stop: bool = False, cot_weight: float = 1.0,
+                    pot_weight: float = 1.0, rel_tol: float = 1e-4, batch_paths: int = 16,
+                    program_timeout: float = 2.0, program_memory_mb: int = 256,
+                    progress: bool = False) -> list[Solution]:
+    """Sample, run, extract and vote for every question (see the module docstring); in question order.
+
+    `ids` name the questions for seeding (default: their text). `batch_paths` bounds the paths decoded
+    together: questions are grouped so that one engine call holds at most that many (at least one
+    question per call).
+    """
+    if mode not in ("cot", "pot", "mixed", "hybrid"):
+        raise MdliteError(f"mode must be cot, pot, mixed or hybrid, not {mode!r} (flag --mode)")
+    if prompt_style not in PROMPT_STYLES:
+        raise MdliteError(f"prompt_style must be student or few-shot, not {prompt_style!r} (flag --prompt-style)")
+    if paths < 1:
+        raise MdliteError("paths must be >= 1 (flag --paths)")
+    ids = [str(i) for i in ids] if ids is not None else list(questions)
+    plan = _plan(mode, paths)
+    if temperature <= 0 and max(plan.values()) > 1:
+        log.warning("temperature 0: the %d paths of a style are one greedy path repeated; sample with "
+                    "--temperature > 0, or use --paths 2 (mixed) for one greedy path per style", max(plan.values()))
+    sampler = _Sampler(engine, questions, ids, prompt_style=prompt_style, temperature=temperature, top_p=top_p,
+                       top_k=top_k, max_tokens=max_tokens, seed=seed, program_timeout=program_timeout,
+                       program_memory_mb=program_memory_mb)
+    per_call = max(1, batch_paths // paths)
+    solutions = []
+    with tqdm(total=len(questions), desc="solve", unit="question", disable=not progress) as bar:
+        for start in range(0, len(questions), per_call):
+            group = list(range(start, min(start + per_call, len(questions))))
+            pending = group
+            if early_stop and paths > 2:
+                sampler.top_up(pending, _plan(mode, 2))
+                pending = [i for i in pending if not agree([p.answer for p in sampler.found[i]], rel_tol=rel_tol)]
+            sampler.top_up(pending, plan)
+            if mode == "hybrid":
+                sampler.top_up([i for i in group if all(p.answer is None for p in sampler.found[i])], {"cot": paths})
+            for i in group:
+                results = sampler.found.pop(i)
+                cot = [p.answer for p in results if p.style == "cot"]
+                pot = [p.answer for p in results if p.style == "pot"]
+                result = vote(mode, cot=cot, pot=pot, cot_weight=cot_weight, pot_weight=pot_weight, rel_tol=rel_tol)
+                saved = paths - len(pot) if mode == "hybrid" else paths - len(results)
+                solutions.append(Solution(id=ids[i], question=questions[i], answer=result.answer, vote=result,
+                                          paths=tuple(results), paths_saved=saved,
+                                          tokens=sum(p.tokens for p in results)))
+            bar.update(len(group))
+    return solutions
+
+
+def prompt_for(question: str, style: str, *, prompt_style: str) -> tuple[str, list[str]]:
+    """The prompt and stop strings of one `style` path: the student template or the few-shot prompts."""
+    if prompt_style == "student":
+        return student_prompt(question, style=style), list(STUDENT_STOP)
+    return teacher_prompt(question, style=style), list(TEACHER_STOP[style])
+
+
+def _plan(mode: str, paths: int) -> dict[str, int]:
+    """Paths per style for `mode` (hybrid: its PoT round; the CoT fallback is planned separately)."""
+    if mode == "mixed":
+        return {"cot": paths // 2, "pot": paths - paths // 2}
+    return {"cot": paths} if mode == "cot" else {"pot": paths}
+
+
+class _Sampler:
+    """Samples paths for questions by index, in rounds, and keeps every path's result in `found`."""
+
+    def __init__(self, engine: Engine, questions: Sequence[str], ids: list[str], **options: Any) -> None:
+        self.engine, self.questions, self.ids, self.options = engine, questions, ids, options
+        self.found: dict[int, list[PathResult]] = {}
+
+    def top_up(self, keys: list[int], targets: dict[str, int]) -> None:
+        """Sample, in one engine call, what questions `keys` lack of `targets` paths per style; then
+        extract the CoT answers and run the PoT programs of the new paths."""
+        from mdlite.sandbox import run_programs
+
+        o = self.options
+        calls = []  # (question index, style, new paths, index of the first new path)
+        for key in keys:
+            for style, target in targets.items():
+                done = sum(p.style == style for p in self.found.setdefault(key, []))
+                if target > done:
+                    calls.append((key, style, target - done, done))
+        if not calls:
+            return
+        prompts = [prompt_for(self.questions[key], style, prompt_style=o["prompt_style"]) for key, style, _, _ in calls]
+        generations = self.engine.sample(
+            [prompt for prompt, _ in prompts], n=[count for _, _, count, _ in calls],
+            temperature=o["temperature"], top_p=o["top_p"], top_k=o["top_k"], max_tokens=o["max_tokens"],
+            stop=[stop for _, stop in prompts], first_path=[first for *_, first in calls],
+            seed=[derive_seed(o["seed"], self.ids[key], style) for key, style, _, _ in calls])
+        programs = []  # (question index, position in found[question index])
+        for (key, style, _, first), paths in zip(calls, generations, strict=True):
+            for j, generation in enumerate(paths):
+                path = PathResult(style=style, index=first + j, text=generation.text, tokens=generation.tokens,
+                                  finish_reason=generation.finish_reason, answer=None)
+                if style == "cot":
+                    answer = extract_answer(generation.text, style="cot", strict=generation.finish_reason == "length")
+                    path = dataclasses.replace(path, answer=answer)
+                else:
+                    program = extract_program(generation.text)
+                    path = dataclasses.replace(path, program=program, program_error=None if program else "no program")
+                    if program:
+                        programs.append((key, len(self.found[key])))
+                self.found[key].append(path)
+        codes = [self.found[key][at].program or "" for key, at in programs]
+        results = run_programs(codes, timeout=o["program_timeout"], memory_mb=o["program_memory_mb"]) if codes else []
+        for (key, at), result in zip(programs, results, strict=True):
+            self.found[key][at] = dataclasses.replace(self.found[key][at], answer=result.value if result.ok else None,
+                                                      program_error=result.error, program_stdout=result.stdout)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"mdlite": __version__, "python": platform.python_version()}
+    for name in ("llama-cpp-python", "numpy", "sympy"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found

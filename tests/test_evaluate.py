@@ -1,0 +1,324 @@
+"""mdlite eval: the maj@k estimator against brute force, the report files, resume, compare, errors; an
+eval through the real Ollama client (fake server) and, marked slow, evals of the real Qwen2.5-Coder
+0.5B GGUF (files and numbers, kill -9 and resume)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from fake_ollama import FakeOllama
+
+from mdlite import MdliteError
+from mdlite.answers import answers_match, format_number
+from mdlite.cli import cli
+from mdlite.config import EvalConfig, load_config
+from mdlite.data import load_problems
+from mdlite.evaluate import compare_reports, hybrid_at_k, k_values, load_samples, majority_at_k, mode_at_k, vote_at_k
+from mdlite.vote import vote
+
+REPORT_FILES = ("samples.jsonl", "report.json", "report.md", "accuracy.png", "run.json")
+
+
+# ---- brute force: vote over every k-subset -----------------------------------------------------
+
+
+def _vote_credit(mode: str, *, cot: tuple = (), pot: tuple = (), gold: float) -> Fraction:
+    """mdlite.vote's vote, ties shared: 1/t when the gold answer is among t groups tied for the lead."""
+    tallies = vote(mode, cot=cot, pot=pot).tallies
+    leaders = [t for t in tallies if t.weight == tallies[0].weight]
+    return Fraction(sum(answers_match(t.answer, gold) for t in leaders), len(leaders)) if leaders else Fraction(0)
+
+
+def _brute(mode: str, pot: list, cot: list, gold: float, k_pot: int, k_cot: int) -> float:
+    """The mean credit of `mode`'s vote over every k_pot-subset of `pot` x every k_cot-subset of `cot`."""
+    credits = [_vote_credit(mode, pot=p, cot=c, gold=gold) for p in itertools.combinations(pot, k_pot)
+               for c in itertools.combinations(cot, k_cot)]
+    return float(sum(credits) / len(credits))
+
+
+def _brute_majority(answers: list[float | None], gold: float, k: int) -> float:
+    return _brute("cot", [], answers, gold, 0, k)
+
+
+def _random_answers(rng: random.Random, n: int) -> list[float | None]:
+    # Few distinct values so that ties and repeats are common; 7.0004 matches gold 7 within rel_tol
+    # but votes apart from it (two correct clusters).
+    return [rng.choice([7.0, 7.0, 3.0, 5.5, 7.0004, None, -2.0]) for _ in range(n)]
+
+
+def test_majority_at_k_equals_brute_force_on_small_cases() -> None:
+    rng = random.Random(1)
+    for _ in range(150):
+        answers = _random_answers(rng, rng.randint(1, 9))
+        for k in range(1, len(answers) + 1):
+            assert majority_at_k(answers, 7.0, k) == pytest.approx(_brute_majority(answers, 7.0, k), abs=1e-12), (
+                answers, k)
+
+
+def test_majority_at_k_known_values() -> None:
+    assert majority_at_k([1.0, 1.0, 2.0], 1.0, 1) == pytest.approx(2 / 3)
+    assert majority_at_k([1.0, 1.0, 2.0], 1.0, 3) == 1.0
+    assert majority_at_k([1.0, 2.0], 1.0, 2) == 0.5  # a two-way tie counts half
+    assert majority_at_k([None, None, 4.0], 4.0, 2) == pytest.approx(2 / 3)  # unanswered paths take no vote
+    assert majority_at_k([None, None], 4.0, 1) == 0.0
+    # Not "the first k": the first path is wrong, but 3 of the 4 paths are right.
+    assert majority_at_k([9.0, 4.0, 4.0, 4.0], 4.0, 1) == 0.75
+    with pytest.raises(ValueError):
+        majority_at_k([1.0], 1.0, 2)
+
+
+def test_two_pool_votes_equal_brute_force() -> None:
+    rng = random.Random(2)
+    for _ in range(60):
+        pot, cot = _random_answers(rng, rng.randint(1, 5)), _random_answers(rng, rng.randint(1, 5))
+        for k_pot, k_cot in itertools.product(range(len(pot) + 1), range(len(cot) + 1)):
+            if k_pot + k_cot:
+                assert vote_at_k([(pot, k_pot), (cot, k_cot)], 7.0) == pytest.approx(
+                    _brute("mixed", pot, cot, 7.0, k_pot, k_cot), abs=1e-12), (pot, cot, k_pot, k_cot)
+
+
+def test_modes_equal_brute_force() -> None:
+    rng = random.Random(3)
+    for _ in range(40):
+        n = rng.randint(1, 5)
+        pools = {"pot": _random_answers(rng, n), "cot": _random_answers(rng, n)}
+        for k in range(1, n + 1):
+            expected = {"cot": _brute("cot", [], pools["cot"], 7.0, 0, k),
+                        "pot": _brute("pot", pools["pot"], [], 7.0, k, 0),
+                        "mixed": _brute("mixed", pools["pot"], pools["cot"], 7.0, k - k // 2, k // 2),
+                        "hybrid": _brute("hybrid", pools["pot"], pools["cot"], 7.0, k, k)}
+            for mode, value in expected.items():
+                assert mode_at_k(mode, pools, 7.0, k) == pytest.approx(value, abs=1e-12), (mode, pools, k)
+            assert hybrid_at_k(pools["pot"], pools["cot"], 7.0, k) == pytest.approx(expected["hybrid"], abs=1e-12)
+
+
+def test_k_values() -> None:
+    assert k_values(16) == [1, 2, 4, 8, 16]
+    assert k_values(6) == [1, 2, 4, 6]
+    assert k_values(1) == [1] and k_values(0) == []
+
+
+# ---- config ---------------------------------------------------------------------------------------
+
+
+def test_config_splits_modes_and_reports_every_problem() -> None:
+    assert load_config(EvalConfig, None, {"model": "m", "mode": ["cot,pot", "hybrid"]}).mode == ["cot", "pot", "hybrid"]
+    with pytest.raises(MdliteError) as error:
+        load_config(EvalConfig, None, {"mode": ["cot,vote"], "paths": 4, "temperature": 0.0, "prompt_style": "chat"})
+    message = str(error.value)
+    for part in ("no model given", "--mode", "--temperature", "--prompt-style"):
+        assert part in message
+
+
+# ---- samples.jsonl ------------------------------------------------------------------------------
+
+
+def _record(pid: str, path: int) -> str:
+    return json.dumps({"id": pid, "style": "cot", "greedy": False, "path": path, "answer": 1.0}) + "\n"
+
+
+def test_load_samples_drops_torn_line_and_unfinished_problem(tmp_path: Path) -> None:
+    path = tmp_path / "samples.jsonl"
+    path.write_text(_record("a", 0) + _record("a", 1) + _record("b", 0) + '{"id": "b", "sty')
+    done = load_samples(path, per_problem=2)
+    assert list(done) == ["a"] and len(done["a"]) == 2
+    assert path.read_text() == _record("a", 0) + _record("a", 1)  # the file keeps only finished problems
+    path.write_text(_record("a", 0) + "not json\n" + _record("a", 1))
+    with pytest.raises(MdliteError, match=r"samples.jsonl:2: not a sample record"):
+        load_samples(path, per_problem=2)
+
+
+# ---- a whole eval through the real Ollama client ------------------------------------------------
+
+
+@pytest.fixture
+def problems_file(tmp_path: Path, shared_data: Path) -> Path:
+    path = tmp_path / "problems.jsonl"
+    lines = (shared_data / "svamp" / "tiny.jsonl").read_text().splitlines()[:3]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _teacher_script(problems_file: Path) -> dict:
+    """CoT: right on the first two problems, wrong on the third; PoT: every program fails."""
+    problems = load_problems(problems_file)
+    cot = {p.question: [f" Some steps. The answer is {format_number(p.answer + (i == 2))}."]
+           for i, p in enumerate(problems)}
+    pot = {p.question: ["def solution():\n    return 1 / 0\n```"] for p in problems}
+    return {"cot": cot, "pot": pot}
+
+
+def _eval(args: list[str]) -> None:
+    result = CliRunner().invoke(cli, ["eval", *args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+
+
+def test_eval_of_a_teacher_writes_reports_with_exact_numbers(tmp_path: Path, problems_file: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "teacher"
+    with FakeOllama(model="teacher", parallel=4, script=_teacher_script(problems_file)) as server:
+        monkeypatch.setenv("OLLAMA_HOST", server.url)
+        _eval(["--model", "ollama:teacher", "--data", str(problems_file), "--paths", "4", "--concurrency", "4",
+               "--output-dir", str(out)])
+    assert all((out / name).stat().st_size > 0 for name in REPORT_FILES)
+    report = json.loads((out / "report.json").read_text())
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 3 * (2 + 4 + 4) and report["paths_decoded"] == len(samples)
+    assert report["greedy_accuracy"] == {"cot": pytest.approx(2 / 3), "pot": 0.0}
+    assert report["pot_exec_failure_rate"] == 1.0 and report["parse_failure_rate"] == 0.0
+    # CoT: 2 of 3 problems right at every k; PoT never answers, so hybrid falls back to CoT.
+    assert report["maj_at_k"]["cot"] == report["maj_at_k"]["hybrid"] == {k: pytest.approx(2 / 3) for k in "124"}
+    assert report["maj_at_k"]["pot"] == {"1": 0.0, "2": 0.0, "4": 0.0}
+    # Mixed with k paths votes ceil(k/2) PoT + floor(k/2) CoT paths: one failed program alone answers nothing.
+    assert report["maj_at_k"]["mixed"] == pytest.approx({"1": 0.0, "2": 2 / 3, "4": 2 / 3})
+    assert report["accuracy"] == pytest.approx({"cot": 2 / 3, "pot": 0.0, "mixed": 2 / 3, "hybrid": 2 / 3})
+    run = json.loads((out / "run.json").read_text())
+    assert run["model"]["kind"] == "teacher" and run["model"]["digest"] == server.digest
+    assert run["inputs"]["problems"] == 3 and len(run["inputs"]["problems_sha256"]) == 64
+    table = (out / "report.md").read_text()
+    assert "| cot | 66.7% | 66.7% | 66.7% | 66.7% |" in table and "| pot | 0.0% |" in table
+    assert "| PoT programs that failed to run | 100.0% |" in table
+
+    # A rerun finds every problem done and decodes nothing (no server is running now).
+    _eval(["--model", "ollama:teacher", "--data", str(problems_file), "--paths", "4", "--output-dir", str(out)])
+    assert json.loads((out / "report.json").read_text())["maj_at_k"] == report["maj_at_k"]
+    # Other sampling settings in the same folder are refused.
+    result = CliRunner().invoke(cli, ["eval", "--model", "ollama:teacher", "--data", str(problems_file), "--paths", "2",
+                                      "--output-dir", str(out)])
+    assert result.exit_code == 2 and "holds samples made with other settings" in result.output
+
+    # compare: two folders side by side.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "report.json").write_text(json.dumps(report | {"greedy_accuracy": {"cot": 0.25, "pot": 0.5}}))
+    text = compare_reports([out, other])
+    assert "| teacher" in text.splitlines()[0] and "other" in text.splitlines()[0]
+    assert "| greedy cot" in text and "66.7%" in text and "25.0%" in text
+    result = CliRunner().invoke(cli, ["eval", "compare", str(out), str(other)])
+    assert result.exit_code == 0 and result.output.strip() == text
+
+
+def test_help() -> None:
+    for args in (["eval", "--help"], ["eval", "compare", "--help"]):
+        result = CliRunner().invoke(cli, args, prog_name="mdlite")
+        assert result.exit_code == 0 and "Usage: mdlite eval" in result.output
+    assert "--prompt-style" in CliRunner().invoke(cli, ["eval", "-h"]).output
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [(["--model", "qwen2.5-coder-0.5b-instruct", "--data", "{tmp}/missing.jsonl"], "missing.jsonl: no such file"),
+     (["--model", "qwen2.5-coder-0.5b-instruct", "--data", "{tmp}/bad.jsonl"], "bad.jsonl:1: broken JSON"),
+     (["--model", "{tmp}/nope.gguf"], "nope.gguf: no such model file"),
+     (["--model", "{tmp}/bad.gguf"], "could not load this file"),
+     (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+     (["--model", "ollama:"], "no model given"),
+     ([], "no model given")],
+)
+def test_bad_data_or_model_is_one_line_exit_2(tmp_path: Path, problems_file: Path, args: list[str],
+                                               needle: str) -> None:
+    (tmp_path / "bad.jsonl").write_text('{"id": "1", "question": \n')
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF but not really" * 10)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if "--data" not in args:
+        args += ["--data", str(problems_file)]
+    result = CliRunner().invoke(cli, ["eval", *args, "--output-dir", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert needle in result.output and result.output.startswith("mdlite: error: ")
+    assert result.output.count("\n") == 1 and "Traceback" not in result.output
+
+
+def test_compare_without_report_is_an_error(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["eval", "compare", str(tmp_path)])
+    assert result.exit_code == 2 and "no report" in result.output
+
+
+# ---- the real Qwen2.5-Coder 0.5B GGUF -----------------------------------------------------------
+
+
+def _independent_report(samples: list[dict], paths: int) -> dict:
+    """Greedy and maj@paths accuracy per mode recomputed from samples.jsonl by brute force."""
+    by_problem: dict[str, list[dict]] = {}
+    for record in samples:
+        assert record["correct"] == answers_match(record["answer"], record["gold"])
+        by_problem.setdefault(record["id"], []).append(record)
+    totals: Counter[str] = Counter()
+    for records in by_problem.values():
+        gold = records[0]["gold"]
+        for record in records:
+            if record["greedy"]:
+                totals[f"greedy {record['style']}"] += record["correct"]
+        pools = {style: [r["answer"] for r in sorted(records, key=lambda r: r["path"])
+                         if r["style"] == style and not r["greedy"]] for style in ("cot", "pot")}
+        totals["cot"] += _brute("cot", [], pools["cot"], gold, 0, paths)
+        totals["pot"] += _brute("pot", pools["pot"], [], gold, paths, 0)
+        totals["mixed"] += _brute("mixed", pools["pot"], pools["cot"], gold, paths - paths // 2, paths // 2)
+        totals["hybrid"] += _brute("hybrid", pools["pot"], pools["cot"], gold, paths, paths)
+    return {key: value / len(by_problem) for key, value in totals.items()}
+
+
+@pytest.mark.slow
+def test_eval_of_the_real_gguf_writes_consistent_reports(tmp_path: Path, shared_data: Path) -> None:
+    out = tmp_path / "qwen"
+    _eval(["--model", "qwen2.5-coder-0.5b-instruct", "--prompt-style", "few-shot", "--data",
+           str(shared_data / "svamp" / "tiny.jsonl"), "--limit", "3", "--paths", "2", "--max-tokens", "40",
+           "--batch-paths", "8", "--output-dir", str(out)])
+    assert all((out / name).stat().st_size > 0 for name in REPORT_FILES)
+    assert (out / "accuracy.png").read_bytes().startswith(b"\x89PNG")
+    report = json.loads((out / "report.json").read_text())
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 3 * (2 + 2 + 2) and len({r["id"] for r in samples}) == 3
+    assert all(r["finish_reason"] in ("stop", "length") and 0 < r["tokens"] <= 40 for r in samples)
+    assert all(r["program_result"] is not None for r in samples if r["style"] == "pot" and "solution" in r["text"])
+    expected = _independent_report(samples, paths=2)
+    assert report["greedy_accuracy"] == pytest.approx({"cot": expected["greedy cot"], "pot": expected["greedy pot"]})
+    assert report["accuracy"] == pytest.approx({m: expected[m] for m in ("cot", "pot", "mixed", "hybrid")})
+    assert report["greedy_accuracy"]["pot"] > 0  # few-shot PoT solves some of these (5/5 in design.md)
+    tokens = sum(r["tokens"] for r in samples)
+    assert report["mean_tokens_per_path"]["all"] == pytest.approx(tokens / len(samples))
+    assert report["tokens_per_s"] > 0 and report["questions_per_s"] > 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["model"]["sha256"] == "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+    assert run["config"]["paths"] == 2 and run["versions"]["llama-cpp-python"] != "missing"
+
+
+@pytest.mark.slow
+def test_eval_resumes_after_kill_9(tmp_path: Path, shared_data: Path) -> None:
+    out = tmp_path / "resume"
+    command = [str(Path(sys.executable).parent / "mdlite"), "eval", "--model", "qwen2.5-coder-0.5b-instruct", "--data",
+               str(shared_data / "svamp" / "tiny.jsonl"), "--limit", "5", "--paths", "2", "--max-tokens", "24",
+               "--batch-paths", "2", "--mode", "cot,pot", "--output-dir", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    samples = out / "samples.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if samples.exists() and len(samples.read_text().splitlines()) >= 6 * 2:  # two problems done
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the eval finished before it could be killed; make it slower"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    finished = samples.read_text().splitlines()[:12]
+    with samples.open("a") as handle:  # and a write torn by the kill
+        handle.write('{"id": "chal-')
+    subprocess.run(command, check=True, capture_output=True, timeout=600)
+    lines = samples.read_text().splitlines()
+    assert lines[:12] == finished  # finished problems were kept, not decoded again (their timings would differ)
+    records = [json.loads(line) for line in lines]
+    keys = [(r["id"], r["style"], r["greedy"], r["path"]) for r in records]
+    assert len(keys) == len(set(keys)) == 5 * (2 + 2 + 2)
+    assert len({r["id"] for r in records}) == 5
+    report = json.loads((out / "report.json").read_text())
+    assert report["problems"] == 5 and report["paths_decoded"] == 30

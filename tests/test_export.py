@@ -1,0 +1,387 @@
+"""export-gguf on a tiny LLaMA whose LoRA adapter really learned to answer: merge, llama.cpp's converter,
+quantize, Modelfile, parity; refusals of broken inputs; an export killed midway; a real demo model (slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from llama_cpp import Llama
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from mdlite import MdliteError
+from mdlite.answers import format_number
+from mdlite.cli import cli
+from mdlite.config import ExportConfig, load_config
+from mdlite.data import synth_problems
+from mdlite.export import OUTPUT_FILES, run
+from mdlite.models import make_tiny_model
+from mdlite.prompts import STUDENT_DIRECTIVES, STUDENT_STOP, STYLES, student_prompt
+
+PROBLEMS = synth_problems(3, seed=0)  # what the adapter learns, and the parity check's problems (seed 0)
+
+
+def train_adapter(base: Path, adapter_dir: Path, *, steps: int = 80) -> Path:
+    """A LoRA adapter trained (full batch, AdamW) until the tiny model answers PROBLEMS in both styles and stops,
+    saved like `mdlite train` saves it: adapter, tokenizer files and mdlite.json."""
+    from peft import LoraConfig, get_peft_model
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                           LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+    rows = []
+    for problem in PROBLEMS:
+        for style, completion in (("cot", f"The answer is {format_number(problem.answer)}."),
+                                  ("pot", f"def solution():\n    return {problem.equation}\n")):
+            prompt = student_prompt(problem.question, style=style)
+            prompt_ids = [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False).input_ids
+            full = tokenizer(prompt + completion, add_special_tokens=False).input_ids
+            rows.append((prompt_ids, full[len(prompt_ids) - 1:] + [tokenizer.eos_token_id]))
+    width = max(len(a) + len(b) for a, b in rows)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (prompt_ids, completion_ids) in enumerate(rows):
+        ids[i, :len(prompt_ids) + len(completion_ids)] = torch.tensor(prompt_ids + completion_ids)
+        labels[i, len(prompt_ids):len(prompt_ids) + len(completion_ids)] = torch.tensor(completion_ids)
+        mask[i, :len(prompt_ids) + len(completion_ids)] = 1
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(steps):
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    shutil.copy(base / "tokenizer.model", adapter_dir / "tokenizer.model")
+    (adapter_dir / "mdlite.json").write_text(json.dumps({"base_model": str(base), "add_bos": True}))
+    return adapter_dir
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("export")
+    base = make_tiny_model(root / "base", seed=0)
+    return {"root": root, "base": base, "adapter": train_adapter(base, root / "adapter")}
+
+
+@pytest.fixture(scope="module")
+def exported(tiny: dict[str, Path]) -> dict[str, object]:
+    cfg = load_config(ExportConfig, overrides={
+        "input_dir": str(tiny["adapter"]), "output_dir": str(tiny["root"] / "out"), "quant_types": ["q4_k_m", "F16"],
+        "parity_problems": len(PROBLEMS), "parity_max_tokens": 40, "n_threads": 1, "seed": 0,
+    })
+    return {"cfg": cfg, "result": run(cfg)}
+
+
+def greedy_gguf(path: Path, prompt_ids: list[int], budget: int = 40) -> list[int]:
+    llm = Llama(str(path), n_ctx=256, n_threads=1, verbose=False)
+    try:
+        out = []
+        for token in llm.generate(prompt_ids, temp=0.0, repeat_penalty=1.0):
+            out.append(token)
+            if token == llm.token_eos() or len(out) >= budget:
+                return out
+        return out
+    finally:
+        llm.close()
+
+
+# ---- the happy path -------------------------------------------------------------------------------------------
+
+
+def test_outputs_are_complete_and_named(exported: dict) -> None:
+    result, out = exported["result"], Path(exported["cfg"].output_dir)
+    assert set(result.files) == {"Q4_K_M", "F16"}
+    for name in ("student-Q4_K_M.gguf", "student-F16.gguf", "Modelfile", "parity.json", "run.json",
+                 "merged/model.safetensors", "merged/tokenizer.model", "merged/tokenizer_config.json"):
+        assert (out / name).exists(), name
+    assert not (out / ".export.partial").exists()
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "done" and record["inputs"]["kind"] == "adapter"
+    assert len(record["llama_cpp"]["llama_cpp_commit"]) == 40 and record["llama_cpp"]["llama_cpp_python"]
+    assert record["files"]["Q4_K_M"]["bytes"] < record["files"]["F16"]["bytes"]
+
+
+def test_llama_cpp_loads_both_files_with_the_right_types(exported: dict) -> None:
+    for quant, file_type in (("F16", 1), ("Q4_K_M", 15)):
+        llm = Llama(str(exported["result"].files[quant]), n_ctx=64, verbose=False)
+        try:
+            assert int(llm.metadata["general.file_type"]) == file_type
+            assert llm.n_vocab() == 1000
+        finally:
+            llm.close()
+
+
+def test_merged_model_tokens_and_greedy_answers_match_the_gguf(exported: dict) -> None:
+    out = Path(exported["cfg"].output_dir)
+    tokenizer = AutoTokenizer.from_pretrained(out / "merged")
+    model = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32)
+    llm = Llama(str(out / "student-F16.gguf"), n_ctx=64, verbose=False, vocab_only=True)
+    try:
+        for problem in PROBLEMS:
+            for style in STYLES:
+                prompt = student_prompt(problem.question, style=style)
+                ids = [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False).input_ids
+                assert llm.tokenize(prompt.encode(), add_bos=True, special=False) == ids
+                hf = model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False)[0, len(ids):].tolist()
+                gguf = greedy_gguf(out / "student-F16.gguf", ids)
+                assert gguf == hf
+                assert gguf[-1] == tokenizer.eos_token_id  # the adapter was merged: it answers and stops
+                answer = tokenizer.decode(gguf, skip_special_tokens=True)
+                if style == "cot":
+                    assert answer == f"The answer is {format_number(problem.answer)}."
+                else:
+                    assert answer.startswith("def solution():")
+    finally:
+        llm.close()
+
+
+def test_parity_report(exported: dict) -> None:
+    report = json.loads((Path(exported["cfg"].output_dir) / "parity.json").read_text())
+    assert report["passed"] and report["failures"] == []
+    assert report["tokens"] == {"prompts": 6, "identical": 6, "match_rate": 1.0, "mismatches": []}
+    assert report["chat_template"]["ok"]
+    assert report["greedy_f16"]["identical"] == 6 and report["greedy_f16"]["divergences"] == []
+    assert report["files"]["F16"]["stop_rate"] == 1.0
+    assert report["files"]["F16"]["answers"] == [p.answer for p in PROBLEMS for _ in STYLES]
+    assert 0 <= report["files"]["Q4_K_M"]["answer_agreement"] <= 1
+
+
+def test_gguf_chat_template_is_the_student_prompt(exported: dict) -> None:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    llm = Llama(str(exported["result"].files["Q4_K_M"]), n_ctx=64, verbose=False, vocab_only=True)
+    try:
+        source = llm.metadata["tokenizer.chat_template"]
+    finally:
+        llm.close()
+    template = ImmutableSandboxedEnvironment().from_string(source)
+    question = PROBLEMS[0].question
+    render = lambda messages: template.render(messages=messages, bos_token="<s>", eos_token="</s>")  # noqa: E731
+    assert render([{"role": "user", "content": question}]) == "<s>" + student_prompt(question, style="cot")
+    pot = [{"role": "system", "content": STUDENT_DIRECTIVES["pot"]}, {"role": "user", "content": question}]
+    assert render(pot) == "<s>" + student_prompt(question, style="pot")
+    turn = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "The answer is 1."}]
+    assert render(turn).endswith("The answer is 1.</s>")
+
+
+def parse_modelfile(text: str) -> list[tuple[str, str]]:
+    """(command, value) pairs the way Ollama's parser/parser.go reads them: values have no escapes, span lines
+    only inside quotes, and end at the first line end where the quotes are complete."""
+    def unquote(value: str) -> str | None:
+        if value.startswith('"""'):
+            return value[3:-3] if len(value) >= 6 and value.endswith('"""') else None
+        if value.startswith('"'):
+            return value[1:-1] if len(value) >= 2 and value.endswith('"') else None
+        return value
+
+    commands, lines = [], iter(text.splitlines())
+    for line in lines:
+        if not line.strip() or line.startswith("#"):
+            continue
+        name, _, value = line.partition(" ")
+        if name == "PARAMETER":
+            name, _, value = value.partition(" ")
+        while unquote(value.strip()) is None:
+            value += "\n" + next(lines)
+        commands.append((name, unquote(value.strip())))
+    return commands
+
+
+def test_modelfile_prompts_like_training_and_stops(exported: dict) -> None:
+    text = exported["result"].modelfile.read_text()
+    commands = parse_modelfile(text)
+    values = dict(commands)
+    assert values["FROM"] == "./student-Q4_K_M.gguf"  # the first quant type asked for
+    assert (Path(exported["cfg"].output_dir) / values["FROM"]).exists()
+    assert [v for k, v in commands if k == "stop"] == STUDENT_STOP
+    assert values["num_ctx"] == "2048"
+    question = PROBLEMS[1].question
+    for directive, style in ((values["SYSTEM"], "cot"), (STUDENT_DIRECTIVES["pot"], "pot")):
+        rendered = values["TEMPLATE"].replace("{{ .Prompt }}", question).replace("{{ .System }}", directive)
+        assert rendered == student_prompt(question, style=style) + "{{ .Response }}"
+    assert STUDENT_DIRECTIVES["pot"] in text  # the comment telling users how to ask for a program
+
+
+# ---- the command line, a full model folder, a failed parity check ---------------------------------------------
+
+
+def test_help() -> None:
+    result = CliRunner().invoke(cli, ["export-gguf", "--help"])
+    assert result.exit_code == 0
+    for flag in ("ADAPTER_OR_MODEL_DIR", "-q TYPE", "--output-dir", "--parity / --no-parity", "--min-stop-rate"):
+        assert flag in result.output
+
+
+def test_unknown_quant_type_lists_the_valid_ones(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["export-gguf", str(tmp_path), "-q", "Q4_K_X", "-q", "q8_0"])
+    assert result.exit_code == 2
+    assert "unknown quant type Q4_K_X" in result.output and "Q4_K_M" in result.output and "Q8_0" in result.output
+
+
+def test_full_model_folder_is_converted_as_is_and_parity_failure_exits_1(exported: dict, tmp_path: Path) -> None:
+    merged = Path(exported["cfg"].output_dir) / "merged"
+    before = {path.name: path.read_bytes() for path in merged.iterdir()}
+    out = tmp_path / "out"
+    # 3 tokens are too few for any answer to end: the stop-rate threshold is crossed.
+    result = CliRunner().invoke(cli, ["export-gguf", str(merged), "-q", "Q8_0", "--output-dir", str(out),
+                                      "--parity-problems", "1", "--parity-max-tokens", "3", "--n-threads", "1"])
+    assert result.exit_code == 1, result.output
+    assert "min_stop_rate" in result.output
+    assert (out / "student-Q8_0.gguf").exists() and not (out / "merged").exists()
+    assert json.loads((out / "run.json").read_text())["status"] == "parity_failed"
+    assert json.loads((out / "parity.json").read_text())["files"]["Q8_0"]["stop_rate"] == 0.0
+    assert {path.name: path.read_bytes() for path in merged.iterdir()} == before  # the input is left alone
+
+
+# ---- refusals -------------------------------------------------------------------------------------------------
+
+
+def copy_adapter(tiny: dict[str, Path], tmp_path: Path, **meta: object) -> Path:
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny["adapter"], adapter)
+    if meta:
+        record = json.loads((adapter / "mdlite.json").read_text())
+        (adapter / "mdlite.json").write_text(json.dumps({**record, **meta}))
+    return adapter
+
+
+def refused(adapter_or_model: Path, tmp_path: Path) -> str:
+    out = tmp_path / "out"
+    with pytest.raises(MdliteError) as error:
+        run(load_config(ExportConfig, overrides={"input_dir": str(adapter_or_model), "output_dir": str(out)}))
+    assert not out.exists() or not any(out.iterdir()), "a refused export must not write anything"
+    return str(error.value)
+
+
+def test_corrupted_adapter_is_refused(tiny: dict[str, Path], tmp_path: Path) -> None:
+    adapter = copy_adapter(tiny, tmp_path)
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert "cannot read the adapter" in refused(adapter, tmp_path)
+
+
+def test_adapter_with_nan_weights_is_refused(tiny: dict[str, Path], tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    adapter = copy_adapter(tiny, tmp_path)
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    first = sorted(tensors)[0]
+    tensors[first][0, 0] = float("nan")
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    assert "NaN/inf" in refused(adapter, tmp_path)
+
+
+def test_base_with_other_shapes_is_refused(tiny: dict[str, Path], tmp_path: Path) -> None:
+    other = tmp_path / "other-base"
+    LlamaForCausalLM(LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=1000)).save_pretrained(other)
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny["base"] / name, other / name)
+    message = refused(copy_adapter(tiny, tmp_path, base_model=str(other)), tmp_path)
+    assert "does not fit the base" in message and "has shape" in message
+
+
+def test_base_with_another_vocabulary_is_refused(tiny: dict[str, Path], tmp_path: Path) -> None:
+    other = make_tiny_model(tmp_path / "other-base", seed=1)  # same shapes, a different SentencePiece vocabulary
+    message = refused(copy_adapter(tiny, tmp_path, base_model=str(other)), tmp_path)
+    assert "tokenizer differs from the base's" in message
+
+
+def test_missing_tokenizer_files_are_refused(tiny: dict[str, Path], tmp_path: Path) -> None:
+    adapter = copy_adapter(tiny, tmp_path)
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+        (adapter / name).unlink()
+    assert "missing tokenizer files" in refused(adapter, tmp_path)
+
+
+def test_unsupported_architecture_is_refused(tiny: dict[str, Path], tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny["base"], model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "architectures": ["MadeUpForCausalLM"]}))
+    assert "MadeUpForCausalLM is not supported" in refused(model, tmp_path)
+
+
+def test_too_little_disk_space_is_refused(tiny: dict[str, Path], tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    free = shutil.disk_usage(tmp_path)._replace(free=5_000_000)  # the tiny export needs ~30 MB
+    monkeypatch.setattr("mdlite.export.shutil.disk_usage", lambda path: free)
+    assert "only 0.01 GB are free" in refused(tiny["adapter"], tmp_path)
+
+
+# ---- an export killed midway ----------------------------------------------------------------------------------
+
+
+def test_killed_export_leaves_no_final_file_and_a_rerun_completes(tiny: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    command = [sys.executable, "-c", "from mdlite.cli import cli; cli()", "export-gguf", str(tiny["adapter"]),
+               "-q", "Q4_K_M", "--output-dir", str(out), "--no-parity"]
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = out / ".export.partial" / "convert.log"
+    deadline = time.monotonic() + 120
+    while not log.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert log.exists(), "the export never reached the converter"
+    os.killpg(process.pid, signal.SIGKILL)  # the export and its converter subprocess, mid-conversion
+    process.wait()
+    assert not [name for name in OUTPUT_FILES if (out / name).exists()]
+    assert not list(out.glob("*.gguf"))
+
+    cfg = load_config(ExportConfig, overrides={"input_dir": str(tiny["adapter"]), "output_dir": str(out),
+                                               "quant_types": ["Q4_K_M"], "parity": False})
+    result = run(cfg)
+    assert result.files["Q4_K_M"].exists() and not (out / ".export.partial").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "convert.log", "merged", "run.json",
+                                                     "student-Q4_K_M.gguf"]
+
+
+# ---- a real pretrained model ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_export_of_the_gemma_demo_model_with_a_lora_adapter(tmp_path: Path) -> None:
+    """gemma-3-270m (GGUF, dequantized once by transformers and cached) + a random small LoRA -> Q8_0, Q4_K_M."""
+    from peft import LoraConfig, get_peft_model
+
+    from mdlite.models import model_path
+    from mdlite.train import hf_from_gguf
+
+    base = hf_from_gguf(model_path("gemma-3-270m"))
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.01)  # LoRA B starts at zero: make the adapter change the model
+    adapter = tmp_path / "adapter"
+    model.save_pretrained(adapter)
+    AutoTokenizer.from_pretrained(base).save_pretrained(adapter)
+    (adapter / "mdlite.json").write_text(json.dumps({"base_model": str(base), "add_bos": True}))
+    del model
+
+    cfg = load_config(ExportConfig, overrides={
+        "input_dir": str(adapter), "output_dir": str(tmp_path / "out"), "quant_types": ["Q8_0", "Q4_K_M"],
+        "parity_problems": 2, "parity_max_tokens": 24, "min_stop_rate": 0.0, "min_answer_agreement": 0.0,
+    })
+    result = run(cfg)
+    report = result.parity
+    assert report["tokens"]["match_rate"] == 1.0 and report["chat_template"]["ok"]
+    assert report["greedy_f16"]["match_rate"] == 1.0, report["greedy_f16"]["divergences"]
+    assert result.files["Q4_K_M"].stat().st_size < result.files["Q8_0"].stat().st_size < 600e6
+    llm = Llama(str(result.files["Q4_K_M"]), n_ctx=64, verbose=False, vocab_only=True)
+    try:
+        assert llm.metadata["general.architecture"] == "gemma3"
+    finally:
+        llm.close()

@@ -1,0 +1,153 @@
+"""`mdlite solve` and solve_questions: orchestration with a scripted engine (fast; real sandbox and
+voting), and the CLI end to end on the real Qwen2.5-Coder 0.5B demo GGUF (slow)."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from mdlite.cli import cli
+from mdlite.engine import Generation, derive_seed
+from mdlite.solve import solve_questions
+
+
+class ScriptedEngine:
+    """Stands in for Engine: answers each prompt with the next scripted text of its question and style."""
+
+    def __init__(self, script: dict[tuple[str, str], list[str]]) -> None:
+        self.script = script
+        self.calls: list[dict] = []
+
+    def sample(self, prompts, *, n, temperature, top_p, top_k, max_tokens, stop, seed, first_path):
+        self.calls.append({"prompts": prompts, "n": n, "first_path": first_path, "seed": seed, "stop": stop})
+        out = []
+        for prompt, count, first in zip(prompts, n, first_path, strict=True):
+            style = "pot" if "Python program" in prompt or "```python" in prompt else "cot"
+            question = next(q for q, s in self.script if s == style and q in prompt)
+            texts = self.script[question, style][first:first + count]
+            assert len(texts) == count, f"script too short for {question!r} {style}"
+            out.append([Generation(text, 5, "stop") for text in texts])
+        return out
+
+
+COT = "{} + {} = {}. The answer is {}."
+POT = "```python\ndef solution():\n    return {}\n```"
+SCRIPT = {
+    ("Q1", "cot"): [COT.format(3, 5, 8, 8), COT.format(3, 4, 7, 7), "I am not sure.", COT.format(4, 4, 8, 8)],
+    ("Q1", "pot"): [POT.format("3 + 5"), POT.format("3 + 5"), POT.format("apples"), POT.format("8.0")],
+    ("Q2", "cot"): [COT.format(1, 1, 2, 2), COT.format(1, 2, 3, 3), COT.format(1, 1, 2, 2), "no idea"],
+    ("Q2", "pot"): ["def solution():\n    while True:\n        pass\n", POT.format("1 / 0"),
+                    "I cannot write this program.", POT.format("x")],
+}
+
+
+def test_mixed_vote_over_both_styles_with_every_path_reported():
+    engine = ScriptedEngine(SCRIPT)
+    [q1, q2] = solve_questions(engine, ["Q1", "Q2"], mode="mixed", paths=6, program_timeout=0.5)
+    assert (q1.answer, q2.answer) == (8, 2)
+    assert [(t.answer, t.cot, t.pot) for t in q1.vote.tallies] == [(8, 1, 2), (7, 1, 0)]
+    assert [(p.style, p.index) for p in q1.paths] == [("cot", 0), ("cot", 1), ("cot", 2), ("pot", 0), ("pot", 1),
+                                                      ("pot", 2)]
+    bad_program = q1.paths[5]
+    assert bad_program.answer is None and bad_program.program_error.startswith("NameError")
+    assert [p.program_error for p in q2.paths if p.style == "pot"] == ["timeout", "ZeroDivisionError: division by zero",
+                                                                       "no program"]
+    assert q2.paths[5].program is None
+    assert q1.tokens == 30 and q1.paths_saved == 0
+    # both questions went into one engine call, each style's paths seeded from (seed, question, style)
+    [call] = engine.calls
+    assert call["n"] == [3, 3, 3, 3] and call["first_path"] == [0, 0, 0, 0]
+    assert call["seed"][:2] == [derive_seed(0, "Q1", "cot"), derive_seed(0, "Q1", "pot")]
+    json.dumps(q1.to_dict())  # plain data
+
+
+def test_early_stop_saves_the_paths_of_questions_whose_first_answers_agree():
+    engine = ScriptedEngine(SCRIPT)
+    [q1, q2] = solve_questions(engine, ["Q1", "Q2"], mode="mixed", paths=8, early_stop=True, ids=["a", "b"],
+                               program_timeout=0.5)
+    assert (q1.answer, q1.paths_saved, len(q1.paths)) == (8, 6, 2)  # cot 0 and pot 0 both say 8
+    assert q2.paths_saved == 0 and len(q2.paths) == 8  # the first program timed out: sample the rest
+    first, rest = engine.calls
+    assert first["n"] == [1, 1, 1, 1]
+    assert rest["n"] == [3, 3] and rest["first_path"] == [1, 1]  # only Q2, continuing at path 1
+    assert rest["seed"] == [derive_seed(0, "b", "cot"), derive_seed(0, "b", "pot")]
+    assert q2.answer == 2
+
+
+def test_hybrid_falls_back_to_cot_only_where_every_program_failed():
+    engine = ScriptedEngine(SCRIPT)
+    [q1, q2] = solve_questions(engine, ["Q1", "Q2"], mode="hybrid", paths=3, program_timeout=0.5)
+    assert (q1.answer, q1.vote.decided_by, {p.style for p in q1.paths}) == (8, "pot", {"pot"})
+    assert (q2.answer, q2.vote.decided_by) == (2, "cot")
+    assert [p.style for p in q2.paths] == ["pot"] * 3 + ["cot"] * 3
+    pot_round, cot_round = engine.calls
+    assert len(pot_round["prompts"]) == 2 and len(cot_round["prompts"]) == 1
+
+
+def test_batch_paths_groups_questions_per_engine_call():
+    engine = ScriptedEngine(SCRIPT)
+    solve_questions(engine, ["Q1", "Q2"], mode="cot", paths=4, batch_paths=4)
+    assert [call["n"] for call in engine.calls] == [[4], [4]]
+
+
+def test_few_shot_prompts_use_the_teacher_stops():
+    engine = ScriptedEngine(SCRIPT)
+    solve_questions(engine, ["Q1"], mode="mixed", paths=2, prompt_style="few-shot")
+    [call] = engine.calls
+    assert call["stop"] == [["\nQuestion:", "\n\n"], ["```", "\nQuestion:"]]
+    assert call["prompts"][1].endswith("Question: Q1\nProgram:\n```python\n")
+
+
+# ---- the command --------------------------------------------------------------------------------
+
+
+def test_solve_help():
+    result = CliRunner().invoke(cli, ["solve", "--help"])
+    assert result.exit_code == 0
+    for flag in ("--model", "--mode", "--paths", "--prompt-style", "--show", "--json", "--file", "--early-stop"):
+        assert flag in result.output
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["Q?", "--model", "missing/student.gguf"], "missing/student.gguf: no such model file"),
+    (["Q?"], "no model given"),
+    (["Q?", "--model", "x.gguf", "--mode", "vote", "--paths", "0"], "mode must be cot, pot, mixed or hybrid"),
+    (["--file", "nowhere.txt", "--model", "x.gguf"], "nowhere.txt: no such file"),
+])
+def test_user_mistakes_are_one_line_errors_with_exit_2(args, message):
+    result = CliRunner().invoke(cli, ["solve", *args])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert result.output.startswith("mdlite: error: ") and result.output.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_solve_json_from_stdin_on_the_real_model(tmp_path):
+    questions = ("Tom has 3 apples and buys 5 more. How many apples does he have?\n\n"
+                 "A box holds 12 pens. How many pens are in 4 boxes?\n")
+    args = ["solve", "-", "--model", "qwen2.5-coder-0.5b-instruct", "--prompt-style", "few-shot", "--mode", "mixed",
+            "--paths", "4", "--early-stop", "--temperature", "0.5", "--max-tokens", "48", "--output-dir", str(tmp_path),
+            "--json"]
+    result = CliRunner().invoke(cli, args, input=questions)
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.output.splitlines()]
+    assert [r["question"] for r in records] == questions.split("\n")[::2][:2]
+    assert set(records[0]) == {"id", "question", "answer", "vote", "paths", "paths_saved", "tokens"}
+    assert set(records[0]["vote"]) == {"answer", "tallies", "decided_by"}
+    assert set(records[0]["paths"][0]) == {"style", "index", "text", "tokens", "finish_reason", "answer", "program",
+                                           "program_error", "program_stdout"}
+    assert [r["answer"] for r in records] == [8, 48]  # few-shot Qwen gets these right
+    for record in records:
+        assert len(record["paths"]) + record["paths_saved"] == 4
+        assert record["tokens"] == sum(p["tokens"] for p in record["paths"])
+    assert (tmp_path / "solutions.jsonl").read_text().count("\n") == 2
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["config"]["paths"] == 4 and run["inputs"]["questions"] == 2
+
+    shown = CliRunner().invoke(cli, ["solve", records[0]["question"], "--model", "qwen2.5-coder-0.5b-instruct",
+                                     "--prompt-style", "few-shot", "--paths", "2", "--temperature", "0",
+                                     "--max-tokens", "48", "--show"])
+    assert shown.exit_code == 0, shown.output
+    assert shown.output.startswith("answer: 8\nvotes: 8 x2 (cot 1, pot 1)")
+    assert "--- pot path 0: answer 8" in shown.output and "def solution" in shown.output
+    assert "[program: ok" in shown.output
