@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint bench readme
+.PHONY: install demo test test-fast lint readme
 
 install: $(STAMP)
 
@@ -26,9 +26,6 @@ test-fast: install
 
 lint: install
 	$(VENV)/bin/ruff check mdlite tests bench
-
-bench: install
-	$(PY) bench/run_all.py
 
 readme: install
 	UPDATE_README=1 $(PY) -m pytest -q tests/test_readme.py

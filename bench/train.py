@@ -1,6 +1,7 @@
 """Training throughput of mdlite's batching against a naive pad-to-longest baseline, same data and model.
 
-    flock /tmp/mdlite-cpu.lock .venv/bin/python bench/train.py [--model tiny] [--examples 384] [--batch-size 8]
+    flock /tmp/mdlite-cpu.lock .venv/bin/python bench/train.py [--model gemma-3-270m] [--examples 96] [--batch-size 8]
+    .venv/bin/python bench/train.py --model tiny --examples 384 --rounds 2    # seconds, not minutes
 
 Data: SVAMP train questions (`--data-dir`, default ../shared/data or $MDLITE_DATA) with one CoT rationale
 (one sentence per operation of the gold equation, then "The answer is N.") and one PoT program each, or the
@@ -41,13 +42,13 @@ SHARED_DATA = Path(os.environ.get("MDLITE_DATA", Path(__file__).resolve().parent
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="tiny", help="tiny (make_tiny_model), a registry name or a path")
+    parser.add_argument("--model", default="gemma-3-270m", help="a registry name, a path, or tiny (make_tiny_model)")
     parser.add_argument("--rationales", type=Path, help="a real rationales.jsonl instead of the SVAMP fixture")
     parser.add_argument("--data-dir", type=Path, default=SHARED_DATA)
-    parser.add_argument("--examples", type=int, default=384)
+    parser.add_argument("--examples", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--quantization", default="none", choices=["none", "nf4"])
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # one run, in a subprocess
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()

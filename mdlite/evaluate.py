@@ -243,10 +243,11 @@ def report_markdown(report: dict[str, Any]) -> str:
     """report.md: accuracy by mode and number of paths, then failure rates and speed."""
     ks = list(next(iter(report["maj_at_k"].values()), {}))
     modes = list(dict.fromkeys([*report["greedy_accuracy"], *report["maj_at_k"]]))
+    sampled = (f"{report['paths']} sampled paths per style; maj@k: the exact expected accuracy of the vote over "
+               "k random paths" if ks else "greedy paths only")
     lines = [f"# {report['model']} on {report['data']}", "",
-             f"{report['problems']} problems, {report['paths']} sampled paths per style, prompts: "
-             f"{report['prompt_style']}. maj@k: exact expected majority-vote accuracy over k random paths.", "",
-             "| mode | greedy | " + " | ".join(f"maj@{k}" for k in ks) + " |",
+             f"{report['problems']} problems, prompts: {report['prompt_style']}, {sampled}.", "",
+             "| " + " | ".join(["mode", "greedy", *(f"maj@{k}" for k in ks)]) + " |",
              "| --- | ---: |" + " ---: |" * len(ks)]
     for mode in modes:
         cells = [_percent(report["greedy_accuracy"].get(mode))]

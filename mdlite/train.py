@@ -618,7 +618,6 @@ def _trainer_class() -> type[Trainer]:
             import torch.nn.functional as F
 
             labels, weights = inputs.pop("labels"), inputs.pop("loss_weights")
-            inputs.pop("style", None)
             keep = labels[:, 1:] != -100  # position t predicts token t + 1
             keep = F.pad(keep, (0, 1), value=False)
             outputs = model(**inputs, logits_to_keep=keep, use_cache=False)

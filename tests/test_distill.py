@@ -62,7 +62,7 @@ def test_every_stage_ran_and_outputs_agree(pipeline: dict) -> None:
     assert max(r["step"] for r in train_log) == 6
     gguf = Path(state["export"]["result"]["gguf"])
     assert gguf.exists() and gguf.parent == out / "export"
-    assert json.loads((out / "eval-student" / "run.json").read_text())["model"] == str(gguf)
+    assert json.loads((out / "eval-student" / "run.json").read_text())["model"]["path"] == str(gguf)
     test_ids = [json.loads(line)["id"] for line in (out / "data" / "test.jsonl").read_text().splitlines()]
     for name in ("eval-base", "eval-student"):
         report = json.loads((out / name / "report.json").read_text())
