@@ -130,7 +130,7 @@ def test_solve_json_from_stdin_on_the_real_model(tmp_path):
             "--json"]
     result = CliRunner().invoke(cli, args, input=questions)
     assert result.exit_code == 0, result.output
-    records = [json.loads(line) for line in result.output.splitlines()]
+    records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["question"] for r in records] == questions.split("\n")[::2][:2]
     assert set(records[0]) == {"id", "question", "answer", "vote", "paths", "paths_saved", "tokens"}
     assert set(records[0]["vote"]) == {"answer", "tallies", "decided_by"}
@@ -148,6 +148,6 @@ def test_solve_json_from_stdin_on_the_real_model(tmp_path):
                                      "--prompt-style", "few-shot", "--paths", "2", "--temperature", "0",
                                      "--max-tokens", "48", "--show"])
     assert shown.exit_code == 0, shown.output
-    assert shown.output.startswith("answer: 8\nvotes: 8 x2 (cot 1, pot 1)")
+    assert shown.stdout.startswith("answer: 8\nvotes: 8 x2 (cot 1, pot 1)")
     assert "--- pot path 0: answer 8" in shown.output and "def solution" in shown.output
     assert "[program: ok" in shown.output
