@@ -31,6 +31,7 @@ from typing import Any
 
 from mdlite import MdliteError
 from mdlite.config import DistillConfig, EvalConfig, ExportConfig, TeachConfig, TrainConfig, load_config, to_dict
+from mdlite.runinfo import write_json
 
 log = logging.getLogger(__name__)
 
@@ -112,13 +113,13 @@ def run(config_path: Path, overrides: dict[str, Any], *, force: tuple[str, ...] 
         if record.get("fingerprint") not in (None, fingerprint) or name in force:
             _clear(name, stage_cfg)  # changed inputs: start this stage over
         state[name] = {"fingerprint": fingerprint, "started": time.time()}
-        _write_state(out / STATE, state)
+        write_json(out / STATE, state)
         started = time.time()
         log.info("%s: running", name)
         results[name] = runners[name](stage_cfg)
         state[name] |= {"stamp": f"{name}@{time.time():.6f}", "seconds": round(time.time() - started, 1),
                         "result": results[name]}
-        _write_state(out / STATE, state)
+        write_json(out / STATE, state)
     summary = summarize(out, stages, state)
     (out / SUMMARY).write_text(summary, encoding="utf-8")
     return {"summary": summary, "state": state, "output_dir": out}
@@ -235,7 +236,7 @@ def _hf_base(student: str) -> Path:
 def _outputs_exist(name: str, cfg: Any) -> bool:
     folder = Path(cfg.output_dir)
     needed = {"teach": ["rationales.jsonl", "teach_stats.json"], "train": ["adapter/adapter_config.json"],
-              "export": ["parity.json"] if cfg.__class__ is ExportConfig and cfg.parity else ["run.json"],
+              "export": ["parity.json"] if cfg.parity else ["run.json"],
               "export-base": ["run.json"], "eval-base": ["report.json"], "eval-student": ["report.json"]}[name]
     return all((folder / item).exists() for item in needed) and (
         not name.startswith("export") or any(folder.glob("*.gguf")))
@@ -259,12 +260,6 @@ def _read_state(path: Path) -> dict[str, Any]:
         return {}
     except json.JSONDecodeError:
         raise MdliteError(f"{path}: not valid JSON; delete it to rerun every stage") from None
-
-
-def _write_state(path: Path, state: dict[str, Any]) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(state, indent=2, default=str), encoding="utf-8")
-    partial.replace(path)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

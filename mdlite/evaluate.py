@@ -35,7 +35,6 @@ import json
 import logging
 import math
 import os
-import platform
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -46,13 +45,15 @@ from typing import Any
 
 from tqdm import tqdm
 
-from mdlite import MdliteError, __version__
+from mdlite import MdliteError
 from mdlite.answers import answers_match, extract_answer
 from mdlite.config import EvalConfig, to_dict
 from mdlite.data import Problem, load_problems
 from mdlite.prompts import extract_program, prompt_text
+from mdlite.runinfo import file_sha256, package_versions, write_json
 
 log = logging.getLogger(__name__)
+RECORDED_PACKAGES = ("llama-cpp-python", "ollama", "httpx", "numpy", "matplotlib")  # versions written to run.json
 
 MODE_STYLES = {"cot": ("cot",), "pot": ("pot",), "mixed": ("cot", "pot"), "hybrid": ("cot", "pot")}
 SAMPLES, REPORT_JSON, REPORT_MD, PLOT, RUN_JSON = ("samples.jsonl", "report.json", "report.md", "accuracy.png",
@@ -68,7 +69,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     with _exclusive(output_dir):
         info = _run_record(cfg, problems)
         _check_resumable(output_dir, info)
-        _write_json(output_dir / RUN_JSON, info)
+        write_json(output_dir / RUN_JSON, info)
         plan = sampling_plan(cfg)
         done = load_samples(output_dir / SAMPLES, per_problem=sum(plan.values()))
         scores = {p.id: problem_scores(done[p.id], p.answer, cfg) for p in problems if p.id in done}
@@ -77,11 +78,11 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         if len(scores) < len(problems):
             _decode_all(problems, done, scores, plan, cfg, output_dir / SAMPLES, info)
         report = build_report(problems, done, scores, cfg)
-        _write_json(output_dir / REPORT_JSON, report)
+        write_json(output_dir / REPORT_JSON, report)
         (output_dir / REPORT_MD).write_text(report_markdown(report), encoding="utf-8")
         plot_accuracy(report, output_dir / PLOT)
         info["wall_s"] = round(time.time() - started, 2)
-        _write_json(output_dir / RUN_JSON, info)
+        write_json(output_dir / RUN_JSON, info)
     return {name: output_dir / name for name in (SAMPLES, REPORT_JSON, REPORT_MD, PLOT, RUN_JSON)} | {
         "report": report}
 
@@ -560,7 +561,8 @@ def _run_record(cfg: EvalConfig, problems: list[Problem]) -> dict[str, Any]:
     prompt_sha = hashlib.sha256("".join(prompt_text(name) for name in prompts).encode()).hexdigest()[:12]
     plan = {f"{style} {'greedy' if greedy else 'sampled'}": n for (style, greedy), n in sampling_plan(cfg).items()}
     return {
-        "stage": "eval", "config": to_dict(cfg), "seed": cfg.seed, "versions": _versions(), "model": model,
+        "stage": "eval", "config": to_dict(cfg), "seed": cfg.seed,
+        "versions": package_versions(RECORDED_PACKAGES), "model": model,
         "inputs": {"data": cfg.data, "problems": len(problems),
                    "problems_sha256": hashlib.sha256("\n".join(p.to_json() for p in problems).encode()).hexdigest()},
         "sampling": {"model": model.get("sha256", cfg.model), "prompts": model["prompts"], "prompt_sha256": prompt_sha,
@@ -582,11 +584,7 @@ def _gguf_identity(model: str) -> dict[str, Any]:
     card = registry().get(model)
     if card and card.gguf and path == cached_gguf(card) and size == card.gguf["size"]:
         return {"path": str(path), "size": size, "sha256": card.gguf["sha256"]}
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 24):
-            digest.update(chunk)
-    return {"path": str(path), "size": size, "sha256": digest.hexdigest()}
+    return {"path": str(path), "size": size, "sha256": file_sha256(path)}
 
 
 @contextmanager
@@ -600,20 +598,3 @@ def _exclusive(output_dir: Path) -> Iterator[None]:
                               "--output-dir") from None
         yield
 
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {"mdlite": __version__, "python": platform.python_version()}
-    for package in ("llama-cpp-python", "ollama", "httpx", "numpy", "matplotlib"):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            found[package] = "missing"
-    return found
-
-
-def _write_json(path: Path, value: Any) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(partial, path)

@@ -25,7 +25,6 @@ renamed into place at the end, so an interrupted or failed export leaves no part
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import logging
 import os
@@ -43,9 +42,10 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mdlite import MdliteError, __version__, mdlite_home
+from mdlite import MdliteError, mdlite_home
 from mdlite.config import ExportConfig, to_dict
 from mdlite.prompts import STUDENT_DIRECTIVES, STUDENT_STOP, STYLES, prompt_text, student_prompt
+from mdlite.runinfo import file_sha256, package_versions, write_json
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from mdlite.data import Problem
 
 log = logging.getLogger(__name__)
+RECORDED_PACKAGES = ("llama-cpp-python", "torch", "transformers", "peft", "safetensors")  # versions written to run.json
 
 # llama.cpp file types (llama-quantize spellings) that need no importance matrix, and the binding's constant.
 QUANT_TYPES = {
@@ -133,20 +134,21 @@ def run(cfg: ExportConfig) -> ExportResult:
         clock = time.monotonic()
         report = check_parity(model, tokenizer, files, cfg, add_bos=add_bos)
         timings["parity_s"] = time.monotonic() - clock
-        _write_json(staging / "parity.json", report)
+        write_json(staging / "parity.json", report)
     del model
 
     finals = {quant: output_dir / files[quant].name for quant in quants}
     record = {
         "stage": "export", "status": "done" if report is None or report["passed"] else "parity_failed",
-        "config": to_dict(cfg), "seed": cfg.seed, "versions": _versions(), "llama_cpp": converter_info(converter),
+        "config": to_dict(cfg), "seed": cfg.seed,
+        "versions": package_versions(RECORDED_PACKAGES), "llama_cpp": converter_info(converter),
         "inputs": _input_record(source), "add_bos": add_bos,
         "files": {q: {"path": str(p), "bytes": files[q].stat().st_size} for q, p in finals.items()},
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
         "parity": {k: v for k, v in (report or {}).items() if k in ("passed", "failures", "summary")},
     }
     record["timings_s"]["total_s"] = round(time.monotonic() - started, 2)
-    _write_json(staging / "run.json", record)
+    write_json(staging / "run.json", record)
 
     # Everything is complete: move it into place, run.json last, and drop what an earlier export left under a
     # name this one does not write (merged/ of an adapter, parity.json).
@@ -270,7 +272,7 @@ def converter_dir() -> Path:
                               "network, or set LLAMA_CPP_DIR to a llama.cpp checkout of the same version")
         partial = Path(tmp) / "llama.cpp"
         commit = _extract_converter(archives[0], partial)
-        _write_json(partial / "source.json", {"llama_cpp_python": installed, "llama_cpp_commit": commit,
+        write_json(partial / "source.json", {"llama_cpp_python": installed, "llama_cpp_commit": commit,
                                               "sdist": archives[0].name})
         if not (folder / "source.json").exists():  # another process may have finished first
             shutil.rmtree(folder, ignore_errors=True)
@@ -771,20 +773,11 @@ def _ollama_quote(value: str) -> str:
 def _input_record(source: Source) -> dict[str, Any]:
     record: dict[str, Any] = {"input_dir": str(source.input_dir), "kind": "adapter" if source.adapter_dir else "model",
                               "base_dir": str(source.base_dir),
-                              "base_config_sha256": _sha256(source.base_dir / "config.json")}
+                              "base_config_sha256": file_sha256(source.base_dir / "config.json")}
     if source.adapter_dir:
-        record["adapter_sha256"] = _sha256(source.adapter_dir / "adapter_model.safetensors")
+        record["adapter_sha256"] = file_sha256(source.adapter_dir / "adapter_model.safetensors")
     return record
 
-
-def _versions() -> dict[str, str]:
-    found = {"mdlite": __version__, "python": sys.version.split()[0]}
-    for package in ("llama-cpp-python", "torch", "transformers", "peft", "safetensors"):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            found[package] = "missing"
-    return found
 
 
 def _cuda() -> bool:
@@ -812,17 +805,3 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise MdliteError(f"{path}: expected a JSON object")
     return value
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as data:
-        while chunk := data.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _write_json(path: Path, value: Any) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(value, indent=2, default=str) + "\n", encoding="utf-8")
-    partial.replace(path)

@@ -38,7 +38,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import re
 import time
 from collections import Counter
@@ -50,14 +49,16 @@ from typing import IO, Any
 
 from tqdm import tqdm
 
-from mdlite import MdliteError, __version__
+from mdlite import MdliteError
 from mdlite.answers import answers_match, extract_answer, format_number
 from mdlite.config import TeachConfig, to_dict
 from mdlite.data import Problem, load_problems
 from mdlite.prompts import STYLES, TEACHER_STOP, extract_program, prompt_hash, teacher_prompt
+from mdlite.runinfo import package_versions, write_json
 from mdlite.teacher import Completion, TeacherError, TeacherPool, make_pool
 
 log = logging.getLogger(__name__)
+RECORDED_PACKAGES = ("ollama", "httpx", "llama-cpp-python")  # versions written to run.json
 
 RATIONALES = "rationales.jsonl"
 REPLACED = "rationales.replaced.jsonl"
@@ -96,8 +97,8 @@ def run(cfg: TeachConfig) -> dict[str, Any]:
         finally:
             session.wall_s = time.time() - started
             stats = teach_stats(done.values(), session)
-            _write_json(output_dir / "teach_stats.json", stats)
-            _write_json(output_dir / "run.json", _run_record(cfg, problems, session, started))
+            write_json(output_dir / "teach_stats.json", stats)
+            write_json(output_dir / "run.json", _run_record(cfg, problems, session, started))
     return {"rationales": path, "teach_stats": output_dir / "teach_stats.json", "run": output_dir / "run.json",
             "stats": stats}
 
@@ -342,7 +343,7 @@ def _exclusive(output_dir: Path) -> Iterator[None]:
 def _run_record(cfg: TeachConfig, problems: list[Problem], session: Session, started: float) -> dict[str, Any]:
     problems_text = "\n".join(p.to_json() for p in problems)
     return {
-        "stage": "teach", "config": to_dict(cfg), "seed": cfg.seed, "versions": _versions(),
+        "stage": "teach", "config": to_dict(cfg), "seed": cfg.seed, "versions": package_versions(RECORDED_PACKAGES),
         "inputs": {"data": cfg.data, "problems": len(problems),
                    "problems_sha256": hashlib.sha256(problems_text.encode()).hexdigest(),
                    "prompt_hash": {style: prompt_hash(style) for style in STYLES}},
@@ -351,20 +352,3 @@ def _run_record(cfg: TeachConfig, problems: list[Problem], session: Session, sta
         "wall_s": round(session.wall_s, 3), "interrupted": session.interrupted,
     }
 
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {"mdlite": __version__, "python": platform.python_version()}
-    for package in ("ollama", "httpx", "llama-cpp-python"):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            found[package] = "missing"
-    return found
-
-
-def _write_json(path: Path, value: Any) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(partial, path)

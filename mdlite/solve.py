@@ -24,7 +24,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import platform
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,14 +32,16 @@ from typing import Any
 
 from tqdm import tqdm
 
-from mdlite import MdliteError, __version__
+from mdlite import MdliteError
 from mdlite.answers import extract_answer
 from mdlite.config import SolveConfig, to_dict
 from mdlite.engine import Engine, derive_seed
 from mdlite.prompts import STUDENT_STOP, TEACHER_STOP, extract_program, student_prompt, teacher_prompt
+from mdlite.runinfo import package_versions
 from mdlite.vote import Vote, agree, vote
 
 log = logging.getLogger(__name__)
+RECORDED_PACKAGES = ("llama-cpp-python", "numpy", "sympy")  # versions written to run.json
 
 PROMPT_STYLES = ("student", "few-shot")
 
@@ -95,7 +96,8 @@ def run(cfg: SolveConfig, questions: Sequence[str]) -> list[Solution]:
         with (output_dir / "solutions.jsonl").open("w", encoding="utf-8") as out:
             for solution in solutions:
                 out.write(json.dumps(solution.to_dict()) + "\n")
-        record = {"command": "solve", "config": to_dict(cfg), "seed": cfg.seed, "versions": _versions(),
+        record = {"command": "solve", "config": to_dict(cfg), "seed": cfg.seed,
+                  "versions": package_versions(RECORDED_PACKAGES),
                   "inputs": {"model": {"path": str(model_file), "size": model_file.stat().st_size},
                              "questions_sha256": hashlib.sha256("\n".join(questions).encode()).hexdigest(),
                              "questions": len(questions)},
@@ -216,15 +218,3 @@ class _Sampler:
         for (key, at), result in zip(programs, results, strict=True):
             self.found[key][at] = dataclasses.replace(self.found[key][at], answer=result.value if result.ok else None,
                                                       program_error=result.error, program_stdout=result.stdout)
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {"mdlite": __version__, "python": platform.python_version()}
-    for name in ("llama-cpp-python", "numpy", "sympy"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = "not installed"
-    return found

@@ -23,7 +23,6 @@ from the last complete checkpoint; `--overwrite` starts over.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
@@ -40,12 +39,14 @@ from mdlite import MdliteError, __version__, mdlite_home
 from mdlite.config import TrainConfig, to_dict
 from mdlite.models import cached_gguf, get_card, model_path, registry
 from mdlite.prompts import STUDENT_STOP, STYLES, prompt_text, student_prompt
+from mdlite.runinfo import file_sha256, package_versions, write_json
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
 log = logging.getLogger(__name__)
+RECORDED_PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes")  # versions written to run.json
 
 OUTPUT_FILES = ("adapter", "trainer_log.jsonl", "loss.png", "run.json")
 # Config keys that may change between an interrupted run and its resumption.
@@ -117,7 +118,7 @@ def run(cfg: TrainConfig, *, overwrite: bool = False) -> TrainResult:
 
     output_dir = Path(cfg.output_dir)
     records = read_rationales(Path(cfg.rationales))
-    rationales_hash = _sha256(Path(cfg.rationales))
+    rationales_hash = file_sha256(Path(cfg.rationales))
     if overwrite:
         _clear_outputs(output_dir)
     previous = _previous_run(output_dir, cfg, rationales_hash)
@@ -147,13 +148,13 @@ def run(cfg: TrainConfig, *, overwrite: bool = False) -> TrainResult:
               "dropped_too_long": dropped + val_dropped}
     run_record = {
         "stage": "train", "status": "running", "config": to_dict(cfg), "seed": cfg.seed,
-        "versions": _versions(), "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "versions": package_versions(RECORDED_PACKAGES), "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "inputs": {"rationales": {"path": str(cfg.rationales), "sha256": rationales_hash},
                    "base_model": _base_record(base)},
         "data": counts, "add_bos": add_bos, "resumed_from": resume.name if resume else None,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
-    _write_json(output_dir / "run.json", run_record)
+    write_json(output_dir / "run.json", run_record)
     log.info("training on %d examples (%d validation), %d trainable parameters", len(train_data),
              len(val_data), run_record["trainable_parameters"])
 
@@ -175,7 +176,7 @@ def run(cfg: TrainConfig, *, overwrite: bool = False) -> TrainResult:
     run_record.update(status="done", global_step=result.global_step, train_loss=result.train_loss,
                       eval_loss=eval_loss, runtime_s=round(time.monotonic() - started, 1),
                       adapter=str(adapter_dir))
-    _write_json(output_dir / "run.json", run_record)
+    write_json(output_dir / "run.json", run_record)
     return result
 
 
@@ -389,7 +390,7 @@ def hf_from_gguf(gguf: Path) -> Path:
         model.hf_quantizer.remove_quantization_config(model)
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    _write_json(partial / "mdlite-source.json", source)
+    write_json(partial / "mdlite-source.json", source)
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)
     return folder
@@ -547,7 +548,7 @@ def save_adapter(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ada
     tokenizer.save_pretrained(adapter_dir)
     if (Path(base.path) / "tokenizer.model").exists():
         shutil.copy(Path(base.path) / "tokenizer.model", adapter_dir / "tokenizer.model")
-    _write_json(adapter_dir / "mdlite.json", {
+    write_json(adapter_dir / "mdlite.json", {
         "base_model": base.spec, "base_model_path": base.path, "base_gguf": base.gguf, "registry_name": base.card,
         "quantization": cfg.quantization, "add_bos": add_bos, "eos_token": tokenizer.eos_token,
         "student_template": prompt_text("student"), "styles": list(STYLES), "stop": STUDENT_STOP,
@@ -919,33 +920,6 @@ def _base_record(base: BaseModel) -> dict[str, Any]:
         record["gguf_size"] = Path(base.gguf).stat().st_size
     config = Path(base.path) / "config.json"
     if config.exists():
-        record["config_sha256"] = _sha256(config)
+        record["config_sha256"] = file_sha256(config)
     return record
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {"mdlite": __version__}
-    for package in ("torch", "transformers", "peft", "accelerate", "bitsandbytes"):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            found[package] = "missing"
-    return found
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as data:
-        while chunk := data.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _write_json(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(value, indent=2, default=str) + "\n", encoding="utf-8")
-    partial.replace(path)
 
