@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint readme
+.PHONY: install demo test test-fast lint readme bench bench-quick
 
 install: $(STAMP)
 
@@ -23,6 +23,13 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -m "not slow" -x -q
+
+# Every benchmark, one markdown table (about an hour on 2 cores; bench-quick: a few minutes, noisier).
+bench: install
+	$(PY) bench/run_all.py
+
+bench-quick: install
+	$(PY) bench/run_all.py --quick
 
 lint: install
 	$(VENV)/bin/ruff check mdlite tests bench

@@ -282,7 +282,7 @@ class SolveConfig:
     cot_weight: float = knob(1.0, "Vote weight of a CoT path (mixed mode; weighted voting).")
     pot_weight: float = knob(1.0, "Vote weight of a PoT path (mixed mode; weighted voting).")
     batch_paths: int = knob(16, "Paths decoded together: questions are batched up to this many paths per step.")
-    n_ctx: int = knob(0, "KV cache cells shared by one batch (prompts + paths x max_tokens); 0: sized automatically.")
+    n_ctx: int = knob(0, "KV cache cells per path (its prompt + max_tokens); 0: sized automatically.")
     n_gpu_layers: int = knob(0, "Layers offloaded to the GPU (-1: all) when llama.cpp was built with GPU support.")
     n_threads: int = knob(0, "CPU threads; 0: the engine's default (2, with OMP_WAIT_POLICY=PASSIVE).")
     program_timeout_s: float = knob(2.0, "Wall-clock limit per PoT program in the sandbox.")

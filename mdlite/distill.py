@@ -66,9 +66,9 @@ def plan(config_path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     }
     eval_links = {"data": str(test_file), "prompt_style": "student"}
     if cfg.base_eval:
-        if student is None:  # an HF model: export the untrained base the same way as the student
+        if student is None:  # an HF model (folder, registry name, hub id): export the untrained base alike
             stages["export-base"] = load(ExportConfig, "export", {
-                "input_dir": str(_hf_base(cfg.student)), "output_dir": str(out / "export-base"),
+                "input_dir": cfg.student, "output_dir": str(out / "export-base"),
                 "name": "base", "parity": False})
         stages["eval-base"] = load(EvalConfig, "eval", eval_links | {
             "model": str(student) if student else "(export-base)", "output_dir": str(out / "eval-base")})
@@ -223,14 +223,6 @@ def _student_gguf(student: str) -> Path | None:
         return Path(student)
     card = registry().get(student)
     return model_path(student) if card and card.gguf else None
-
-
-def _hf_base(student: str) -> Path:
-    path = Path(student)
-    if not path.is_dir():
-        raise MdliteError(f"distill.student {student!r}: base evaluation needs a GGUF, a registry model with a "
-                          "GGUF, or a local HF folder; set distill.base_eval: false to skip it")
-    return path
 
 
 def _outputs_exist(name: str, cfg: Any) -> bool:

@@ -6,19 +6,29 @@
                                    stop=[["\\nQuestion:"], ["```"]], seed=0)
         cot[0].text, cot[0].tokens, cot[0].finish_reason
 
-`Engine.sample` decodes all prompts in one batch (split at n_batch), copies each prompt's KV cells to
-its n sequences (`llama_memory_seq_cp`; the cache is unified, so the prompt is stored once), then
-decodes every live sequence in one batch per step, each with its own sampler chain. A sequence ends
-on an end-of-generation token, a stop string (the text is cut before it) or the `max_tokens` budget.
+`Engine.sample` evaluates each prompt once, copies its KV cells to its n sequences
+(`llama_memory_seq_cp`), then decodes every live sequence in one batch per step, each with its own
+sampler chain. A sequence ends on an end-of-generation token, a stop string (the text is cut before
+it) or the `max_tokens` budget.
+
+Batch invariance: a path's tokens must not depend on what else shares its batch, yet llama.cpp's CPU
+kernels change with the batch's shape; with llama.cpp's defaults one prompt's logits differed by up
+to 0.8 between batch compositions, enough to flip greedy choices. So on CPU the engine keeps every
+computation a path sees the same whatever else is batched: each prompt is decoded in a batch of its
+own; each sequence has its own KV stream (`kv_unified` off: its cells never interleave with other
+sequences'); flash attention runs over a Q8_0 KV cache (over F16 cells llama.cpp takes a tiled kernel
+for many query rows and a split-KV kernel for one); weight repacking is off and GGML_CPU_TILED_MM=0
+(both switch matrix kernels with the row count). tests/test_engine.py checks that paths come out the
+same alone and in batches of other shapes. GPU backends give no such guarantee.
 
 Seeds: path j of prompt p is drawn with the sampler seed `derive_seed(seed_p, first_path + j)`, where
 seed_p is `derive_seed(seed, p)` (or the caller's own per-prompt seed). A path's text therefore does
 not depend on how many other paths share its batch, and a later call with `first_path=k` continues
 a run of k paths. Temperature 0 is greedy.
 
-Threads: llama.cpp's CPU backend uses OpenMP; with busy-waiting threads 2 threads on 2 cores were
-erratic here, so this module sets OMP_WAIT_POLICY=PASSIVE before it first imports llama_cpp (unless
-the variable is set already). bench/engine.py measures the thread choices.
+Environment: llama.cpp's CPU backend uses OpenMP; with busy-waiting threads 2 threads on 2 cores were
+erratic here, so this module sets OMP_WAIT_POLICY=PASSIVE, and GGML_CPU_TILED_MM=0 (see above), before
+it first imports llama_cpp, unless they are set already.
 """
 
 from __future__ import annotations
@@ -40,7 +50,7 @@ from mdlite import MdliteError
 log = logging.getLogger(__name__)
 
 DEFAULT_THREADS = 2  # with OMP_WAIT_POLICY=PASSIVE; see bench/engine.py
-_CTX_ROUND = 512  # automatic n_ctx grows in steps of this many KV cells
+_CTX_ROUND = 256  # llama.cpp rounds each sequence's KV stream to this many cells
 
 
 @dataclass(frozen=True)
@@ -59,9 +69,11 @@ def derive_seed(*parts: int | str) -> int:
 
 
 def llama_cpp_module() -> ModuleType:
-    """`llama_cpp`, imported with OMP_WAIT_POLICY=PASSIVE unless the environment says otherwise."""
+    """`llama_cpp`, imported with OMP_WAIT_POLICY=PASSIVE and GGML_CPU_TILED_MM=0 unless the environment
+    says otherwise."""
     if "llama_cpp" not in sys.modules:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        os.environ.setdefault("GGML_CPU_TILED_MM", "0")
     try:
         import llama_cpp
     except ImportError as error:
@@ -72,9 +84,8 @@ def llama_cpp_module() -> ModuleType:
 class Engine:
     """A GGUF loaded once for batched multi-path sampling.
 
-    `n_ctx` is the KV cache size in cells, shared by all sequences of one `sample` call (each prompt
-    once, plus max_tokens per path); 0 sizes it per call, growing as needed. `n_threads` 0 picks
-    DEFAULT_THREADS (capped at the CPU count).
+    `n_ctx` is each sequence's KV cache size in cells (its prompt plus max_tokens); 0 sizes it per
+    call, growing as needed. `n_threads` 0 picks DEFAULT_THREADS (capped at the CPU count).
     """
 
     def __init__(self, model: str | Path, *, n_ctx: int = 0, n_gpu_layers: int = 0, n_threads: int = 0,
@@ -89,6 +100,7 @@ class Engine:
         llama.llama_backend_init()
         params = llama.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        params.use_extra_bufts = False  # repacked weights change kernels with the batch's row count
         _LOG["error"] = ""
         self._model = llama.llama_model_load_from_file(str(self.path).encode(), params)
         if not self._model:
@@ -97,7 +109,7 @@ class Engine:
         self._vocab = llama.llama_model_get_vocab(self._model)
         self.n_ctx_train = llama.llama_model_n_ctx_train(self._model)
         self._ctx: Any = None
-        self._ctx_cells = self._ctx_seqs = 0
+        self._ctx_cells = self._ctx_seqs = 0  # KV cells per sequence; sequences
         self._piece = ctypes.create_string_buffer(256)
         self._eog: list[int] | None = None  # end-of-generation tokens, listed on first use
         log.info("loaded %s (%d threads)", self.path, self.n_threads)
@@ -178,16 +190,16 @@ class Engine:
         if longest + max_tokens > self.n_ctx_train:
             raise MdliteError(f"a prompt of {longest} tokens + max_tokens {max_tokens} exceeds the model's "
                               f"context of {self.n_ctx_train} tokens; shorten the prompt or lower max_tokens")
-        cells = sum(len(tokens[i]) for i in live) + sum(counts) * max_tokens
         seqs = sum(counts)
         limit = min(self._llama.llama_max_parallel_sequences(), self.n_batch)
         if seqs > limit:
             raise MdliteError(f"{seqs} paths in one call exceed the limit of {limit} sequences; sample fewer paths")
+        cells = longest + max_tokens
         if self.n_ctx and cells > self.n_ctx:
-            raise MdliteError(f"{len(live)} prompts ({cells - seqs * max_tokens} tokens) + {seqs} paths x "
-                              f"{max_tokens} new tokens need {cells} KV cells, but n_ctx is {self.n_ctx}; raise "
-                              "n_ctx (flag --n-ctx; 0 sizes it automatically) or lower max_tokens or paths")
-        want_cells = self.n_ctx or -(-cells // _CTX_ROUND) * _CTX_ROUND
+            raise MdliteError(f"a prompt of {longest} tokens + max_tokens {max_tokens} needs {cells} KV cells per "
+                              f"path, but n_ctx is {self.n_ctx}; raise n_ctx (flag --n-ctx; 0 sizes it "
+                              "automatically) or lower max_tokens")
+        want_cells = -(-(self.n_ctx or cells) // _CTX_ROUND) * _CTX_ROUND
         if self._ctx is None or want_cells > self._ctx_cells or seqs > self._ctx_seqs:
             self._new_context(max(want_cells, self._ctx_cells), max(seqs, self._ctx_seqs, 1))
         self._llama.llama_memory_clear(self._llama.llama_get_memory(self._ctx), True)
@@ -198,15 +210,17 @@ class Engine:
             llama.llama_free(self._ctx)
             self._ctx = None
         params = llama.llama_context_default_params()
-        params.n_ctx, params.n_seq_max, params.kv_unified = cells, seqs, True
+        params.n_ctx, params.n_seq_max, params.kv_unified = cells * seqs, seqs, False
+        params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        params.type_k = params.type_v = llama.GGML_TYPE_Q8_0
         params.n_batch = params.n_ubatch = self.n_batch
         params.n_threads = params.n_threads_batch = self.n_threads
         self._ctx = llama.llama_init_from_model(self._model, params)
         if not self._ctx:
-            raise MdliteError(f"llama.cpp could not create a context of {cells} KV cells for {seqs} sequences; "
-                              "lower n_ctx (flag --n-ctx), max_tokens or paths")
+            raise MdliteError(f"llama.cpp could not create a context of {cells} KV cells for each of {seqs} "
+                              "sequences; lower n_ctx (flag --n-ctx), max_tokens or paths")
         self._ctx_cells, self._ctx_seqs = cells, seqs
-        log.debug("context: %d cells, %d sequences", cells, seqs)
+        log.debug("context: %d cells per sequence, %d sequences", cells, seqs)
 
     def _sampler(self, temperature: float, top_p: float, top_k: int, seed: int, *, ignore_eos: bool) -> Any:
         llama = self._llama
@@ -233,24 +247,21 @@ class Engine:
         mem = llama.llama_get_memory(ctx)
         batch = llama.llama_batch_init(self.n_batch, 0, 1)
         try:
-            # Prompts: each on the sequence of its first path; sample first tokens where a prompt ends.
-            firsts = {}
-            for path in paths:
-                firsts.setdefault(path.prompt, path.seq)
-            entries = [(p, pos, token) for p, seq in firsts.items() for pos, token in enumerate(tokens[p])]
-            for start in range(0, len(entries), self.n_batch):
-                chunk = entries[start:start + self.n_batch]
-                for i, (p, pos, token) in enumerate(chunk):
-                    _put(batch, i, token, pos, firsts[p], logits=pos == len(tokens[p]) - 1)
-                self._decode(batch, len(chunk))
-                for i, (p, pos, _) in enumerate(chunk):
-                    if pos == len(tokens[p]) - 1:
-                        for path in paths:
-                            if path.prompt == p:
-                                if path.seq != firsts[p]:
-                                    llama.llama_memory_seq_cp(mem, firsts[p], path.seq, -1, -1)
-                                path.pos = pos + 1
-                                self._accept(path, llama.llama_sampler_sample(path.sampler, ctx, i), max_tokens)
+            # Each prompt alone, on the sequence of its first path; copied to its other paths.
+            for p, prompt in enumerate(tokens):
+                mine = [path for path in paths if path.prompt == p]
+                if not mine:
+                    continue
+                for start in range(0, len(prompt), self.n_batch):
+                    chunk = prompt[start:start + self.n_batch]
+                    for i, token in enumerate(chunk):
+                        _put(batch, i, token, start + i, mine[0].seq, logits=start + i == len(prompt) - 1)
+                    self._decode(batch, len(chunk))
+                for path in mine:
+                    if path is not mine[0]:
+                        llama.llama_memory_seq_cp(mem, mine[0].seq, path.seq, -1, -1)
+                    path.pos = len(prompt)
+                    self._accept(path, llama.llama_sampler_sample(path.sampler, ctx, len(chunk) - 1), max_tokens)
             # Then one batch per step with every live path.
             live = [path for path in paths if path.finish_reason == ""]
             while live:

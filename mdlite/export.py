@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from mdlite import MdliteError, mdlite_home
 from mdlite.config import ExportConfig, to_dict
+from mdlite.models import registry
 from mdlite.prompts import STUDENT_DIRECTIVES, STUDENT_STOP, STYLES, prompt_text, student_prompt
 from mdlite.runinfo import file_sha256, package_versions, write_json
 
@@ -173,10 +174,15 @@ def run(cfg: ExportConfig) -> ExportResult:
 
 
 def resolve_source(input_dir: Path) -> Source:
-    """The adapter and its base, or the full model folder, behind `input_dir`."""
+    """The adapter and its base, or the full model, behind `input_dir` (a folder, or a registry name or hub id
+    whose untrained model is exported as is)."""
     if not input_dir.is_dir():
+        spec = str(input_dir)
+        if spec in registry() or re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", spec) and not input_dir.exists():
+            base = _local_base(spec, None)
+            return Source(base, base, None, None)
         raise MdliteError(f"{input_dir}: no such folder; give the adapter folder written by `mdlite train` "
-                          "(OUTPUT_DIR/adapter) or a Hugging Face model folder")
+                          "(OUTPUT_DIR/adapter), a Hugging Face model folder, a registry name or a hub id")
     if not (input_dir / "adapter_config.json").exists():
         if not (input_dir / "config.json").exists():
             raise MdliteError(f"{input_dir}: neither a LoRA adapter (adapter_config.json) nor a Hugging Face model "
@@ -665,7 +671,7 @@ def tokenizer_adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
     return tokenizer.bos_token_id is not None and tokenizer("1").input_ids[:1] == [tokenizer.bos_token_id]
 
 
-def _local_base(spec: str, adapter_dir: Path) -> Path:
+def _local_base(spec: str, adapter_dir: Path | None) -> Path:
     """A local folder with the base's full-precision weights: a folder as is; a registry name, .gguf or hub id
     resolved like `mdlite train` does (a GGUF is dequantized once into the cache)."""
     from mdlite.train import resolve_base_model
@@ -678,8 +684,11 @@ def _local_base(spec: str, adapter_dir: Path) -> Path:
     try:
         return Path(snapshot_download(str(folder), allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
     except Exception as error:  # hub errors have many types; all mean "not available"
+        reason = str(error).splitlines()[0]
+        if adapter_dir is None:
+            raise MdliteError(f"{spec}: could not be downloaded ({reason}); give a local model folder") from None
         raise MdliteError(f"{adapter_dir}: its base {spec} is not a local folder and could not be downloaded "
-                          f"({str(error).splitlines()[0]}); set mdlite.json's base_model to a local folder") from None
+                          f"({reason}); set mdlite.json's base_model to a local folder") from None
 
 
 def _read_adapter(path: Path) -> dict[str, tuple[int, ...]]:
