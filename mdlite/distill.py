@@ -228,8 +228,8 @@ def _student_gguf(student: str) -> Path | None:
 def _outputs_exist(name: str, cfg: Any) -> bool:
     folder = Path(cfg.output_dir)
     needed = {"teach": ["rationales.jsonl", "teach_stats.json"], "train": ["adapter/adapter_config.json"],
-              "export": ["parity.json"] if cfg.parity else ["run.json"],
-              "export-base": ["run.json"], "eval-base": ["report.json"], "eval-student": ["report.json"]}[name]
+              "export": ["run.json"], "export-base": ["run.json"], "eval-base": ["report.json"],
+              "eval-student": ["report.json"]}[name]
     return all((folder / item).exists() for item in needed) and (
         not name.startswith("export") or any(folder.glob("*.gguf")))
 
