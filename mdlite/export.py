@@ -428,7 +428,9 @@ def convert(model_dir: Path, output: Path, *, converter: Path, log_file: Path) -
 
 def quantize(source: Path, output: Path, quant: str, *, n_threads: int = 0) -> Path:
     """`source` (F16 GGUF) quantized to `quant` with llama.cpp's quantizer."""
-    import llama_cpp
+    from mdlite.engine import llama_cpp_module
+
+    llama_cpp = llama_cpp_module()
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANT_TYPES[quant])
@@ -464,8 +466,11 @@ def modelfile_text(gguf_name: str, *, num_ctx: int) -> str:
 def check_parity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, files: dict[str, Path],
                  cfg: ExportConfig, *, add_bos: bool) -> dict[str, Any]:
     """Compare the GGUF files with the merged model on the student prompts of `cfg.parity_problems` problems."""
-    from llama_cpp import Llama
     from tqdm import tqdm
+
+    from mdlite.engine import llama_cpp_module
+
+    Llama = llama_cpp_module().Llama
 
     problems = _parity_problems(cfg)
     prompts = [(p, style, student_prompt(p.question, style=style)) for p in problems for style in STYLES]

@@ -327,9 +327,10 @@ class LlamaCppTeacher:
                 self._llm = None
 
     def _load(self) -> str | None:
-        from llama_cpp import Llama
-
+        from mdlite.engine import llama_cpp_module
         from mdlite.models import model_path, registry
+
+        Llama = llama_cpp_module().Llama
 
         with self._lock:
             if self._llm is None:
