@@ -27,8 +27,8 @@ not depend on how many other paths share its batch, and a later call with `first
 a run of k paths. Temperature 0 is greedy.
 
 Environment: llama.cpp's CPU backend uses OpenMP; with busy-waiting threads 2 threads on 2 cores were
-erratic here, so this module sets OMP_WAIT_POLICY=PASSIVE, and GGML_CPU_TILED_MM=0 (see above), before
-it first imports llama_cpp, unless they are set already.
+erratic here, so this module sets OMP_WAIT_POLICY=PASSIVE, and GGML_CPU_TILED_MM=0 (see above), unless
+they are set already; every llama.cpp user in mdlite goes through `llama_cpp_module()`.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ import ctypes
 import hashlib
 import logging
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,11 +68,11 @@ def derive_seed(*parts: int | str) -> int:
 
 
 def llama_cpp_module() -> ModuleType:
-    """`llama_cpp`, imported with OMP_WAIT_POLICY=PASSIVE and GGML_CPU_TILED_MM=0 unless the environment
-    says otherwise."""
-    if "llama_cpp" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        os.environ.setdefault("GGML_CPU_TILED_MM", "0")
+    """`llama_cpp`, with OMP_WAIT_POLICY=PASSIVE and GGML_CPU_TILED_MM=0 unless the environment says
+    otherwise. ggml reads the second at its first matrix product, so setting it after an import of
+    llama_cpp still counts; the first counts only before llama_cpp's libraries load."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("GGML_CPU_TILED_MM", "0")
     try:
         import llama_cpp
     except ImportError as error:
