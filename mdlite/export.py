@@ -47,6 +47,7 @@ from mdlite.config import ExportConfig, to_dict
 from mdlite.models import registry
 from mdlite.prompts import STUDENT_DIRECTIVES, STUDENT_STOP, STYLES, prompt_text, student_prompt
 from mdlite.runinfo import file_sha256, package_versions, write_json
+from mdlite.train import HUB_ID, resolve_base_model
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -178,7 +179,7 @@ def resolve_source(input_dir: Path) -> Source:
     whose untrained model is exported as is)."""
     if not input_dir.is_dir():
         spec = str(input_dir)
-        if spec in registry() or re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", spec) and not input_dir.exists():
+        if spec in registry() or (HUB_ID.fullmatch(spec) and not input_dir.exists()):
             base = _local_base(spec, None)
             return Source(base, base, None, None)
         raise MdliteError(f"{input_dir}: no such folder; give the adapter folder written by `mdlite train` "
@@ -679,8 +680,6 @@ def tokenizer_adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
 def _local_base(spec: str, adapter_dir: Path | None) -> Path:
     """A local folder with the base's full-precision weights: a folder as is; a registry name, .gguf or hub id
     resolved like `mdlite train` does (a GGUF is dequantized once into the cache)."""
-    from mdlite.train import resolve_base_model
-
     folder = Path(resolve_base_model(spec).path)
     if folder.is_dir():
         return folder

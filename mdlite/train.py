@@ -340,6 +340,9 @@ class MultiTaskCollator:
 # ---- model ------------------------------------------------------------------------------------------------
 
 
+HUB_ID = re.compile(r"[\w-][\w.-]*/[\w.-]+")  # a Hugging Face hub id: owner/name
+
+
 def resolve_base_model(spec: str, *, fetch: bool = True) -> BaseModel:
     """Where `spec` (registry name, hub id, HF folder or .gguf) loads from; a GGUF is fetched and dequantized
     into the HF cache unless `fetch` is false."""
@@ -359,7 +362,7 @@ def resolve_base_model(spec: str, *, fetch: bool = True) -> BaseModel:
             gguf = model_path(spec) if fetch else cached_gguf(card)
             return BaseModel(spec, str(hf_from_gguf(gguf) if fetch else _gguf_cache(gguf)), str(gguf), card.name)
         return BaseModel(spec, card.hf_id, None, card.name)
-    if re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", spec) and not spec.endswith(".gguf"):
+    if HUB_ID.fullmatch(spec) and not spec.endswith(".gguf"):
         return BaseModel(spec, spec)  # a Hugging Face hub id
     if "/" in spec or spec.endswith(".gguf"):
         raise MdliteError(f"{spec}: no such model file or folder (flag --model)")
