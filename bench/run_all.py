@@ -41,6 +41,11 @@ BENCHES = [
     Bench("engine", "k=8 batched paths vs 8 sequential calls (prompt cached / re-evaluated)",
           ["--ks", "1,4,8,16", "--max-tokens", "128"], ["--ks", "8", "--max-tokens", "48"],
           r"^\s*8 .*?([\d.]+)x\s+([\d.]+)x", "{0}x / {1}x", ">= 2x"),
+    Bench("fewshot", "few-shot eval: prefix cache vs off / vs a llama-cpp-python loop; in-process teacher: engine "
+          "vs sequential create_completion", ["--problems", "40", "--teacher-problems", "24"],
+          ["--problems", "8", "--teacher-problems", "6"],
+          r"cache on / cache off: ([\d.]+)x[\s\S]*?loop: ([\d.]+)x[\s\S]*?engine / sequential: ([\d.]+)x",
+          "{0}x / {1}x; teacher {2}x", ">= 2.5x / >= 1.5x; >= 3x"),
     Bench("train", "padding-free training vs pad-to-longest (tokens/s)", ["--model", "gemma-3-270m"],
           ["--model", "tiny", "--examples", "384"], r"^padding-free .*?([\d.]+)x", "{0}x", ">= 1.5x"),
     Bench("export", "Q4_K_M GGUF vs F16 (size; answers agreeing)", ["--models", "tiny,gemma-3-270m"],

@@ -13,3 +13,17 @@ class MdliteError(Exception):
 def mdlite_home() -> Path:
     """mdlite's cache folder: `$MDLITE_HOME`, default `~/.cache/mdlite`."""
     return Path(os.environ.get("MDLITE_HOME") or Path.home() / ".cache" / "mdlite")
+
+
+def check_output_dir(path: str | Path, flag: str) -> Path:
+    """`path` as a writable folder, created when missing; MdliteError naming `flag` when it cannot be."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise MdliteError(f"{folder}: is a file, not a folder; give another {flag}") from None
+    except OSError as error:
+        raise MdliteError(f"{folder}: cannot create this folder ({error.strerror}); give another {flag}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise MdliteError(f"{folder}: folder is not writable; give another {flag}")
+    return folder

@@ -13,27 +13,30 @@ from __future__ import annotations
 import math
 import re
 
-# One number as people write it: optional sign and currency, thousands separators, decimals,
-# an optional simple fraction ("3/4", "1 1/2"), and an optional percent sign.
+# One number as people write it: optional sign and currency, thousands separators, decimals, an
+# exponent ("1.5e3"), an optional simple fraction ("3/4", "1 1/2"), and an optional percent sign.
 _NUMBER = (
     r"(?P<sign>[-−])?\s*[$€£]?\s*"
     r"(?:(?P<whole>\d+)\s+(?=\d+\s*/\s*\d))?"
-    r"(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
+    r"(?P<num>(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?)"
     r"(?:\s*/\s*(?P<den>\d+(?:\.\d+)?))?"
     r"(?P<pct>\s*%)?"
 )
 _NUMBER_RE = re.compile(_NUMBER)
-# Explicit answer markers, strongest first. Each captures the text right after the marker (the
-# "answer is" body is a lookahead so that a later marker on the same line is still found).
+# Explicit answer markers; each captures the text after it, where the answer must come first. The
+# "answer" body is a lookahead so that a later marker on the same line is still found.
 _MARKERS = [
-    re.compile(r"\\boxed\{(?P<body>[^{}]*)\}"),
+    re.compile(r"\\boxed\{(?P<body>(?:[^{}]|\{[^{}]*\})*)\}"),
     re.compile(r"####\s*(?P<body>[^\n]*)"),
-    re.compile(
-        r"(?:final answer|the answer|answer)\s*(?:is|:|=|would be|will be)?\s*[:=]?\s*"
-        r"(?=(?P<body>[^\n]*))",
-        re.IGNORECASE,
-    ),
+    re.compile(r"\banswer\b\s*(?:is|was|:|=|would be|will be|should be)?\s*[:=]?\s*(?=(?P<body>[^\n]*))",
+               re.IGNORECASE),
 ]
+# What may stand between a marker and its number: markup ("**", "\\(", "$") and a few filler words.
+_LEAD = re.compile(r"(?:[\s*_:(\[\\~≈]|(?:therefore|thus|so|then|just|exactly|approximately|about|around|roughly)\b)*",
+                   re.IGNORECASE)
+# An arithmetic expression before its result: "20 - 5 = " in "20 - 5 = 15" (up to the last "=").
+_EXPRESSION = re.compile(r"(?:\d\.\d|[\d \t,$€£%()+\-−*/×x÷^=])*=[ \t]*")
+_FRAC = re.compile(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}")  # LaTeX \frac{3}{4} -> 3/4
 
 
 def parse_number(text: str) -> float | None:
@@ -45,19 +48,20 @@ def parse_number(text: str) -> float | None:
 def extract_answer(text: str, *, style: str = "cot", strict: bool = False) -> float | None:
     """The final numeric answer stated in a rationale, or None.
 
-    style "cot": the last explicit marker ("The answer is N", "#### N", "\\boxed{N}"), else (unless
-    `strict`) the last number in the text. style "pot": `text` is a program's printed output; its
-    last number is the answer.
+    style "cot": the last explicit marker ("The answer is N", "#### N", "\\boxed{N}"), whatever its kind,
+    that a number follows (after markup or a word like "approximately"; "the answer is 20 - 5 = 15" gives
+    the result, 15; "She answered 18" is no marker), else (unless `strict`) the last number in the text.
+    style "pot": `text` is a program's printed output; its last number is the answer.
     """
     if style not in ("cot", "pot"):
         raise ValueError(f"style must be 'cot' or 'pot', not {style!r}")
     if style == "cot":
-        for marker in _MARKERS:
-            bodies = [m.group("body") for m in marker.finditer(text)]
-            for body in reversed(bodies):
-                value = parse_number(body)
-                if value is not None:
-                    return value
+        text = _FRAC.sub(r"\1/\2", text).replace("{,}", ",")
+        found = sorted((m.start(), m.group("body")) for marker in _MARKERS for m in marker.finditer(text))
+        for _, body in reversed(found):
+            value = _marked_value(body)
+            if value is not None:
+                return value
         if strict:
             return None
     numbers = list(_NUMBER_RE.finditer(text))
@@ -68,11 +72,14 @@ def extract_answer(text: str, *, style: str = "cot", strict: bool = False) -> fl
     return None
 
 
-def answers_match(pred: float | None, gold: float, *, rel_tol: float = 1e-4) -> bool:
-    """True when `pred` equals `gold` within `rel_tol` (absolute 1e-6 near zero)."""
+def answers_match(pred: float | None, gold: float) -> bool:
+    """True when `pred` is `gold`: exactly for a whole-number gold (but for float noise, 11.999999999 is
+    12), within a relative 1e-6 for any other. Eval, teach and voting all compare answers with this."""
     if pred is None or not math.isfinite(pred):
         return False
-    return math.isclose(pred, gold, rel_tol=rel_tol, abs_tol=1e-6)
+    if float(gold).is_integer():
+        return math.isclose(pred, gold, rel_tol=1e-12, abs_tol=1e-6)
+    return math.isclose(pred, gold, rel_tol=1e-6)
 
 
 def format_number(value: float) -> str:
@@ -80,6 +87,14 @@ def format_number(value: float) -> str:
     if float(value).is_integer():
         return str(int(value))
     return f"{value:.6f}".rstrip("0").rstrip(".")
+
+
+def _marked_value(body: str) -> float | None:
+    """The number that opens the text after a marker (an expression's result: "20 - 5 = 15" -> 15), or None."""
+    body = body[_LEAD.match(body).end():]  # type: ignore[union-attr]  # _LEAD matches the empty string
+    body = body[m.end():] if (m := _EXPRESSION.match(body)) else body
+    match = _NUMBER_RE.match(body)
+    return _match_value(match) if match else None
 
 
 def _match_value(match: re.Match[str]) -> float | None:

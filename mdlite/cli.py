@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
-from mdlite import MdliteError, __version__
+from mdlite import MdliteError, __version__, check_output_dir
 from mdlite.config import EvalConfig, ExportConfig, SolveConfig, TeachConfig, TrainConfig
 
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100, "show_default": True}
 
 
 class _Group(click.Group):
@@ -33,31 +34,40 @@ class _Group(click.Group):
 
 
 def config_options(cls: type) -> Callable:
-    """Decorator: `--config FILE` plus one `--field-name` flag per field of config class `cls`;
-    the command receives them as `config` and `overrides` (flags left out are None)."""
+    """Decorator: `--config FILE` plus one `--field-name` flag per field of config class `cls` (its
+    default shown); the command receives them as `config` and `overrides` (only the flags given)."""
     hints = typing.get_type_hints(cls)
+    fields = dataclasses.fields(cls)
+    deprecated = {"_" + f.name: f.name for f in fields if f.metadata.get("deprecated")}
 
     def decorate(command: Callable) -> Callable:
         def wrapper(config: Path | None, **kwargs: Any) -> Any:
+            ctx = click.get_current_context()
             overrides = {name: kwargs.pop(name) for name in list(kwargs) if name in hints}
-            overrides = {k: (list(v) or None) if isinstance(v, tuple) else v
-                         for k, v in overrides.items()}
+            overrides = {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()
+                         if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
+            for alias, name in deprecated.items():
+                if (value := kwargs.pop(alias)) is not None:
+                    overrides.setdefault(name, value)
             return command(config=config, overrides=overrides, **kwargs)
 
         wrapper.__name__, wrapper.__doc__ = command.__name__, command.__doc__
-        for f in reversed(dataclasses.fields(cls)):
-            flag = "--" + f.name.replace("_", "-")
+        for f in reversed(fields):
+            names = [f"--{f.name.replace('_', '-')}", *([f.metadata["short"]] if "short" in f.metadata else [])]
             hint = hints[f.name]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             help_text = f.metadata.get("help", "")
             if hint is bool:
-                wrapper = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None,
-                                       help=help_text)(wrapper)
+                option = click.option(f"{names[0]}/--no-{names[0][2:]}", f.name, default=default, help=help_text)
             elif typing.get_origin(hint) is list:
-                wrapper = click.option(flag, f.name, multiple=True, help=help_text + " (repeatable)")(wrapper)
+                option = click.option(*names, f.name, multiple=True, default=default, help=help_text + " (repeatable)")
             else:
                 base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
                 kind = {int: int, float: float}.get(base[0], str)
-                wrapper = click.option(flag, f.name, type=kind, default=None, help=help_text)(wrapper)
+                option = click.option(*names, f.name, type=kind, default=default, help=help_text)
+                if f.metadata.get("deprecated"):  # the old spelling still works, unlisted
+                    wrapper = click.option(f.metadata["deprecated"], "_" + f.name, type=kind, hidden=True)(wrapper)
+            wrapper = option(wrapper)
         return click.option("--config", "-c", type=click.Path(path_type=Path), default=None,
                             help="YAML config file; flags override its values.")(wrapper)
 
@@ -71,6 +81,10 @@ def cli(verbose: bool) -> None:
     """mdlite: Mixed Distillation of CoT + PoT reasoning into small local models.
 
     Pipeline: teach -> train -> export-gguf -> solve / eval, or all of it with `distill`.
+
+    \b
+    Example:
+      mdlite distill configs/demo.yaml
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -81,7 +95,12 @@ def cli(verbose: bool) -> None:
 
 @cli.group(context_settings=CONTEXT)
 def data() -> None:
-    """Make, check and describe problem files (JSONL: id, question, answer, equation)."""
+    """Make, check and describe problem files (JSONL: id, question, answer, equation).
+
+    \b
+    Example:
+      mdlite data check problems.jsonl
+    """
 
 
 @data.command("synth")
@@ -91,9 +110,17 @@ def data() -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="Output JSONL file.")
 def data_synth(count: int, seed: int, output: Path) -> None:
-    """Generate checked arithmetic word problems (1-4 steps), deterministic by seed."""
+    """Generate checked arithmetic word problems (1-4 steps), deterministic by seed.
+
+    \b
+    Example:
+      mdlite data synth -n 200 --seed 0 -o problems.jsonl
+    """
     from mdlite.data import synth_problems, write_problems
 
+    if output.is_dir():
+        raise MdliteError(f"{output}: is a folder; give a file name (flag -o)")
+    check_output_dir(output.parent, "-o")
     problems = synth_problems(count, seed=seed)
     write_problems(problems, output)
     click.echo(f"wrote {len(problems)} problems to {output}")
@@ -104,7 +131,12 @@ def data_synth(count: int, seed: int, output: Path) -> None:
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
               help="Folder with <name>/<split>.jsonl (default $MDLITE_DATA).")
 def data_check(source: str, data_dir: Path | None) -> None:
-    """Validate a problem file or dataset (SOURCE: FILE or NAME[:SPLIT], e.g. svamp:test)."""
+    """Validate a problem file or dataset (SOURCE: FILE or NAME[:SPLIT], e.g. svamp:test).
+
+    \b
+    Example:
+      mdlite data check svamp:test --data-dir ../shared/data
+    """
     from mdlite.data import load_problems
 
     problems = load_problems(source, data_dir=data_dir)
@@ -117,7 +149,12 @@ def data_check(source: str, data_dir: Path | None) -> None:
               help="Folder with <name>/<split>.jsonl (default $MDLITE_DATA).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def data_stats(source: str, data_dir: Path | None, as_json: bool) -> None:
-    """Counts, answer range and duplicates of a problem file or dataset."""
+    """Counts, answer range and duplicates of a problem file or dataset.
+
+    \b
+    Example:
+      mdlite data stats problems.jsonl --json
+    """
     from mdlite.data import load_problems, problem_stats
 
     stats = problem_stats(load_problems(source, data_dir=data_dir))
@@ -133,12 +170,22 @@ def data_stats(source: str, data_dir: Path | None, as_json: bool) -> None:
 
 @cli.group(context_settings=CONTEXT)
 def models() -> None:
-    """The model registry: list, fetch and locate known models."""
+    """The model registry: list, fetch and locate known models.
+
+    \b
+    Example:
+      mdlite models list
+    """
 
 
 @models.command("list")
 def models_list() -> None:
-    """List registry models and whether their GGUF is cached."""
+    """List registry models and whether their GGUF is cached.
+
+    \b
+    Example:
+      mdlite models list
+    """
     from mdlite.models import cached_gguf, registry
 
     for card in registry().values():
@@ -152,7 +199,12 @@ def models_list() -> None:
 @models.command("fetch")
 @click.argument("name")
 def models_fetch(name: str) -> None:
-    """Download and assemble a registry model's GGUF into the cache."""
+    """Download and assemble a registry model's GGUF into the cache.
+
+    \b
+    Example:
+      mdlite models fetch qwen2.5-coder-0.5b-instruct
+    """
     from mdlite.models import fetch
 
     click.echo(fetch(name))
@@ -161,7 +213,12 @@ def models_fetch(name: str) -> None:
 @models.command("path")
 @click.argument("name")
 def models_path(name: str) -> None:
-    """Print a registry model's local GGUF path, fetching it first if needed."""
+    """Print a registry model's local GGUF path, fetching it first if needed.
+
+    \b
+    Example:
+      mdlite models path gemma-3-270m
+    """
     from mdlite.models import model_path
 
     click.echo(model_path(name))
@@ -171,7 +228,12 @@ def models_path(name: str) -> None:
 @click.argument("output_dir", type=click.Path(path_type=Path))
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (weights and tokenizer).")
 def models_make_tiny(output_dir: Path, seed: int) -> None:
-    """Write a tiny random LLaMA (HF folder, ~7 MB) for smoke-testing train and export."""
+    """Write a tiny random LLaMA (HF folder, ~7 MB) for smoke-testing train and export.
+
+    \b
+    Example:
+      mdlite models make-tiny runs/tiny
+    """
     from mdlite.models import make_tiny_model
 
     click.echo(make_tiny_model(output_dir, seed=seed))
@@ -189,6 +251,10 @@ def train(config: Path | None, overrides: dict[str, Any], dry_run: bool, overwri
     """Fine-tune the student (QLoRA or LoRA) on kept CoT + PoT rationales; resumes automatically.
 
     Reads the `train:` section of --config; flags override it.
+
+    \b
+    Example:
+      mdlite train --rationales runs/teach/rationales.jsonl --model gemma-3-270m --quantization none
     """
     from mdlite.config import load_config
 
@@ -217,6 +283,10 @@ def teach(config: Path | None, overrides: dict[str, Any]) -> None:
     Teacher specs: ollama:MODEL, openai:BASE_URL[#MODEL], openai-chat:BASE_URL[#MODEL],
     llamacpp:PATH_OR_REGISTRY_NAME. Writes rationales.jsonl, teach_stats.json and run.json to
     --output-dir. Reads the `teach:` section of --config; flags override it.
+
+    \b
+    Example:
+      mdlite teach --teacher ollama:qwen2.5:32b --data svamp:train --concurrency 4
     """
     import sys
 
@@ -259,6 +329,10 @@ def eval_(config: Path | None, overrides: dict[str, Any]) -> None:
     prompts). Writes samples.jsonl, report.json, report.md, accuracy.png and run.json to --output-dir;
     the same command again resumes. Reads the `eval:` section of --config; flags override it.
     `mdlite eval compare DIR DIR ...` prints finished evals side by side.
+
+    \b
+    Example:
+      mdlite eval --model runs/export/student-Q4_K_M.gguf --data svamp:test --paths 16
     """
     import sys
 
@@ -281,7 +355,12 @@ def eval_(config: Path | None, overrides: dict[str, Any]) -> None:
 @eval_.command("compare")
 @click.argument("folders", nargs=-1, required=True, type=click.Path(path_type=Path))
 def eval_compare(folders: tuple[Path, ...]) -> None:
-    """Print the reports of eval output folders side by side (e.g. base, student, teacher)."""
+    """Print the reports of eval output folders side by side (e.g. base, student, teacher).
+
+    \b
+    Example:
+      mdlite eval compare runs/eval-base runs/eval-student
+    """
     from mdlite.evaluate import compare_reports
 
     click.echo(compare_reports(folders))
@@ -292,11 +371,8 @@ def eval_compare(folders: tuple[Path, ...]) -> None:
 
 @cli.command("export-gguf", context_settings=CONTEXT)
 @click.argument("adapter_or_model_dir", required=False, type=click.Path(path_type=Path))
-@click.option("-q", "quant", multiple=True, metavar="TYPE",
-              help="GGUF type to write (repeatable, e.g. -q Q4_K_M -q Q8_0); same as --quant-types.")
 @config_options(ExportConfig)
-def export_gguf(config: Path | None, overrides: dict[str, Any], adapter_or_model_dir: Path | None,
-                quant: tuple[str, ...]) -> None:
+def export_gguf(config: Path | None, overrides: dict[str, Any], adapter_or_model_dir: Path | None) -> None:
     """Merge a LoRA adapter into its full-precision base, convert to GGUF with llama.cpp's own converter,
     quantize, write a Modelfile, and check that the GGUF behaves like the trained student.
 
@@ -304,6 +380,10 @@ def export_gguf(config: Path | None, overrides: dict[str, Any], adapter_or_model
     is converted as is. Writes merged/, <name>-<TYPE>.gguf, Modelfile, parity.json and run.json to
     --output-dir; exits with 1 when a parity threshold is crossed. Reads the `export:` section of
     --config; flags override it.
+
+    \b
+    Example:
+      mdlite export-gguf runs/train/adapter -q Q4_K_M -q Q8_0 --output-dir runs/export
     """
     import sys
 
@@ -311,9 +391,9 @@ def export_gguf(config: Path | None, overrides: dict[str, Any], adapter_or_model
     from mdlite.export import run
 
     if adapter_or_model_dir is not None:
+        if "input_dir" in overrides:
+            raise MdliteError("give the adapter folder either as ADAPTER_OR_MODEL_DIR or as --input-dir, not both")
         overrides["input_dir"] = str(adapter_or_model_dir)
-    if quant:
-        overrides["quant_types"] = [*(overrides.get("quant_types") or []), *quant]
     cfg = load_config(ExportConfig, config, overrides, section="export" if config else None)
     result = run(cfg)
     for quant_type, path in result.files.items():
@@ -343,9 +423,12 @@ def solve(config: Path | None, overrides: dict[str, Any], question: str | None, 
           show: bool, as_json: bool) -> None:
     """Answer math word problems with many CoT and PoT paths from a GGUF and a vote over their answers.
 
-    QUESTION is the question, or '-' to read questions from stdin, one per line. Example:
-    mdlite solve "Tom has 3 apples and buys 5 more. How many?" --model student.gguf --mode mixed --paths 10.
-    Reads the `solve:` section of --config; flags override it.
+    QUESTION is the question, or '-' to read questions from stdin, one per line. Reads the `solve:`
+    section of --config; flags override it.
+
+    \b
+    Example:
+      mdlite solve "Tom has 3 apples and buys 5 more. How many?" --model student.gguf --paths 10
     """
     import sys
 
@@ -359,7 +442,8 @@ def solve(config: Path | None, overrides: dict[str, Any], question: str | None, 
         lines = sys.stdin.read().splitlines()
     elif question_file is not None:
         if not question_file.is_file():
-            raise MdliteError(f"{question_file}: no such file (flag --file)")
+            what = "is a folder, not a file" if question_file.is_dir() else "no such file"
+            raise MdliteError(f"{question_file}: {what} (flag --file)")
         lines = question_file.read_text(encoding="utf-8").splitlines()
     else:
         lines = [question or ""]
@@ -395,26 +479,36 @@ def solve(config: Path | None, overrides: dict[str, Any], question: str | None, 
 
 
 @cli.command("distill", context_settings=CONTEXT)
-@click.argument("config_file", type=click.Path(path_type=Path))
-@click.option("--output-dir", default=None, help="Override distill.output_dir.")
-@click.option("--dry-run", is_flag=True, help="Validate every stage's config and print what would run.")
-@click.option("--force", multiple=True, type=click.Choice(["teach", "train", "export", "eval-base", "eval-student"]),
-              help="Rerun this stage even when it is up to date (repeatable).")
-def distill(config_file: Path, output_dir: str | None, dry_run: bool, force: tuple[str, ...]) -> None:
+@click.argument("config_file", required=False, type=click.Path(path_type=Path))
+@click.option("--config", "-c", type=click.Path(path_type=Path), default=None,
+              help="The config file (the same as CONFIG_FILE).")
+@click.option("--output-dir", default=None, help="Override distill.output_dir.  [default: the config's]")
+@click.option("--dry-run", is_flag=True, help="Check every stage's inputs without downloading or writing "
+                                              "anything, and print what would run and why.")
+@click.option("--force", multiple=True, type=click.Choice(
+    ["teach", "train", "export", "export-base", "eval-base", "eval-student"]),
+              help="Rerun this stage even when it is up to date (repeatable).  [default: none]")
+def distill(config_file: Path | None, config: Path | None, output_dir: str | None, dry_run: bool,
+            force: tuple[str, ...]) -> None:
     """Run teach -> train -> export-gguf -> eval from CONFIG_FILE, skipping finished stages.
 
     The untrained student is evaluated too, so summary.md shows accuracy before vs after. An
     interrupted run resumes where it stopped: run the same command again.
+
+    \b
+    Example:
+      mdlite distill -c configs/demo.yaml --dry-run
     """
     from mdlite import distill as pipeline
-    from mdlite.config import to_dict
 
+    if config_file and config and config_file.resolve() != config.resolve():
+        raise MdliteError(f"two config files given ({config_file} and -c {config}); give one")
+    config_file = config_file or config
+    if config_file is None:
+        raise MdliteError("no config file given; mdlite distill CONFIG or mdlite distill -c CONFIG")
     overrides = {"output_dir": output_dir}
     if dry_run:
-        resolved = pipeline.plan(config_file, overrides)
-        click.echo(f"distill: {json.dumps(to_dict(resolved['distill']))}")
-        for name, stage in resolved["stages"].items():
-            click.echo(f"{name}: {json.dumps(to_dict(stage))}")
+        click.echo(pipeline.format_dry_run(pipeline.dry_run(config_file, overrides, force=force)))
         return
     result = pipeline.run(config_file, overrides, force=force)
     click.echo(result["summary"])

@@ -8,6 +8,9 @@ types and values, and raises one MdliteError listing every problem at once.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +22,23 @@ import yaml
 from mdlite import MdliteError
 
 T = TypeVar("T")
+# Ollama's keep_alive: seconds, or a Go duration (300ms, 1.5h, 2h45m); negative: keep the model loaded.
+OLLAMA_DURATION = re.compile(r"[-+]?((\d+\.?\d*|\.\d+)(ns|us|µs|ms|s|m|h))+|[-+]?(\d+\.?\d*|\.\d+)")
+# transformers' SchedulerType and OptimizerNames values (tests/test_config.py checks them against transformers,
+# whose import takes seconds).
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+              "warmup_stable_decay", "greedy")
+OPTIMIZERS = (
+    "adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused", "adafactor", "adamw_anyprecision",
+    "adamw_torch_4bit", "adamw_torch_8bit", "ademamix", "sgd", "adagrad", "adamw_bnb_8bit", "adamw_8bit",
+    "ademamix_8bit", "lion_8bit", "lion_32bit", "paged_adamw_32bit", "paged_adamw_8bit", "paged_ademamix_32bit",
+    "paged_ademamix_8bit", "paged_lion_32bit", "paged_lion_8bit", "rmsprop", "rmsprop_bnb", "rmsprop_bnb_8bit",
+    "rmsprop_bnb_32bit", "galore_adamw", "galore_adamw_8bit", "galore_adafactor", "galore_adamw_layerwise",
+    "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise", "lomo", "adalomo", "grokadamw",
+    "schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd", "apollo_adamw", "apollo_adamw_layerwise",
+    "stable_adamw",
+)
 
 
 def knob(default: Any, help: str, **kwargs: Any) -> Any:
@@ -89,6 +109,13 @@ class TrainConfig:
             found.append("set num_train_epochs > 0 or max_steps > 0")
         if self.warmup_steps < 0 or (self.warmup_steps >= 1 and not float(self.warmup_steps).is_integer()):
             found.append("warmup_steps must be a whole number of steps or a fraction in [0, 1) (flag --warmup-steps)")
+        if self.lr_scheduler_type not in SCHEDULERS:
+            found.append(f"unknown lr_scheduler_type {self.lr_scheduler_type!r}"
+                         f"{_did_you_mean(self.lr_scheduler_type, SCHEDULERS)} (flag --lr-scheduler-type); "
+                         f"valid: {', '.join(SCHEDULERS)}")
+        if self.optim not in ("auto", *OPTIMIZERS):
+            found.append(f"unknown optim {self.optim!r}{_did_you_mean(self.optim, OPTIMIZERS)} (flag --optim); "
+                         "auto or a transformers optimizer name such as adamw_torch, paged_adamw_8bit")
         return found
 
 
@@ -114,7 +141,7 @@ class TeachConfig:
     max_tokens: int = knob(256, "Max new tokens per sample (Ollama num_predict).")
     num_ctx: int = knob(2048, "Context window in tokens (Ollama num_ctx, llamacpp n_ctx).")
     keep_alive: str = knob("30m", "How long Ollama keeps the model loaded after a request.")
-    n_threads: int = knob(0, "llamacpp backend: CPU threads; 0: llama.cpp's default.")
+    n_threads: int = knob(0, "llamacpp backend: CPU threads; 0: the physical cores.")
     seed: int = knob(0, "Base seed; sample i of (problem, style) uses a seed derived from (seed, id, style, i).")
     timeout_s: float = knob(300.0, "Per-request timeout in seconds.")
     retries: int = knob(4, "Retries of a request after a timeout, connection error, 429 or 5xx.")
@@ -140,6 +167,9 @@ class TeachConfig:
                   for name in ("timeout_s", "backoff_s", "program_timeout_s") if getattr(self, name) <= 0]
         if self.n_cot + self.n_pot == 0:
             found.append("n_cot and n_pot are both 0: nothing to do (flags --n-cot, --n-pot)")
+        if not OLLAMA_DURATION.fullmatch(self.keep_alive):
+            found.append(f"keep_alive must be a duration such as 30m, 1h30m, 90s, 0 or -1 (forever), "
+                         f"not {self.keep_alive!r} (flag --keep-alive)")
         if self.temperature < 0:
             found.append("temperature must be >= 0 (flag --temperature)")
         elif self.temperature == 0 and max(self.n_cot, self.n_pot) > 1:
@@ -172,7 +202,9 @@ class EvalConfig:
     batch_paths: int = knob(16, "Paths decoded together: problems are taken a few at a time, up to this many "
                                 "paths of one style per engine batch (teachers: requests issued together).")
     n_gpu_layers: int = knob(0, "GGUF: layers offloaded to the GPU (-1: all) when llama.cpp has GPU support.")
-    n_threads: int = knob(0, "GGUF and llamacpp teachers: CPU threads; 0: the engine's / llama.cpp's default.")
+    n_threads: int = knob(0, "GGUF and llamacpp teachers: CPU threads; 0: the physical cores.")
+    prefix_cache: int = knob(2, "GGUF: prompts whose KV cells the engine keeps, so a shared prefix (the few-shot "
+                                "exemplars) is evaluated once; 0: off.")
     endpoints: list[str] = knob([], "Teachers: hosts / base URLs of the same teacher to spread requests over.")
     concurrency: int = knob(1, "Teachers: requests in flight per endpoint.")
     num_ctx: int = knob(2048, "Teachers: context window in tokens (Ollama num_ctx, llamacpp n_ctx).")
@@ -194,7 +226,7 @@ class EvalConfig:
         found += [f"{name} must be >= 1 (flag --{name.replace('_', '-')})"
                   for name in positive if getattr(self, name) < 1]
         found += [f"{name} must be >= 0 (flag --{name.replace('_', '-')})"
-                  for name in ("limit", "paths", "n_threads") if getattr(self, name) < 0]
+                  for name in ("limit", "paths", "n_threads", "prefix_cache") if getattr(self, name) < 0]
         if self.paths == 0 and not self.greedy:
             found.append("paths 0 and no greedy paths: nothing to decode (flags --paths, --greedy)")
         if self.paths > 0 and self.temperature <= 0:
@@ -216,9 +248,10 @@ class ExportConfig:
     output_dir: str = knob("runs/export", "Folder for merged/, <name>-<TYPE>.gguf, Modelfile, parity.json, run.json.")
     name: str = knob("student", "File name stem of the GGUF files: <name>-<TYPE>.gguf.")
     quant_types: list[str] = knob(["Q4_K_M"], "GGUF types to write, llama.cpp spellings, any case (F16, Q8_0, Q6_K, "
-                                              "Q5_K_M, Q4_K_M, Q4_0, ...); the Modelfile uses the first (also -q).")
+                                              "Q5_K_M, Q4_K_M, Q4_0, ...); the Modelfile uses the first.",
+                                  short="-q")
     num_ctx: int = knob(2048, "Context window: the Modelfile's PARAMETER num_ctx and the parity check's n_ctx.")
-    n_threads: int = knob(0, "CPU threads for quantizing and the parity check; 0: llama.cpp's default.")
+    n_threads: int = knob(0, "CPU threads for quantizing and the parity check; 0: the physical cores.")
     parity: bool = knob(True, "Check the GGUF files against the merged model (parity.json); exit 1 when a "
                               "threshold below is crossed.")
     parity_data: str = knob("", "Parity problems: a JSONL file or NAME[:SPLIT] (read from $MDLITE_DATA); "
@@ -282,9 +315,12 @@ class SolveConfig:
     cot_weight: float = knob(1.0, "Vote weight of a CoT path (mixed mode; weighted voting).")
     pot_weight: float = knob(1.0, "Vote weight of a PoT path (mixed mode; weighted voting).")
     batch_paths: int = knob(16, "Paths decoded together: questions are batched up to this many paths per step.")
-    n_ctx: int = knob(0, "KV cache cells per path (its prompt + max_tokens); 0: sized automatically.")
+    num_ctx: int = knob(0, "KV cache cells per path (its prompt + max_tokens); 0: sized automatically.",
+                        deprecated="--n-ctx")
     n_gpu_layers: int = knob(0, "Layers offloaded to the GPU (-1: all) when llama.cpp was built with GPU support.")
-    n_threads: int = knob(0, "CPU threads; 0: the engine's default (2, with OMP_WAIT_POLICY=PASSIVE).")
+    n_threads: int = knob(0, "CPU threads; 0: the physical cores (with OMP_WAIT_POLICY=PASSIVE).")
+    prefix_cache: int = knob(2, "Prompts whose KV cells the engine keeps, so a shared prefix (the few-shot "
+                                "exemplars) is evaluated once; 0: off.")
     program_timeout_s: float = knob(2.0, "Wall-clock limit per PoT program in the sandbox.")
     program_memory_mb: int = knob(256, "Memory a PoT program may use in the sandbox.")
     output_dir: str = knob("", "When set, write solutions.jsonl and run.json here.")
@@ -298,7 +334,8 @@ class SolveConfig:
         found += [f"{name} must be >= 1 (flag --{name.replace('_', '-')})"
                   for name in ("paths", "max_tokens", "batch_paths", "program_memory_mb") if getattr(self, name) < 1]
         found += [f"{name} must be >= 0 (flag --{name.replace('_', '-')})"
-                  for name in ("temperature", "top_k", "n_ctx", "n_threads") if getattr(self, name) < 0]
+                  for name in ("temperature", "top_k", "num_ctx", "n_threads", "prefix_cache")
+                  if getattr(self, name) < 0]
         if not 0 < self.top_p <= 1:
             found.append("top_p must be in (0, 1] (flag --top-p)")
         if min(self.cot_weight, self.pot_weight) < 0 or self.cot_weight + self.pot_weight == 0:
@@ -324,6 +361,8 @@ class DistillConfig:
 
 # ---- loading and validation ---------------------------------------------------------------------
 
+SECTIONS = ("distill", "teach", "train", "export", "eval", "solve")  # a config file's top-level keys
+
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[str, Any] | None = None,
                 *, section: str | None = None) -> T:
@@ -334,8 +373,14 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[st
         values = _read_yaml(Path(path))
         source = str(path)
         if section is not None:
+            unknown = [str(key) for key in values if key not in SECTIONS]
+            if unknown:
+                raise MdliteError(f"{path}: unknown section {unknown[0]!r}{_did_you_mean(unknown[0], SECTIONS)}; "
+                                  f"sections: {', '.join(SECTIONS)}")
             values = values.get(section) or {}
             source = f"{path} [{section}]"
+            if not isinstance(values, dict):
+                raise MdliteError(f"{source}: expected a mapping of config keys, got {values!r}")
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     problems = []
     known = {f.name: f for f in dataclasses.fields(cls)}
@@ -385,8 +430,10 @@ def coerce(value: Any, hint: Any) -> Any:
             raise TypeError(f"expected a number, got {value!r}")
         try:
             number = hint(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise TypeError(f"expected {hint.__name__}, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ValueError(f"expected a finite number, got {value!r}")
         if hint is int and isinstance(value, float) and not value.is_integer():
             raise TypeError(f"expected an integer, got {value!r}")
         return number
@@ -415,9 +462,15 @@ def reference_markdown(classes: list[type]) -> str:
     return "\n".join(out)
 
 
+def _did_you_mean(word: str, choices: typing.Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        raise MdliteError(f"{path}: config file not found")
+    if not path.is_file():
+        raise MdliteError(f"{path}: is a folder, not a config file (flag -c)" if path.is_dir()
+                          else f"{path}: config file not found")
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as error:

@@ -15,11 +15,15 @@ is loaded from the Hugging Face hub.
 from __future__ import annotations
 
 import ast
+import hashlib
+import importlib.util
 import json
 import logging
 import math
 import os
 import random
+import urllib.error
+import urllib.request
 from collections import Counter
 from dataclasses import asdict, dataclass
 from fractions import Fraction
@@ -56,6 +60,13 @@ class Problem:
         return json.dumps(record, ensure_ascii=False)
 
 
+def problem_hash(problem: Problem) -> str:
+    """16 hex digits of blake2b over the question, a newline and the gold (`repr(float)`): resumed records
+    of `mdlite teach` and `mdlite eval` carry it, so a problem whose question or answer changed is redone."""
+    text = f"{problem.question}\n{float(problem.answer)!r}"
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
 def default_data_dir() -> Path:
     """`$MDLITE_DATA`, else `$MDLITE_HOME/data` (default `~/.cache/mdlite/data`)."""
     if os.environ.get("MDLITE_DATA"):
@@ -71,7 +82,7 @@ def load_problems(
         count, seed = _synth_spec(str(source))
         return synth_problems(count, seed=seed)[:limit]
     path = resolve_source(source, data_dir=data_dir)
-    problems = read_jsonl_problems(path) if path is not None else _load_from_hub(str(source))
+    problems = read_jsonl_problems(path) if path is not None else _load_from_hub(str(source), data_dir)
     return problems[:limit] if limit is not None else problems
 
 
@@ -89,13 +100,15 @@ def resolve_source(source: str | Path, *, data_dir: str | Path | None = None) ->
     if name.lower() in DATASETS and not Path(text).exists():
         split = split or "test"
         folder = Path(data_dir) if data_dir else default_data_dir()
+        if data_dir and not folder.is_dir():
+            raise MdliteError(f"{folder}: no such folder (flag --data-dir)")
         path = folder / name.lower() / f"{split}.jsonl"
         return path if path.exists() else None
     path = Path(text)
-    if not path.exists():
+    if not path.is_file():
         raise MdliteError(
-            f"{path}: no such file; give a JSONL file of problems or a dataset name "
-            f"({', '.join(DATASETS)}, e.g. svamp:test)"
+            f"{path}: {'is a folder' if path.is_dir() else 'no such file'}; give a JSONL file of problems or a "
+            f"dataset name ({', '.join(DATASETS)}, e.g. svamp:test)"
         )
     return path
 
@@ -134,10 +147,14 @@ def read_jsonl_problems(path: Path) -> list[Problem]:
 
 def write_problems(problems: list[Problem], path: Path) -> None:
     """Write problems as JSONL, atomically (temporary name, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    partial.write_text("".join(p.to_json() + "\n" for p in problems), encoding="utf-8")
-    partial.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text("".join(p.to_json() + "\n" for p in problems), encoding="utf-8")
+        partial.replace(path)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        raise MdliteError(f"{path}: cannot write the problem file ({error.strerror})") from None
 
 
 def problem_stats(problems: list[Problem]) -> dict:
@@ -336,36 +353,56 @@ def _problem_from_record(record: object, where: str) -> Problem:
     return Problem(str(record["id"]), record["question"].strip(), float(answer), equation)
 
 
-def _load_from_hub(source: str) -> list[Problem]:
+def _load_from_hub(source: str, data_dir: str | Path | None) -> list[Problem]:
     name, _, split = source.lower().partition(":")
     split = split or "test"
     hub_id, hub_config, splits = DATASETS[name]
     hint = (f"put a local copy at <data_dir>/{name}/{split}.jsonl and pass --data-dir "
-            f"(or set MDLITE_DATA); looked in {default_data_dir()}")
+            f"(or set MDLITE_DATA); looked in {Path(data_dir) if data_dir else default_data_dir()}")
     if split not in splits:
         raise MdliteError(f"{source}: {name} has no split {split!r} (have {', '.join(splits)})")
-    try:
-        import datasets
-    except ImportError:
+    if importlib.util.find_spec("datasets") is None:
         raise MdliteError(f"{source}: no local copy and the `datasets` package is not installed; "
-                          f"pip install datasets, or {hint}") from None
+                          f"pip install datasets, or {hint}")
+    offline = not _hub_reachable()
+    if offline:  # datasets' own cache only: an unreachable hub would cost ~25 s of retries
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    import datasets
+
     try:
         rows = datasets.load_dataset(hub_id, hub_config, split=splits[split])
     except Exception as error:  # the hub raises many kinds when offline
-        raise MdliteError(f"{source}: no local copy and the Hugging Face hub failed "
-                          f"({type(error).__name__}); {hint}") from None
+        failed = "cannot reach the Hugging Face hub" if offline else f"the hub failed ({type(error).__name__})"
+        raise MdliteError(f"{source}: no local copy and {failed}; {hint}") from None
     log.info("loaded %s from the Hugging Face hub (%s)", source, hub_id)
-    return [_problem_from_hub_row(name, i, row) for i, row in enumerate(rows)]
+    return [_problem_from_hub_row(name, split, i, row) for i, row in enumerate(rows)]
 
 
-def _problem_from_hub_row(name: str, index: int, row: dict) -> Problem:
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (`$HF_ENDPOINT`) answers within `timeout_s`; proxies from the environment apply."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", ""):
+        return False
+    request = urllib.request.Request(os.environ.get("HF_ENDPOINT") or "https://huggingface.co", method="HEAD")
+    try:
+        urllib.request.urlopen(request, timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return True  # it answered
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _problem_from_hub_row(name: str, split: str, index: int, row: dict) -> Problem:
+    """A hub row as a Problem; ids name the split (`gsm8k-test-0007`, as the local copies have them), except
+    SVAMP's own ids (`chal-153`), which are unique across splits."""
+    pid = f"{name}-{split}-{index:04d}"
     if name == "gsm8k":
         answer = row["answer"].split("####")[-1].replace(",", "")
-        return Problem(f"gsm8k-{index}", row["question"], float(answer))
+        return Problem(pid, row["question"], float(answer))
     if name == "svamp":
         question = f"{row['Body'].strip()} {row['Question'].strip()}"
-        return Problem(str(row.get("ID", index)), question, float(row["Answer"]), row.get("Equation"))
+        return Problem(str(row.get("ID", pid)), question, float(row["Answer"]), row.get("Equation"))
     if name == "asdiv":
         answer = row["answer"].split(" (")[0]
-        return Problem(f"asdiv-{index}", f"{row['body']} {row['question']}", float(answer))
-    return Problem(f"multiarith-{index}", row["question"], float(row["final_ans"]))
+        return Problem(pid, f"{row['body']} {row['question']}", float(answer))
+    return Problem(pid, row["question"], float(row["final_ans"]))

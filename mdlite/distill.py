@@ -1,6 +1,7 @@
 """The whole Mixed Distillation pipeline from one config file.
 
-    mdlite distill configs/demo.yaml [--output-dir runs/demo] [--dry-run]
+    mdlite distill configs/demo.yaml [--output-dir runs/demo] [--force STAGE]
+    mdlite distill -c configs/demo.yaml --dry-run    # checks every input, prints the plan; runs nothing
 
 Stages, each in its own folder under `output_dir`:
 
@@ -15,7 +16,13 @@ The config file has a `distill:` section (this module's DistillConfig) and one s
 skipped when it finished before with the same fingerprint (its resolved config plus the completion
 stamps of the stages it reads); a stage that was interrupted resumes (each stage resumes on its own);
 a stage whose fingerprint changed starts over and so do the stages after it. `pipeline.json` keeps
-the stamps and timings; `summary.md` is the before/after report.
+the stamps and timings; `summary.md` is the before/after report. A key that distill sets in a stage
+section (`teach.teacher`, `train.model`, `eval.data`, any `output_dir`, ...) is ignored, with a warning.
+
+`--dry-run` checks what the run would need without downloading or writing anything (data sources load,
+student and teacher resolve, test differs from train, output folder writable) and prints each stage's
+fate from `pipeline.json` as the run decides it, problem and teacher-sample counts and the training
+memory estimate.
 """
 
 from __future__ import annotations
@@ -23,11 +30,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from mdlite import MdliteError
 from mdlite.config import DistillConfig, EvalConfig, ExportConfig, TeachConfig, TrainConfig, load_config, to_dict
@@ -37,24 +47,39 @@ log = logging.getLogger(__name__)
 
 STATE = "pipeline.json"
 SUMMARY = "summary.md"
+UPSTREAM = {"train": ["teach"], "export": ["train"], "eval-base": ["export-base"], "eval-student": ["export"]}
+DATA_FILE = {"teach": "train.jsonl", "eval-base": "test.jsonl", "eval-student": "test.jsonl"}
+SET_INSTEAD = {"teacher": "distill.teacher", "model": "distill.student", "data": "distill.train_data / test_data",
+               "output_dir": "distill.output_dir"}
 
 
-def plan(config_path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Every stage's resolved config, validated together: one MdliteError lists all problems."""
+def plan(config_path: Path, overrides: dict[str, Any], *, force: tuple[str, ...] = (),
+         download: bool = True) -> dict[str, Any]:
+    """Every stage's resolved config, validated together with the output folder, teacher, student and
+    `force`: one MdliteError lists all problems. A registry student's GGUF is fetched unless `download` is
+    false. Also returns where the teacher and student come from, and warnings about stage keys distill sets."""
     problems: list[str] = []
+    linked: dict[str, list[dict[str, Any]]] = {}  # section: what distill sets in each stage that reads it
 
-    def load(cls: type, section: str, links: dict[str, Any]) -> Any:
+    def attempt(function: Callable[[], Any], where: str = "") -> Any:
         try:
-            return load_config(cls, config_path, links, section=section)
+            return function()
         except MdliteError as error:
-            problems.append(str(error))
+            problems.append(f"{where}{error}")
             return None
 
-    cfg = load(DistillConfig, "distill", overrides)
+    def load(cls: type, section: str, links: dict[str, Any]) -> Any:
+        linked.setdefault(section, []).append(links)
+        return attempt(lambda: load_config(cls, config_path, links, section=section))
+
+    cfg = attempt(lambda: load_config(DistillConfig, config_path, overrides, section="distill"))
     if cfg is None:
         raise MdliteError("; ".join(problems))
     out = Path(cfg.output_dir)
-    student = _student_gguf(cfg.student)
+    attempt(lambda: _check_writable(out))
+    sources = {"teacher": attempt(lambda: _describe_teacher(cfg.teacher), "distill.teacher: "),
+               "student": attempt(lambda: _describe_student(cfg.student), "distill.student: ")}
+    student = attempt(lambda: _student_gguf(cfg.student, download=download))
     train_file, test_file = out / "data" / "train.jsonl", out / "data" / "test.jsonl"
     stages = {
         "teach": load(TeachConfig, "teach", {"data": str(train_file),
@@ -74,48 +99,44 @@ def plan(config_path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
             "model": str(student) if student else "(export-base)", "output_dir": str(out / "eval-base")})
     stages["eval-student"] = load(EvalConfig, "eval", eval_links | {
         "model": "(export)", "output_dir": str(out / "eval-student")})
+    attempt(lambda: _check_force(force, stages))
     if problems:
         raise MdliteError("; ".join(problems))
-    return {"distill": cfg, "stages": stages}
+    return {"distill": cfg, "stages": stages, "sources": sources, "warnings": _overridden(config_path, linked)}
 
 
 def run(config_path: Path, overrides: dict[str, Any], *, force: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run (or skip, or resume) every stage; returns the summary."""
-    resolved = plan(config_path, overrides)
+    resolved = plan(config_path, overrides, force=force)
     cfg: DistillConfig = resolved["distill"]
     stages: dict[str, Any] = resolved["stages"]
+    for warning in resolved["warnings"]:
+        log.warning(warning)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_splits(cfg, out / "data")
+    write_splits(cfg, out / "data")  # creates out/ once the data loaded
     state = _read_state(out / STATE)
     results: dict[str, Any] = {}
     runners: dict[str, Callable[[Any], Any]] = {
         "teach": _teach, "train": _train, "export": _export, "export-base": _export,
         "eval-base": _evaluate, "eval-student": _evaluate,
     }
-    upstream = {"train": ["teach"], "export": ["train"], "eval-base": ["export-base"],
-                "eval-student": ["export"]}
     for name, stage_cfg in stages.items():
-        if name in ("eval-base", "eval-student"):
-            source = {"eval-base": "export-base", "eval-student": "export"}[name]
-            if source in results:
-                stage_cfg.model = str(results[source]["gguf"])
-        stamps = [state.get(u, {}).get("stamp") for u in upstream.get(name, []) if u in stages]
-        data = {"teach": "train.jsonl", "eval-base": "test.jsonl", "eval-student": "test.jsonl"}.get(name)
-        data_hash = hashlib.sha256((out / "data" / data).read_bytes()).hexdigest() if data else None
-        fingerprint = _fingerprint({"config": to_dict(stage_cfg), "upstream": stamps, "data": data_hash})
-        record = state.get(name, {})
-        if record.get("fingerprint") == fingerprint and record.get("stamp") and name not in force \
-                and _outputs_exist(name, stage_cfg):
+        if name in ("eval-base", "eval-student") and UPSTREAM[name][0] in results:
+            stage_cfg.model = str(results[UPSTREAM[name][0]]["gguf"])
+        data_hash = hashlib.sha256((out / "data" / DATA_FILE[name]).read_bytes()).hexdigest() \
+            if name in DATA_FILE else None
+        fingerprint = _stage_fingerprint(name, stage_cfg, stages, state, data_hash)
+        status = _status(name, stage_cfg, state.get(name, {}), fingerprint, force)
+        if status == "up to date":
             log.info("%s: up to date, skipped", name)
-            results[name] = record["result"]
+            results[name] = state[name]["result"]
             continue
-        if record.get("fingerprint") not in (None, fingerprint) or name in force:
-            _clear(name, stage_cfg)  # changed inputs: start this stage over
+        if status in ("forced", "inputs changed"):
+            _clear(name, stage_cfg)  # start this stage over
         state[name] = {"fingerprint": fingerprint, "started": time.time()}
         write_json(out / STATE, state)
         started = time.time()
-        log.info("%s: running", name)
+        log.info("%s: running (%s)", name, status)
         results[name] = runners[name](stage_cfg)
         state[name] |= {"stamp": f"{name}@{time.time():.6f}", "seconds": round(time.time() - started, 1),
                         "result": results[name]}
@@ -125,22 +146,89 @@ def run(config_path: Path, overrides: dict[str, Any], *, force: tuple[str, ...] 
     return {"summary": summary, "state": state, "output_dir": out}
 
 
-def write_splits(cfg: DistillConfig, folder: Path) -> None:
-    """data/train.jsonl and data/test.jsonl, with test problems whose question is in train removed."""
-    from mdlite.data import load_problems, write_problems
+def dry_run(config_path: Path, overrides: dict[str, Any], *, force: tuple[str, ...] = ()) -> dict[str, Any]:
+    """What `run` would do, with every input checked but nothing downloaded or written: the resolved
+    configs, where data and models come from, each stage's fate and why, counts and the memory estimate."""
+    resolved = plan(config_path, overrides, force=force, download=False)
+    cfg: DistillConfig = resolved["distill"]
+    stages: dict[str, Any] = resolved["stages"]
+    data = split_data(cfg, download=False)
+    state = _read_state(Path(cfg.output_dir) / STATE)
+    hashes = {file: _problems_sha256(data[split]) if data[split] is not None else None
+              for file, split in (("train.jsonl", "train"), ("test.jsonl", "test"))}
+    fates: dict[str, str] = {}
+    for name, stage_cfg in stages.items():
+        rerun = [u for u in UPSTREAM.get(name, []) if u in stages and fates[u] != "up to date"]
+        if name in force:
+            fates[name] = "forced"
+        elif name in DATA_FILE and hashes[DATA_FILE[name]] is None:
+            fates[name] = "data not local yet"
+        elif rerun:
+            fates[name] = f"{rerun[0]} reruns" if name in state else "never ran"
+        else:
+            if name in ("eval-base", "eval-student") and UPSTREAM[name][0] in stages:
+                stage_cfg.model = str(state[UPSTREAM[name][0]]["result"]["gguf"])
+            fingerprint = _stage_fingerprint(name, stage_cfg, stages, state, hashes.get(DATA_FILE.get(name, "")))
+            fates[name] = _status(name, stage_cfg, state.get(name, {}), fingerprint, force)
+    return resolved | {"config": str(config_path), "data": data, "fates": fates}
 
-    train = load_problems(cfg.train_data, data_dir=cfg.data_dir or None)
-    seen = {" ".join(p.question.lower().split()) for p in train}
-    test = load_problems(cfg.test_data, data_dir=cfg.data_dir or None)
-    held_out = [p for p in test if " ".join(p.question.lower().split()) not in seen]
-    if len(held_out) < len(test):
-        log.warning("dropped %d test problems that also appear in train_data", len(test) - len(held_out))
-    if not held_out:
-        raise MdliteError("distill.test_data: every test problem also appears in train_data; use a disjoint split")
-    for name, problems in (("train.jsonl", train), ("test.jsonl", held_out)):
-        if not (folder / name).exists() or (folder / name).read_text(encoding="utf-8") != "".join(
-                p.to_json() + "\n" for p in problems):
-            write_problems(problems, folder / name)
+
+def format_dry_run(report: dict[str, Any]) -> str:
+    """The dry-run report as text: sources, warnings, then one line per stage in run order."""
+    cfg: DistillConfig = report["distill"]
+    data, stages = report["data"], report["stages"]
+    counts = {split: f"{len(data[split])} problems" if data[split] is not None else "no local copy, "
+              "downloaded from the Hugging Face hub by the run" for split in ("train", "test")}
+    if data["train"] is not None and data["test"] is not None:
+        counts["test"] += " (questions also in train dropped)"
+    lines = [f"distill plan for {report['config']} (dry run: nothing was run, written or downloaded)",
+             f"  output_dir  {cfg.output_dir}",
+             f"  train data  {cfg.train_data}: {counts['train']}",
+             f"  test data   {cfg.test_data}: {counts['test']}",
+             f"  teacher     {cfg.teacher}: {report['sources']['teacher']}",
+             f"  student     {cfg.student}: {report['sources']['student']}"]
+    lines += [f"warning: {warning}" for warning in report["warnings"]]
+    lines.append("stages, in order:")
+    for number, (name, stage_cfg) in enumerate(stages.items(), 1):
+        fate = report["fates"][name]
+        action = {"up to date": "skip", "interrupted": "resume"}.get(fate, "run")
+        lines.append(f"  {number}. {name:<13} {f'{action} ({fate})':<25} {_stage_detail(name, stage_cfg, data)}")
+    to_run = sum(fate != "up to date" for fate in report["fates"].values())
+    lines.append(f"{to_run} of {len(stages)} stages would run")
+    return "\n".join(lines)
+
+
+def write_splits(cfg: DistillConfig, folder: Path) -> None:
+    """data/train.jsonl and data/test.jsonl from `split_data` (rewritten only when they changed)."""
+    from mdlite.data import write_problems
+
+    for split, problems in split_data(cfg).items():
+        path = folder / f"{split}.jsonl"
+        if not path.exists() or path.read_text(encoding="utf-8") != _jsonl(problems):
+            write_problems(problems, path)
+
+
+def split_data(cfg: DistillConfig, *, download: bool = True) -> dict[str, Any]:
+    """{"train": problems, "test": problems} with test problems whose question is in train removed; a
+    dataset without a local copy is None unless `download` (from the Hugging Face hub)."""
+    from mdlite.data import load_problems, resolve_source
+
+    if cfg.train_data == cfg.test_data:
+        raise MdliteError(f"distill.test_data is train_data ({cfg.train_data}); evaluate on held-out problems, "
+                          "e.g. svamp:test")
+    data_dir = cfg.data_dir or None
+    data = {split: load_problems(source, data_dir=data_dir)
+            if download or source.startswith("synth:") or resolve_source(source, data_dir=data_dir) else None
+            for split, source in (("train", cfg.train_data), ("test", cfg.test_data))}
+    if data["train"] is not None and data["test"] is not None:
+        seen = {" ".join(p.question.lower().split()) for p in data["train"]}
+        held_out = [p for p in data["test"] if " ".join(p.question.lower().split()) not in seen]
+        if len(held_out) < len(data["test"]):
+            log.warning("dropped %d test problems that also appear in train_data", len(data["test"]) - len(held_out))
+        if not held_out:
+            raise MdliteError("distill.test_data: every test problem also appears in train_data; use a disjoint split")
+        data["test"] = held_out
+    return data
 
 
 def summarize(out: Path, stages: dict[str, Any], state: dict[str, Any]) -> str:
@@ -215,14 +303,133 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
 # ---- helpers ------------------------------------------------------------------------------------
 
 
-def _student_gguf(student: str) -> Path | None:
+def _student_gguf(student: str, *, download: bool = True) -> Path | None:
     """The student's own GGUF when it has one (a .gguf file or a registry model with a GGUF)."""
     from mdlite.models import model_path, registry
 
     if student.endswith(".gguf"):
         return Path(student)
     card = registry().get(student)
-    return model_path(student) if card and card.gguf else None
+    return model_path(student, download=download) if card and card.gguf else None
+
+
+def _describe_student(student: str) -> str:
+    """Where the student loads from, checked without downloading; MdliteError when nowhere."""
+    from mdlite.models import registry
+    from mdlite.train import resolve_base_model
+
+    card = registry().get(student)
+    if student.endswith(".gguf") or (card and card.gguf):
+        return _describe_gguf(student)
+    base = resolve_base_model(student, fetch=False)
+    return f"Hugging Face folder {base.path}" if Path(base.path).is_dir() else \
+        f"Hugging Face hub {base.path} (downloaded by the run)"
+
+
+def _describe_teacher(teacher: str) -> str:
+    """Where the teacher runs, checked without downloading or contacting it; MdliteError when it cannot."""
+    from mdlite.teacher import parse_teacher_spec
+
+    spec = parse_teacher_spec(teacher)
+    if spec.backend == "llamacpp":
+        return "llama.cpp, " + _describe_gguf(spec.model)
+    return f"{spec.backend} server {spec.url or '(OLLAMA_HOST or localhost)'} (not contacted by the dry run)"
+
+
+def _describe_gguf(name: str) -> str:
+    from mdlite.models import get_card, model_path
+
+    path = model_path(name, download=False)
+    if path.exists():
+        return f"GGUF {path}"
+    return f"registry GGUF, not cached: the run fetches {get_card(name).gguf['size'] / 1e6:.0f} MB to {path}"
+
+
+def _stage_detail(name: str, cfg: Any, data: dict[str, Any]) -> str:
+    """One line of what a stage would do: problems and samples, steps and memory, GGUF types."""
+    if name == "teach":
+        count = _count(data["train"], cfg.limit)
+        total = "?" if count == "?" else count * (cfg.n_cot + cfg.n_pot)
+        return f"{count} problems x ({cfg.n_cot} CoT + {cfg.n_pot} PoT) = {total} teacher samples"
+    if name == "train":
+        return _train_estimate(cfg)
+    if name.startswith("export"):
+        return ", ".join(cfg.quant_types) + (" + parity check" if cfg.parity else "")
+    paths = ("greedy + " if cfg.greedy else "") + f"{cfg.paths} sampled paths per style"
+    return f"{_count(data['test'], cfg.limit)} problems, modes {','.join(cfg.mode)}, {paths}"
+
+
+def _count(problems: list | None, limit: int) -> int | str:
+    if problems is None:
+        return "?"
+    return min(len(problems), limit) if limit else len(problems)
+
+
+def _train_estimate(cfg: TrainConfig) -> str:
+    """Steps and the GPU memory estimate of `mdlite train --dry-run`, when it needs no download."""
+    from mdlite.train import HUB_ID, dry_run, fits
+
+    steps = f"{cfg.max_steps} steps" if cfg.max_steps > 0 else f"{cfg.num_train_epochs:g} epochs"
+    if HUB_ID.fullmatch(cfg.model) and not Path(cfg.model).exists():
+        return f"{steps}; memory estimate: `mdlite train --dry-run` (reads the hub config)"
+    try:
+        total = dry_run(cfg)["memory_gb"]["total"]
+    except (MdliteError, ValueError) as error:  # ValueError: a file that is not a GGUF
+        return f"{steps}; no memory estimate ({error})"
+    return f"{steps}, GPU memory ~{total} GiB ({fits(total)})"
+
+
+def _overridden(config_path: Path, linked: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """A warning per stage key in the file that distill sets to another value in every stage reading it."""
+    raw = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {}
+    warnings = []
+    for section, all_links in linked.items():
+        values = raw.get(section)
+        if not isinstance(values, dict):
+            continue
+        for key in sorted(set(values).intersection(*all_links)):
+            if any(str(values[key]) != str(links[key]) for links in all_links):
+                warnings.append(f"{section}.{key} in {config_path} is ignored: distill sets it"
+                                + (f"; set {SET_INSTEAD[key]} instead" if key in SET_INSTEAD else ""))
+    return warnings
+
+
+def _check_force(force: tuple[str, ...], stages: dict[str, Any]) -> None:
+    unknown = [name for name in force if name not in stages]
+    if unknown:
+        raise MdliteError(f"--force {unknown[0]}: this config has no such stage (it has {', '.join(stages)})")
+
+
+def _check_writable(folder: Path) -> None:
+    """MdliteError unless `folder` is, or can be made, a writable folder."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise MdliteError(f"{folder}: {existing} is not a folder; pick another distill.output_dir (flag --output-dir)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise MdliteError(f"{folder}: {existing} is not writable; pick another distill.output_dir (flag --output-dir)")
+
+
+def _stage_fingerprint(name: str, cfg: Any, stages: dict[str, Any], state: dict[str, Any],
+                       data_hash: str | None) -> str:
+    """The stage's resolved config, the stamps of the stages it reads, and its data file's hash."""
+    stamps = [state.get(u, {}).get("stamp") for u in UPSTREAM.get(name, []) if u in stages]
+    return _fingerprint({"config": to_dict(cfg), "upstream": stamps, "data": data_hash})
+
+
+def _status(name: str, cfg: Any, record: dict[str, Any], fingerprint: str, force: tuple[str, ...]) -> str:
+    """'up to date' (skipped), else why the stage runs: forced, never ran, inputs changed (starts over),
+    interrupted (resumes), outputs missing."""
+    if name in force:
+        return "forced"
+    if not record:
+        return "never ran"
+    if record.get("fingerprint") != fingerprint:
+        return "inputs changed"
+    if not record.get("stamp"):
+        return "interrupted"
+    return "up to date" if _outputs_exist(name, cfg) else "outputs missing"
 
 
 def _outputs_exist(name: str, cfg: Any) -> bool:
@@ -252,6 +459,15 @@ def _read_state(path: Path) -> dict[str, Any]:
         return {}
     except json.JSONDecodeError:
         raise MdliteError(f"{path}: not valid JSON; delete it to rerun every stage") from None
+
+
+def _jsonl(problems: list[Any]) -> str:
+    return "".join(p.to_json() + "\n" for p in problems)
+
+
+def _problems_sha256(problems: list[Any]) -> str:
+    """The sha256 of the data file `write_splits` writes for `problems`."""
+    return hashlib.sha256(_jsonl(problems).encode("utf-8")).hexdigest()
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -9,7 +9,18 @@
 `Engine.sample` evaluates each prompt once, copies its KV cells to its n sequences
 (`llama_memory_seq_cp`), then decodes every live sequence in one batch per step, each with its own
 sampler chain. A sequence ends on an end-of-generation token, a stop string (the text is cut before
-it) or the `max_tokens` budget.
+it), a `stop_after` pattern (the text is kept up to the end of its first match; e.g. the CoT answer
+sentence) or the `max_tokens` budget.
+
+Prefix cache: the engine keeps the KV cells of its last `prefix_cache` prompts, one KV stream each
+(default 2: one per style). A new prompt that shares at least MIN_PREFIX leading tokens with a cached
+one (the few-shot exemplar block, a chat template's head) gets those cells copied and only its new
+suffix is evaluated; the prompt then replaces the cached prompt of its family (one sharing at least
+half of it), else the least recently used one. Memory: each slot is one more KV stream of the
+context's cells per sequence (Q8_0 K and V, about 2 x 1.06 bytes x n_layers x n_kv_heads x head_dim
+per cell: ~6.5 KB per cell for the 0.5B demo model, ~0.27 MB for a 7B LLaMA; at 1024 cells 6.5 MB
+and 280 MB per slot). `prefix_cache=0` turns it off (every prompt is evaluated whole; the baseline in
+bench/fewshot.py).
 
 Batch invariance: a path's tokens must not depend on what else shares its batch, yet llama.cpp's CPU
 kernels change with the batch's shape; with llama.cpp's defaults one prompt's logits differed by up
@@ -19,12 +30,21 @@ own; each sequence has its own KV stream (`kv_unified` off: its cells never inte
 sequences'); flash attention runs over a Q8_0 KV cache (over F16 cells llama.cpp takes a tiled kernel
 for many query rows and a split-KV kernel for one); weight repacking is off and GGML_CPU_TILED_MM=0
 (both switch matrix kernels with the row count). tests/test_engine.py checks that paths come out the
-same alone and in batches of other shapes. GPU backends give no such guarantee.
+same alone and in batches of other shapes. The same holds for the prefix cache: a prompt evaluated in
+two parts (cached prefix + suffix) gives the same cells and logits as in one part, because every
+row's computation is independent of the other rows of its batch and flash attention skips masked
+cells, so what was cached before never changes a path's text (tested). Guaranteed: the same model
+file, prompt, seed and settings give the same text on the same machine and llama.cpp build, whatever
+else shares the call or was cached. Not guaranteed: equality across llama.cpp versions, CPU
+instruction sets or thread counts, and GPU backends give no such guarantee at all.
 
 Seeds: path j of prompt p is drawn with the sampler seed `derive_seed(seed_p, first_path + j)`, where
 seed_p is `derive_seed(seed, p)` (or the caller's own per-prompt seed). A path's text therefore does
 not depend on how many other paths share its batch, and a later call with `first_path=k` continues
 a run of k paths. Temperature 0 is greedy.
+
+Threads: `n_threads` 0 uses the machine's physical cores (`physical_cores()`; hyper-threads add
+little to matrix products and slow them when the sibling is busy).
 
 Environment: llama.cpp's CPU backend uses OpenMP; with busy-waiting threads 2 threads on 2 cores were
 erratic here, so this module sets OMP_WAIT_POLICY=PASSIVE, and GGML_CPU_TILED_MM=0 (see above), unless
@@ -38,8 +58,9 @@ import ctypes
 import hashlib
 import logging
 import os
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType, TracebackType
 from typing import Any
@@ -48,7 +69,7 @@ from mdlite import MdliteError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_THREADS = 2  # with OMP_WAIT_POLICY=PASSIVE; see bench/engine.py
+MIN_PREFIX = 16  # shortest shared prefix worth copying from the prefix cache (tokens)
 _CTX_ROUND = 256  # llama.cpp rounds each sequence's KV stream to this many cells
 
 
@@ -65,6 +86,18 @@ def derive_seed(*parts: int | str) -> int:
     """A 32-bit seed mixed from `parts` (stable across runs and platforms)."""
     digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=4).digest()
     return min(int.from_bytes(digest, "little"), 0xFFFFFFFE)  # 0xFFFFFFFF means "random" to llama.cpp
+
+
+def physical_cores() -> int:
+    """Physical CPU cores this process may use (Linux: distinct core ids in /proc/cpuinfo, capped by the
+    CPU affinity mask; elsewhere os.cpu_count())."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return usable
+    cores = set(re.findall(r"^physical id\s*:\s*(\d+)\s*$.*?^core id\s*:\s*(\d+)\s*$", info, re.MULTILINE | re.DOTALL))
+    return max(1, min(len(cores) or usable, usable))
 
 
 def llama_cpp_module() -> ModuleType:
@@ -84,16 +117,19 @@ class Engine:
     """A GGUF loaded once for batched multi-path sampling.
 
     `n_ctx` is each sequence's KV cache size in cells (its prompt plus max_tokens); 0 sizes it per
-    call, growing as needed. `n_threads` 0 picks DEFAULT_THREADS (capped at the CPU count).
+    call, growing as needed. `n_threads` 0 uses the physical cores. `prefix_cache`: prompts whose KV
+    cells are kept for reuse (0: off; see the module docstring).
     """
 
     def __init__(self, model: str | Path, *, n_ctx: int = 0, n_gpu_layers: int = 0, n_threads: int = 0,
-                 n_batch: int = 512) -> None:
+                 n_batch: int = 512, prefix_cache: int = 2) -> None:
         from mdlite.models import model_path
 
         self.path = model_path(str(model))
-        self.n_ctx, self.n_batch = n_ctx, n_batch
-        self.n_threads = n_threads or min(DEFAULT_THREADS, os.cpu_count() or 1)
+        self.n_ctx, self.n_batch, self.prefix_cache = n_ctx, n_batch, prefix_cache
+        self.n_threads = n_threads or physical_cores()
+        self.prompt_tokens = self.cached_tokens = 0  # prompt tokens asked for / taken from the prefix cache
+        self._cached: list[_Cached] = []  # least recently used first
         self._llama = llama = llama_cpp_module()
         _forward_llama_log(llama)
         llama.llama_backend_init()
@@ -145,30 +181,34 @@ class Engine:
     def sample(self, prompts: Sequence[str], *, n: int | Sequence[int] = 1, temperature: float = 0.0,
                top_p: float = 1.0, top_k: int = 0, max_tokens: int = 256,
                stop: Sequence[str] | Sequence[Sequence[str]] = (), seed: int | Sequence[int] = 0,
-               first_path: int | Sequence[int] = 0, ignore_eos: bool = False) -> list[list[Generation]]:
+               first_path: int | Sequence[int] = 0, stop_after: str | Sequence[str | None] | None = None,
+               ignore_eos: bool = False) -> list[list[Generation]]:
         """`n` paths per prompt (an int, or one count per prompt), as result[prompt][path].
 
         `stop`: stop strings for every prompt, or one list per prompt. `seed`: one base seed, or one
         per prompt; `first_path`: the number of the first path, for all prompts or per prompt (see the
-        module docstring). `top_k` 0 and `top_p` 1 switch those filters off. `ignore_eos` bans
+        module docstring). `stop_after`: a regular expression, for every prompt or one (or None) per
+        prompt; a path ends right after its first match. `top_k` 0 and `top_p` 1 switch those filters
+        off. `ignore_eos` bans
         end-of-generation tokens, so paths end on stop strings or max_tokens only (benchmarks).
         """
         counts = [n] * len(prompts) if isinstance(n, int) else list(n)
         firsts = [first_path] * len(prompts) if isinstance(first_path, int) else list(first_path)
         stops = _per_prompt(stop, len(prompts))
+        ends = [stop_after] * len(prompts) if stop_after is None or isinstance(stop_after, str) else list(stop_after)
         seeds = [derive_seed(seed, p) for p in range(len(prompts))] if isinstance(seed, int) else list(seed)
-        if not len(counts) == len(firsts) == len(seeds) == len(prompts):
-            raise ValueError("n, seed and first_path must be an int or have one entry per prompt")
+        if not len(counts) == len(firsts) == len(seeds) == len(ends) == len(prompts):
+            raise ValueError("n, seed, first_path and stop_after must be one value or have one entry per prompt")
         if max_tokens < 1 or min(counts, default=1) < 0:
             raise ValueError("max_tokens must be >= 1 and n >= 0")
         tokens = [self.tokenize(prompt) for prompt in prompts]
         if not all(tokens):
             raise MdliteError("an empty prompt cannot be sampled from (the model adds no BOS token)")
         self._prepare(tokens, counts, max_tokens)
-        paths = [_Path(prompt=p, seq=0, stop=stops[p], sampler=self._sampler(
+        paths = [_Path(prompt=p, seq=0, stop=stops[p], end=ends[p], sampler=self._sampler(
                     temperature, top_p, top_k, derive_seed(seeds[p], firsts[p] + j), ignore_eos=ignore_eos))
                  for p in range(len(prompts)) for j in range(counts[p])]
-        for seq, path in enumerate(paths):
+        for seq, path in enumerate(paths, start=self.prefix_cache):
             path.seq = seq
         try:
             self._generate(tokens, paths, max_tokens)
@@ -189,19 +229,22 @@ class Engine:
         if longest + max_tokens > self.n_ctx_train:
             raise MdliteError(f"a prompt of {longest} tokens + max_tokens {max_tokens} exceeds the model's "
                               f"context of {self.n_ctx_train} tokens; shorten the prompt or lower max_tokens")
-        seqs = sum(counts)
+        seqs = sum(counts) + self.prefix_cache
         limit = min(self._llama.llama_max_parallel_sequences(), self.n_batch)
         if seqs > limit:
-            raise MdliteError(f"{seqs} paths in one call exceed the limit of {limit} sequences; sample fewer paths")
+            raise MdliteError(f"{seqs - self.prefix_cache} paths in one call exceed the limit of "
+                              f"{limit - self.prefix_cache} sequences; sample fewer paths")
         cells = longest + max_tokens
         if self.n_ctx and cells > self.n_ctx:
             raise MdliteError(f"a prompt of {longest} tokens + max_tokens {max_tokens} needs {cells} KV cells per "
-                              f"path, but n_ctx is {self.n_ctx}; raise n_ctx (flag --n-ctx; 0 sizes it "
+                              f"path, but n_ctx is {self.n_ctx}; raise n_ctx (flag --num-ctx; 0 sizes it "
                               "automatically) or lower max_tokens")
         want_cells = -(-(self.n_ctx or cells) // _CTX_ROUND) * _CTX_ROUND
         if self._ctx is None or want_cells > self._ctx_cells or seqs > self._ctx_seqs:
             self._new_context(max(want_cells, self._ctx_cells), max(seqs, self._ctx_seqs, 1))
-        self._llama.llama_memory_clear(self._llama.llama_get_memory(self._ctx), True)
+        mem = self._llama.llama_get_memory(self._ctx)
+        for seq in range(self.prefix_cache, self._ctx_seqs):  # the cached prompts' streams stay
+            self._llama.llama_memory_seq_rm(mem, seq, -1, -1)
 
     def _new_context(self, cells: int, seqs: int) -> None:
         llama = self._llama
@@ -217,8 +260,9 @@ class Engine:
         self._ctx = llama.llama_init_from_model(self._model, params)
         if not self._ctx:
             raise MdliteError(f"llama.cpp could not create a context of {cells} KV cells for each of {seqs} "
-                              "sequences; lower n_ctx (flag --n-ctx), max_tokens or paths")
+                              "sequences; lower n_ctx (flag --num-ctx), max_tokens or paths")
         self._ctx_cells, self._ctx_seqs = cells, seqs
+        self._cached = [_Cached(seq=i) for i in range(self.prefix_cache)]
         log.debug("context: %d cells per sequence, %d sequences", cells, seqs)
 
     def _sampler(self, temperature: float, top_p: float, top_k: int, seed: int, *, ignore_eos: bool) -> Any:
@@ -246,16 +290,18 @@ class Engine:
         mem = llama.llama_get_memory(ctx)
         batch = llama.llama_batch_init(self.n_batch, 0, 1)
         try:
-            # Each prompt alone, on the sequence of its first path; copied to its other paths.
+            # Each prompt alone, on the sequence of its first path (after the cells of its longest cached
+            # prefix); copied to its other paths and into the prefix cache.
             for p, prompt in enumerate(tokens):
                 mine = [path for path in paths if path.prompt == p]
                 if not mine:
                     continue
-                for start in range(0, len(prompt), self.n_batch):
+                for start in range(self._reuse_prefix(prompt, mine[0].seq), len(prompt), self.n_batch):
                     chunk = prompt[start:start + self.n_batch]
                     for i, token in enumerate(chunk):
                         _put(batch, i, token, start + i, mine[0].seq, logits=start + i == len(prompt) - 1)
                     self._decode(batch, len(chunk))
+                self._remember_prompt(prompt, mine[0].seq)
                 for path in mine:
                     if path is not mine[0]:
                         llama.llama_memory_seq_cp(mem, mine[0].seq, path.seq, -1, -1)
@@ -275,6 +321,35 @@ class Engine:
                 live = [path for path in live if path.finish_reason == ""]
         finally:
             llama.llama_batch_free(batch)
+
+    def _reuse_prefix(self, prompt: list[int], seq: int) -> int:
+        """Copy the cells of the cached prompt sharing the longest prefix with `prompt` (at least
+        MIN_PREFIX tokens; at most all but its last token, whose logits are needed) into `seq`; how many
+        leading tokens of `prompt` `seq` now holds."""
+        self.prompt_tokens += len(prompt)
+        shared, best = max(((_common_prefix(entry.tokens, prompt), entry) for entry in self._cached),
+                           default=(0, None), key=lambda pair: pair[0])
+        shared = min(shared, len(prompt) - 1)
+        if best is None or shared < MIN_PREFIX:
+            return 0
+        mem = self._llama.llama_get_memory(self._ctx)
+        self._llama.llama_memory_seq_cp(mem, best.seq, seq, -1, -1)  # a whole stream (buffers copied in order)
+        self._llama.llama_memory_seq_rm(mem, seq, shared, -1)
+        self.cached_tokens += shared
+        return shared
+
+    def _remember_prompt(self, prompt: list[int], seq: int) -> None:
+        """Keep `prompt`'s cells (in `seq`) in the slot of the cached prompt of its family (sharing at least
+        half of `prompt`: the same exemplar block), else in the least recently used slot."""
+        if not self._cached:
+            return
+        shared, entry = max(((_common_prefix(e.tokens, prompt), e) for e in self._cached), key=lambda pair: pair[0])
+        if shared < max(MIN_PREFIX, len(prompt) // 2):
+            entry = self._cached[0]
+        self._llama.llama_memory_seq_cp(self._llama.llama_get_memory(self._ctx), seq, entry.seq, -1, -1)
+        entry.tokens = prompt
+        self._cached.remove(entry)
+        self._cached.append(entry)
 
     def _decode(self, batch: Any, count: int) -> None:
         batch.n_tokens = count
@@ -298,11 +373,20 @@ class Engine:
             path.finish(path.decoder.decode(b"", final=True), "length")
 
 
+@dataclass
+class _Cached:
+    """A prefix-cache slot: the KV stream `seq` holds the cells of `tokens`."""
+
+    seq: int
+    tokens: list[int] = field(default_factory=list)
+
+
 class _Path:
     """The state of one sequence while it is being generated."""
 
-    def __init__(self, *, prompt: int, seq: int, sampler: Any, stop: list[str]) -> None:
+    def __init__(self, *, prompt: int, seq: int, sampler: Any, stop: list[str], end: str | None = None) -> None:
         self.prompt, self.seq, self.sampler, self.stop = prompt, seq, sampler, stop
+        self.end = re.compile(end, re.DOTALL) if end else None
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
         self.text = ""
         self.tokens = self.pos = self.last = 0
@@ -316,6 +400,9 @@ class _Path:
         found = [i for s in self.stop if (i := self.text.find(s, start)) >= 0]
         if found:
             self.text = self.text[:min(found)]
+            self.finish_reason = "stop"
+        elif self.end and (match := self.end.search(self.text)):
+            self.text = self.text[:match.end()]
             self.finish_reason = "stop"
 
     def finish(self, tail: str, reason: str) -> None:
@@ -344,6 +431,11 @@ def _put(batch: Any, i: int, token: int, pos: int, seq: int, *, logits: bool) ->
     batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos, 1
     batch.seq_id[i][0] = seq
     batch.logits[i] = logits
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def _per_prompt(stop: Sequence[str] | Sequence[Sequence[str]], count: int) -> list[list[str]]:

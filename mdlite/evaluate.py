@@ -17,12 +17,18 @@ cot / pot (majority of that style), mixed (k paths: ceil(k/2) PoT + floor(k/2) C
 
 maj@k, for k = 1, 2, 4, ..., paths, is the exact probability that the vote over uniformly random k of a
 problem's sampled paths is right (`vote_at_k`: combinatorics over all subsets, not "the first k"),
-averaged over problems; a tie of the gold answer with t-1 others counts 1/t. A mode's accuracy is its
-maj@paths. Also reported: greedy accuracy per style, PoT execution failures, paths without an answer,
-paths cut at max_tokens, tokens per path, questions/s and tokens/s.
+averaged over problems; ties are broken as `mdlite solve` breaks them (mdlite.vote: the tied group seen
+first, PoT paths before CoT paths), the sampled paths taken in random order, so that maj@k is what solve
+scores with k paths: one style, a t-way tie of the gold answer counts 1/t; mixed, a tied answer with PoT
+paths beats one with CoT paths only, and among tied answers with PoT paths each wins with its share of
+them. A mode's accuracy is its maj@paths. Also reported: greedy accuracy per style, PoT execution
+failures, paths without an answer, paths cut at max_tokens, tokens per path, questions/s and tokens/s.
 
 Outputs in `output_dir`: samples.jsonl (every path; appended and flushed per problem, so the same command
 again skips finished problems and drops a torn last line), report.json, report.md, accuracy.png, run.json.
+A samples.jsonl record: id, problem_hash (mdlite.data.problem_hash of its question and gold; on resume a
+problem whose hash differs, or is missing, is dropped and redone), style, greedy, path, gold, answer, correct,
+text, program_result (PoT: ok, value, error), finish_reason, tokens, seconds.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import logging
 import math
 import os
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from fractions import Fraction
@@ -45,11 +51,11 @@ from typing import Any
 
 from tqdm import tqdm
 
-from mdlite import MdliteError
+from mdlite import MdliteError, check_output_dir
 from mdlite.answers import answers_match, extract_answer
 from mdlite.config import EvalConfig, to_dict
-from mdlite.data import Problem, load_problems
-from mdlite.prompts import extract_program, prompt_text
+from mdlite.data import Problem, load_problems, problem_hash
+from mdlite.prompts import STOP_AFTER, extract_program, prompt_text
 from mdlite.runinfo import file_sha256, package_versions, write_json
 
 log = logging.getLogger(__name__)
@@ -63,15 +69,15 @@ SAMPLES, REPORT_JSON, REPORT_MD, PLOT, RUN_JSON = ("samples.jsonl", "report.json
 def run(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate `cfg.model` on `cfg.data`; returns the output paths and the report."""
     problems = load_problems(cfg.data, data_dir=cfg.data_dir or None, limit=cfg.limit or None)
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = check_output_dir(cfg.output_dir, "--output-dir")
     started = time.time()
     with _exclusive(output_dir):
         info = _run_record(cfg, problems)
         _check_resumable(output_dir, info)
         write_json(output_dir / RUN_JSON, info)
         plan = sampling_plan(cfg)
-        done = load_samples(output_dir / SAMPLES, per_problem=sum(plan.values()))
+        done = load_samples(output_dir / SAMPLES, per_problem=sum(plan.values()),
+                            hashes={p.id: problem_hash(p) for p in problems})
         scores = {p.id: problem_scores(done[p.id], p.answer, cfg) for p in problems if p.id in done}
         if scores:
             log.info("%s: resuming; %d of %d problems are done", output_dir, len(scores), len(problems))
@@ -99,27 +105,28 @@ def sampling_plan(cfg: EvalConfig) -> dict[tuple[str, bool], int]:
 
 
 def vote_at_k(pools: Sequence[tuple[Sequence[float | None], int]], gold: float) -> float:
-    """Exact probability that majority vote over uniformly random subsets, of size k_i from each pool
-    (answers_i, k_i), picks `gold`. None answers (failed paths) take a slot but no vote; no answer at all is
-    wrong; a tie of the gold answer with t-1 others counts 1/t (a uniformly random tie-break; vote.py breaks
-    ties by path order instead). Answers are grouped as vote.py does: a path joins the first group whose
-    first answer it matches, the pools read in order (PoT first).
+    """Exact probability that mdlite.vote's (unweighted) vote over uniformly random subsets, of size k_i
+    from each pool (answers_i, k_i), in random order, picks `gold`. None answers (failed paths) take a slot
+    but no vote; no answer at all is wrong. Ties go as vote.py breaks them: to the tied group seen first, the
+    pools read in order (PoT first); over random orders a tied group wins with its share of the tied groups'
+    paths in the first pool where they have any (one pool: 1/t for a t-way tie). Answers are grouped as
+    vote.py does: a path joins the first group whose first answer it matches, the pools read in order.
 
     How: for each gold-matching group and each way j_i of drawing its votes from each pool, count the ways
-    to fill the other slots with failed paths and rival groups of at most sum(j_i) votes each, by the number
-    of rivals tied with it; divide by the number of subsets.
+    to fill the other slots with failed paths and rival groups of at most sum(j_i) votes each, by the paths
+    per pool of the rivals tied with it; divide by the number of subsets.
     """
     sizes, ks = [len(answers) for answers, _ in pools], tuple(k for _, k in pools)
     if any(not 0 <= k <= n for k, n in zip(ks, sizes, strict=True)) or not sum(ks):
         raise ValueError(f"subset sizes {ks} must be within the pool sizes {sizes}, and not all 0")
     groups = _groups([answers for answers, _ in pools])
     failed = tuple(sum(a is None for a in answers) for answers, _ in pools)
-    by_ties: Counter[int] = Counter()  # ties -> ways the gold answer wins with that many rivals tied
+    credit = Fraction(0)  # ways the gold answer wins, ties weighted by its chance to win them
     for g, (value, counts) in enumerate(groups):
         if not answers_match(value, gold):
             continue
         rivals = [c for h, (_, c) in enumerate(groups) if h != g]
-        tables: dict[int, dict[tuple[tuple[int, ...], int], int]] = {}
+        tables: dict[int, dict[tuple[tuple[int, ...], tuple[int, ...]], int]] = {}
         for split in itertools.product(*(range(min(c, k) + 1) for c, k in zip(counts, ks, strict=True))):
             if not (votes := sum(split)):
                 continue
@@ -127,10 +134,10 @@ def vote_at_k(pools: Sequence[tuple[Sequence[float | None], int]], gold: float) 
                 tables[votes] = _fillings(rivals, failed, ks, votes=votes)
             rest = tuple(k - j for k, j in zip(ks, split, strict=True))
             ways = math.prod(math.comb(c, j) for c, j in zip(counts, split, strict=True))
-            for (filled, ties), count in tables[votes].items():
+            for (filled, tied), count in tables[votes].items():
                 if filled == rest:
-                    by_ties[ties] += ways * count
-    credit = sum(Fraction(ways, ties + 1) for ties, ways in by_ties.items())
+                    own, others = next((j, t) for j, t in zip(split, tied, strict=True) if j + t)
+                    credit += Fraction(ways * count * own, own + others)
     return float(credit / math.prod(math.comb(n, k) for n, k in zip(sizes, ks, strict=True)))
 
 
@@ -177,18 +184,22 @@ def _groups(pools: list[Sequence[float | None]]) -> list[tuple[float, tuple[int,
 
 
 def _fillings(rivals: list[tuple[int, ...]], failed: tuple[int, ...], ks: tuple[int, ...], *,
-              votes: int) -> dict[tuple[tuple[int, ...], int], int]:
-    """{(slots filled per pool, ties): ways} to draw from the rival groups (at most `votes` paths from
-    each) and the failed paths, where ties counts the rivals that drew exactly `votes`."""
-    table = {(tuple(0 for _ in ks), 0): 1}
+              votes: int) -> dict[tuple[tuple[int, ...], tuple[int, ...]], int]:
+    """{(slots filled per pool, tied paths per pool): ways} to draw from the rival groups (at most `votes`
+    paths from each) and the failed paths, where tied counts the paths of the rivals that drew exactly
+    `votes`."""
+    none = tuple(0 for _ in ks)
+    table = {(none, none): 1}
     for counts, rival in [*((c, True) for c in rivals), (failed, False)]:
-        grown: dict[tuple[tuple[int, ...], int], int] = defaultdict(int)
-        for (filled, ties), ways in table.items():
+        grown: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = defaultdict(int)
+        for (filled, tied), ways in table.items():
             for take in itertools.product(*(range(min(c, k - f) + 1) for c, k, f in zip(counts, ks, filled,
                                                                                           strict=True))):
                 if rival and sum(take) > votes:
                     continue
-                state = tuple(f + t for f, t in zip(filled, take, strict=True)), ties + (rival and sum(take) == votes)
+                ties = rival and sum(take) == votes
+                state = (tuple(f + t for f, t in zip(filled, take, strict=True)),
+                         tuple(d + t for d, t in zip(tied, take, strict=True)) if ties else tied)
                 grown[state] += ways * math.prod(math.comb(c, t) for c, t in zip(counts, take, strict=True))
         table = grown
     return table
@@ -301,7 +312,7 @@ def compare_reports(folders: Sequence[str | Path]) -> str:
         path = Path(folder) / REPORT_JSON
         try:
             reports.append(json.loads(path.read_text(encoding="utf-8")))
-        except FileNotFoundError:
+        except OSError:  # FOLDER missing, a file, or without a report
             raise MdliteError(f"{path}: no report; run `mdlite eval --output-dir {folder}` first") from None
         except ValueError as error:
             raise MdliteError(f"{path}: not a report ({error}); rerun `mdlite eval --output-dir {folder}`") from None
@@ -373,9 +384,10 @@ def _record(problem: Problem, greedy: bool, path: Any) -> dict[str, Any]:
     """One samples.jsonl line from a scored path (mdlite.solve.PathResult)."""
     program = None if path.program is None else {"ok": path.answer is not None, "value": path.answer,
                                                  "error": path.program_error}
-    return {"id": problem.id, "style": path.style, "greedy": greedy, "path": path.index, "gold": problem.answer,
-            "answer": path.answer, "correct": answers_match(path.answer, problem.answer), "text": path.text,
-            "program_result": program, "finish_reason": path.finish_reason, "tokens": path.tokens}
+    return {"id": problem.id, "problem_hash": problem_hash(problem), "style": path.style, "greedy": greedy,
+            "path": path.index, "gold": problem.answer, "answer": path.answer,
+            "correct": answers_match(path.answer, problem.answer), "text": path.text, "program_result": program,
+            "finish_reason": path.finish_reason, "tokens": path.tokens}
 
 
 def _engine_solver(cfg: EvalConfig) -> tuple[Solver, Callable[[], None], str | None]:
@@ -383,7 +395,7 @@ def _engine_solver(cfg: EvalConfig) -> tuple[Solver, Callable[[], None], str | N
     from mdlite.engine import Engine
     from mdlite.solve import solve_questions
 
-    engine = Engine(cfg.model, n_gpu_layers=cfg.n_gpu_layers, n_threads=cfg.n_threads)
+    engine = Engine(cfg.model, n_gpu_layers=cfg.n_gpu_layers, n_threads=cfg.n_threads, prefix_cache=cfg.prefix_cache)
 
     def solve(chunk: list[Problem], style: str, *, greedy: bool, n: int) -> list[list[Any]]:
         solutions = solve_questions(
@@ -424,7 +436,8 @@ def _teacher_solver(cfg: EvalConfig) -> tuple[Solver, Callable[[], None], str | 
         seed = derive_seed(derive_seed(cfg.seed, problem.id, style), path)
         try:
             [completion] = await pool.complete(prompt, n=1, temperature=0.0 if greedy else cfg.temperature,
-                                               max_tokens=cfg.max_tokens, stop=stop, seed=seed)
+                                               max_tokens=cfg.max_tokens, stop=stop, seed=seed,
+                                               stop_after=STOP_AFTER[style])
         except TeacherError as error:
             raise MdliteError(f"teacher {cfg.model}: {error}; finished problems are saved, run the same command "
                               "again to resume") from None
@@ -503,9 +516,11 @@ def _running_accuracy(scores: dict[str, dict[str, float]], cfg: EvalConfig) -> s
 # ---- files --------------------------------------------------------------------------------------
 
 
-def load_samples(path: Path, *, per_problem: int) -> dict[str, list[dict[str, Any]]]:
+def load_samples(path: Path, *, per_problem: int, hashes: dict[str, str]) -> dict[str, list[dict[str, Any]]]:
     """The records of every finished problem in samples.jsonl, by problem id. A torn last line (a killed
-    run) and the records of an unfinished problem (fewer than `per_problem`) are removed from the file."""
+    run), the records of an unfinished problem (fewer than `per_problem`) and those of a problem in `hashes`
+    (id -> problem_hash) whose problem_hash differs or is missing (its question or gold changed) are removed
+    from the file."""
     if not path.exists():
         return {}
     complete, _, torn = path.read_bytes().rpartition(b"\n")
@@ -521,10 +536,15 @@ def load_samples(path: Path, *, per_problem: int) -> dict[str, list[dict[str, An
         except (ValueError, KeyError, TypeError):
             raise MdliteError(f"{path}:{number}: not a sample record; delete that line (or the file) and "
                               "rerun") from None
-    done = {pid: records for pid, records in groups.items() if len(records) == per_problem}
+    finished = {pid: records for pid, records in groups.items() if len(records) == per_problem}
+    if len(finished) < len(groups):
+        log.warning("%s: dropping the records of %d unfinished problems", path, len(groups) - len(finished))
+    done = {pid: records for pid, records in finished.items()
+            if pid not in hashes or all(r.get("problem_hash") == hashes[pid] for r in records)}
+    if len(done) < len(finished):
+        log.warning("%s: dropping the records of %d problems whose question or gold answer changed (or that "
+                    "have no problem_hash); they are redone", path, len(finished) - len(done))
     if torn or len(done) < len(groups):
-        if len(done) < len(groups):
-            log.warning("%s: dropping the records of %d unfinished problems", path, len(groups) - len(done))
         partial = path.with_name(path.name + ".partial")
         partial.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for rs in done.values() for r in rs),
                            encoding="utf-8")

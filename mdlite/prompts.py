@@ -21,6 +21,11 @@ STUDENT_DIRECTIVES = {
 _TEACHER_SUFFIX = {"cot": "Question: {question}\nAnswer:", "pot": "Question: {question}\nProgram:\n```python\n"}
 TEACHER_STOP = {"cot": ["\nQuestion:", "\n\n"], "pot": ["```", "\nQuestion:"]}
 STUDENT_STOP = ["\nQuestion:"]
+# Where a rationale is complete: the engine (students, the in-process teacher) stops right after a match.
+# CoT: the answer sentence once it has a number and its closing period is followed by whitespace ("The
+# answer is 3.5" waits for its end, "The answer is:\n12." is not cut short); PoT: a fenced program's
+# closing fence (the teacher's PoT prompt opens the fence itself, so there the stop string "```" ends it).
+STOP_AFTER = {"cot": r"(?i)\bthe (?:final )?answer is\b[^\n]*?\d[^\n]*?\.(?=\s)", "pot": r"```[^\n]*\n.*?\n```"}
 _FENCE_RE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
 
 

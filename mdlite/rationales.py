@@ -6,21 +6,26 @@
 
 For each problem the teacher (mdlite.teacher) writes `n_cot` CoT and `n_pot` PoT samples from the
 few-shot prompts of mdlite.prompts. A CoT sample is kept when its stated answer matches the gold
-answer (its text then ends with "The answer is N."); a PoT sample when its program, run in the
+answer and some reasoning comes before the answer is first stated (its text then ends with "The answer
+is N."); a PoT sample when its program, run in the
 sandbox, returns the gold answer (its text is the program). A kept sample whose normalised text equals
 an earlier kept sample of the same problem and style is rejected as "duplicate".
 
 Outputs in `output_dir`:
 - rationales.jsonl: one JSON record per completed sample, kept or not, appended and flushed as samples
-  complete: key ("<problem_id>/<style>/<sample>"), problem_id, style ("cot" | "pot"), sample, question,
+  complete: key ("<problem_id>/<style>/<sample>"), problem_id, problem_hash (mdlite.data.problem_hash of
+  question and gold), style ("cot" | "pot"), sample, question,
   gold, text (CoT: the rationale ending "The answer is N."; PoT: the program, defining solution(),
-  no fences), answer (float | null), kept, reason (null | "wrong answer" | "no answer" | "no program" |
-  "program error: ..." | "duplicate"), teacher (the spec), model_digest, prompt_hash, options
+  no fences), answer (float | null), kept, reason (null | "wrong answer" | "no answer" |
+  "no reasoning" (CoT: the answer stated before any reasoning) | "no program" | "program error: ..." |
+  "duplicate"), teacher (the spec), model_digest, prompt_hash, options
   (temperature, max_tokens, seed), tokens, latency_s. `mdlite train` uses the kept records. The same
   command again skips the keys it finds; a torn last line from a killed run is dropped; records from
-  another teacher, other prompts (prompt_hash per style) or other sampling options move to
-  rationales.replaced.jsonl and are redone.
-- teach_stats.json: per style samples, kept, teacher accuracy, reasons, tokens/s; this session's
+  another teacher, other prompts (prompt_hash per style), other sampling options or of a problem whose
+  question or gold changed (problem_hash differs or is missing) move to rationales.replaced.jsonl and
+  are redone.
+- teach_stats.json: per style samples, kept, teacher accuracy, reasons, tokens/s per request (requests
+  sampled together each count their whole latency; the session's tokens/s is the throughput); this session's
   requests/s and its failures (requests that failed after all retries: that problem's remaining
   samples of the style are skipped, and the next run tries them again).
 - run.json: resolved config, package versions, input hashes, the teacher's model digest.
@@ -49,11 +54,11 @@ from typing import IO, Any
 
 from tqdm import tqdm
 
-from mdlite import MdliteError
+from mdlite import MdliteError, check_output_dir
 from mdlite.answers import answers_match, extract_answer, format_number
 from mdlite.config import TeachConfig, to_dict
-from mdlite.data import Problem, load_problems
-from mdlite.prompts import STYLES, TEACHER_STOP, extract_program, prompt_hash, teacher_prompt
+from mdlite.data import Problem, load_problems, problem_hash
+from mdlite.prompts import STOP_AFTER, STYLES, TEACHER_STOP, extract_program, prompt_hash, teacher_prompt
 from mdlite.runinfo import package_versions, write_json
 from mdlite.teacher import Completion, TeacherError, TeacherPool, make_pool
 
@@ -63,6 +68,10 @@ RECORDED_PACKAGES = ("ollama", "httpx", "llama-cpp-python")  # versions written 
 RATIONALES = "rationales.jsonl"
 REPLACED = "rationales.replaced.jsonl"
 _ANSWER_SENTENCE = re.compile(r"(?:\b(?:so|thus|therefore|hence),?\s+)?\bthe (?:final )?answer is\b", re.IGNORECASE)
+_ANSWER_TAIL = re.compile(r"[\s:*$€£−-]*\d[\d,./%]*[^\d\n.!?]*[.!?]?[\s*]*")  # " $7.00 in all." after the above
+# Where a rationale first states an answer: everything before it is its reasoning.
+_FIRST_ANSWER = re.compile(
+    r"####|\\boxed\{|(?:\b(?:so|thus|therefore|hence),?\s+)?(?:\bthe\s+)?(?:\bfinal\s+)?\banswer\b", re.IGNORECASE)
 
 
 @dataclass
@@ -81,13 +90,12 @@ class Session:
 def run(cfg: TeachConfig) -> dict[str, Any]:
     """Sample, check, dedupe and append rationales for `cfg.data`; returns the output paths and stats."""
     problems = load_problems(cfg.data, data_dir=cfg.data_dir or None, limit=cfg.limit or None)
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = check_output_dir(cfg.output_dir, "--output-dir")
     path = output_dir / RATIONALES
     session = Session()
     started = time.time()
     with _exclusive(output_dir):
-        done = _load_current(path, cfg)
+        done = _load_current(path, cfg, {p.id: problem_hash(p) for p in problems})
         try:
             with path.open("a", encoding="utf-8") as sink:
                 asyncio.run(_teach(problems, done, cfg, sink, session))
@@ -99,6 +107,10 @@ def run(cfg: TeachConfig) -> dict[str, Any]:
             stats = teach_stats(done.values(), session)
             write_json(output_dir / "teach_stats.json", stats)
             write_json(output_dir / "run.json", _run_record(cfg, problems, session, started))
+    if session.failures and not session.requests:
+        raise MdliteError(f"the teacher {cfg.teacher} answered none of {len(session.failures)} requests "
+                          f"({session.failures[0]['error']}); check that it is running and serves the model "
+                          "(flags --teacher, --endpoints), then run the same command again")
     return {"rationales": path, "teach_stats": output_dir / "teach_stats.json", "run": output_dir / "run.json",
             "stats": stats}
 
@@ -127,13 +139,17 @@ def normalize_rationale(text: str, *, style: str) -> str:
     return " ".join(re.findall(r"\w+|[^\w\s]", text.lower()))
 
 
-def with_answer_sentence(text: str, answer: float) -> str:
-    """`text` ending with "The answer is N." (a trailing "the answer is ..." clause is replaced)."""
+def with_answer_sentence(text: str, answer: float) -> str | None:
+    """`text` ending with "The answer is N.", or None when it states an answer before any reasoning ("The
+    answer is 7. Explanation: 3 + 4 = 7.", "#### 7"). A last sentence "the answer is N <words>." is
+    replaced; otherwise nothing is cut and the sentence is appended."""
+    first = _FIRST_ANSWER.search(text)
+    if not re.search(r"\w", text[: first.start()] if first else text):
+        return None
     matches = list(_ANSWER_SENTENCE.finditer(text))
-    if matches:
+    if matches and _ANSWER_TAIL.fullmatch(text, matches[-1].end()):
         text = text[: matches[-1].start()].rstrip()
-    sentence = f"The answer is {format_number(answer)}."
-    return f"{text} {sentence}" if text else sentence
+    return f"{text} The answer is {format_number(answer)}."
 
 
 def read_rationales(path: Path) -> list[dict[str, Any]]:
@@ -206,30 +222,36 @@ async def _teach(problems: list[Problem], done: dict[str, dict[str, Any]], cfg: 
 
 async def _teach_group(problem: Problem, style: str, count: int, pool: TeacherPool, done: dict[str, dict[str, Any]],
                        cfg: TeachConfig, sink: IO[str], session: Session, bar: tqdm) -> None:
-    """Draw the missing samples of (problem, style) in order; on a failed request record it and stop."""
+    """Request the missing samples of (problem, style) together (an in-process teacher samples them in one
+    call) and record them in order; a failed request is recorded and ends the group (the next run retries)."""
     prompt = teacher_prompt(problem.question, style=style)
     keys = [record_key(problem.id, style, i) for i in range(count)]
-    for i, key in enumerate(keys):
-        if key in done:
-            continue
-        options = sample_options(cfg, problem.id, style, i)
-        try:
-            [completion] = await pool.complete(prompt, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
-                                               stop=TEACHER_STOP[style], seed=options["seed"])
-        except TeacherError as error:
-            session.failures.append({"key": key, "error": str(error)})
+    missing = [i for i, key in enumerate(keys) if key not in done]
+    options = {i: sample_options(cfg, problem.id, style, i) for i in missing}
+    replies = await asyncio.gather(*(pool.complete(prompt, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
+                                                   stop=TEACHER_STOP[style], seed=options[i]["seed"],
+                                                   stop_after=STOP_AFTER[style]) for i in missing),
+                                   return_exceptions=True)
+    for i, reply in zip(missing, replies, strict=True):
+        key = keys[i]
+        if isinstance(reply, TeacherError):
+            session.failures.append({"key": key, "error": str(reply)})
             bar.update(sum(k not in done for k in keys[i:]))
             bar.set_postfix(kept=session.kept, failed=len(session.failures))
             return
+        if isinstance(reply, BaseException):
+            raise reply
+        [completion] = reply
         text, answer, reason = await _check(problem, style, completion, cfg)
         earlier = {normalize_rationale(done[k]["text"], style=style) for k in keys[:i] if done.get(k, {}).get("kept")}
         if reason is None and normalize_rationale(text, style=style) in earlier:
             reason = "duplicate"
         record = {
-            "key": key, "problem_id": problem.id, "style": style, "sample": i, "question": problem.question,
-            "gold": problem.answer, "text": text, "answer": answer, "kept": reason is None, "reason": reason,
+            "key": key, "problem_id": problem.id, "problem_hash": problem_hash(problem), "style": style, "sample": i,
+            "question": problem.question, "gold": problem.answer, "text": text, "answer": answer,
+            "kept": reason is None, "reason": reason,
             "teacher": cfg.teacher, "model_digest": session.model_digest, "prompt_hash": prompt_hash(style),
-            "options": options, "tokens": completion.tokens, "latency_s": round(completion.latency_s, 4),
+            "options": options[i], "tokens": completion.tokens, "latency_s": round(completion.latency_s, 4),
         }
         sink.write(json.dumps(record, ensure_ascii=False) + "\n")
         sink.flush()
@@ -252,7 +274,8 @@ async def _check(problem: Problem, style: str, completion: Completion,
             return text, None, "no answer"
         if not answers_match(answer, problem.answer):
             return text, answer, "wrong answer"
-        return with_answer_sentence(text, answer), answer, None
+        rewritten = with_answer_sentence(text, answer)
+        return (text, answer, "no reasoning") if rewritten is None else (rewritten, answer, None)
     from mdlite.sandbox import run_programs
 
     program = extract_program(completion.text)
@@ -270,9 +293,10 @@ async def _check(problem: Problem, style: str, completion: Completion,
 # ---- the records file ---------------------------------------------------------------------------
 
 
-def _load_current(path: Path, cfg: TeachConfig) -> dict[str, dict[str, Any]]:
-    """The records of `path` made with `cfg`'s teacher, prompts and options, by key. A torn last line is cut
-    off; other records move to rationales.replaced.jsonl."""
+def _load_current(path: Path, cfg: TeachConfig, hashes: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """The records of `path` made with `cfg`'s teacher, prompts and options, for the problems as `hashes`
+    (id -> problem_hash) has them, by key. A torn last line is cut off; other records move to
+    rationales.replaced.jsonl (those of problems not in `hashes` stay)."""
     records, good_bytes = _read_records(path)
     if path.exists() and path.stat().st_size > good_bytes:
         log.warning("%s: dropping a torn last line (a run was killed mid-write)", path)
@@ -281,15 +305,15 @@ def _load_current(path: Path, cfg: TeachConfig) -> dict[str, dict[str, Any]]:
     current: dict[str, dict[str, Any]] = {}
     stale = []
     for record in records:
-        if not _is_current(record, cfg):
+        if not _is_current(record, cfg, hashes):
             stale.append(record)
             continue
         if record["key"] in current:  # only a hand-edited file repeats a key: the last one counts
             stale.append(current.pop(record["key"]))
         current[record["key"]] = record
     if stale:
-        log.warning("%s: %d records from another teacher, other prompts or other options move to %s and are "
-                    "redone", path, len(stale), REPLACED)
+        log.warning("%s: %d records from another teacher, other prompts, other options or a changed question or "
+                    "gold answer move to %s and are redone", path, len(stale), REPLACED)
         with (path.parent / REPLACED).open("a", encoding="utf-8") as replaced:
             replaced.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in stale)
         partial = path.with_name(path.name + ".partial")
@@ -300,11 +324,12 @@ def _load_current(path: Path, cfg: TeachConfig) -> dict[str, dict[str, Any]]:
     return current
 
 
-def _is_current(record: dict[str, Any], cfg: TeachConfig) -> bool:
-    style = record.get("style")
+def _is_current(record: dict[str, Any], cfg: TeachConfig, hashes: dict[str, str]) -> bool:
+    style, pid = record.get("style"), record["problem_id"]
     return (style in STYLES and record.get("teacher") == cfg.teacher
+            and (pid not in hashes or record.get("problem_hash") == hashes[pid])
             and record.get("prompt_hash") == prompt_hash(style)
-            and record.get("options") == sample_options(cfg, record["problem_id"], style, record["sample"]))
+            and record.get("options") == sample_options(cfg, pid, style, record["sample"]))
 
 
 def _read_records(path: Path) -> tuple[list[dict[str, Any]], int]:

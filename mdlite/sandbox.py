@@ -5,7 +5,8 @@
     [r.error for r in run_programs(["while True: pass", "ans = 5"])]    # ['timeout', None]
 
 The answer is the return value of `solution()` when the program defines it, else its variable `ans`
-or `answer`, else the last line it printed; `extract_number` turns it into a finite float or None.
+or `answer`, else the last line it printed; `extract_number` turns it into a finite float or None (see
+there which values count).
 
 Warm workers (`python -I`, empty environment, ALLOWED_MODULES pre-imported, in an empty network
 namespace when the kernel allows) fork one child per program; programs that mention numpy or sympy
@@ -108,12 +109,27 @@ def run_programs(
 
 
 def extract_number(value: object) -> float | None:
-    """A finite float from int, float, Fraction, Decimal, numpy or sympy numbers; None for anything else."""
+    """A finite float from a program's answer, or None.
+
+    Numbers: int, float, Fraction, Decimal, numpy (np.longdouble too) and sympy numbers. By choice, also: a
+    one-element list, tuple or numpy array is its element; a string is read like printed output (its last
+    line a number: "42", "3/4", "1,000"); a complex number without imaginary part (cmath.sqrt(16)) is its
+    real part. Anything else (bool, None, other text, longer sequences, NaN, infinities) is None.
+    """
+    if isinstance(value, (list, tuple)) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, str):
+        value = _parse_number(value)
     if isinstance(value, bool) or type(value).__name__ in ("bool_", "bool"):
         return None
     module = type(value).__module__.split(".")[0]
-    if module == "numpy" and getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
-        return extract_number(value.item())  # numpy scalars and 0-d arrays
+    if module == "numpy" and getattr(value, "size", None) == 1 and hasattr(value, "dtype"):
+        if value.dtype.kind not in "iufc":
+            return None
+        value = value.ravel()[0]  # numpy scalars and one-element arrays; no .item(): np.longdouble stays numpy
+        value = complex(value) if value.dtype.kind == "c" else float(value)
+    if isinstance(value, complex):
+        value = value.real if value.imag == 0 else None
     if module == "sympy" and getattr(value, "is_number", False) is not True:
         return None
     if module != "sympy" and not isinstance(value, (numbers.Real, Decimal)):
@@ -442,21 +458,36 @@ _BUILTINS = dict(vars(builtins), __import__=_import)  # a program may change it:
 
 
 def _make_hook(tmp: str, roots: tuple[str, ...]) -> Callable[[str, tuple[Any, ...]], None]:
-    """The audit hook. All it uses is an immutable default, so patching modules cannot weaken it."""
+    """The audit hook. All it uses is an immutable default, so patching modules cannot weaken it. Paths are
+    compared with their symbolic links resolved, as the kernel will open them (a venv reached through a link)."""
+    tmp = os.path.realpath(tmp)  # the roots are resolved already
 
-    def inside(path: object, dirs: tuple[str, ...], _cwd: Callable[[], str] = os.getcwd, _type: type = type,
-               _str: type = str, _bytes: type = bytes) -> bool:
+    def inside(path: object, dirs: tuple[str, ...], _cwd: Callable[[], str] = os.getcwd,
+               _lstat: Callable[..., Any] = os.lstat, _readlink: Callable[..., str] = os.readlink, _type: type = type,
+               _str: type = str, _bytes: type = bytes, _bad: tuple[type, ...] = (OSError, ValueError)) -> bool:
         if _type(path) is _bytes:
             path = path.decode("utf-8", "surrogateescape")  # type: ignore[union-attr]
         if _type(path) is not _str:
             return False  # a path-like object could answer differently when asked again
-        parts: list[str] = []
-        for part in (path if path.startswith("/") else _cwd() + "/" + path).split("/"):  # type: ignore[union-attr]
+        todo = (path if path.startswith("/") else _cwd() + "/" + path).split("/")[::-1]  # type: ignore[union-attr]
+        full, links = "", 0
+        while todo:
+            part = todo.pop()
             if part == "..":
-                parts = parts[:-1]
+                full = full.rpartition("/")[0]
             elif part not in ("", "."):
-                parts.append(part)
-        full = "/" + "/".join(parts)
+                try:  # a link (at most 40, as the kernel): go on from its target
+                    link = links < 40 and _lstat(full + "/" + part).st_mode & 0o170000 == 0o120000
+                    target = _readlink(full + "/" + part) if link else None
+                except _bad:  # no such file, or a NUL in the path
+                    target = None
+                if target is None:
+                    full += "/" + part
+                else:
+                    links += 1
+                    full = "" if target.startswith("/") else full
+                    todo += target.split("/")[::-1]
+        full = full or "/"
         for d in dirs:
             if full == d or full.startswith(d + "/"):
                 return True

@@ -4,8 +4,10 @@
     mdlite solve --file questions.txt --model qwen2.5-coder-0.5b-instruct --prompt-style few-shot --json
 
 For each question: prompts (`student_prompt` + STUDENT_STOP, or the teacher's few-shot prompts with
-`--prompt-style few-shot`) -> `Engine.sample` (several questions' paths in one batch) -> CoT answers
-with `extract_answer`, PoT programs with `extract_program` and the sandbox -> `vote.vote`.
+`--prompt-style few-shot`) -> `Engine.sample` (several questions' paths in one batch; the few-shot
+exemplars evaluated once by the prefix cache; a CoT path ends after its answer sentence, a PoT path
+after its closing fence: prompts.STOP_AFTER) -> CoT answers with `extract_answer`, PoT programs with
+`extract_program` and the sandbox -> `vote.vote`.
 
 Paths per style: cot and pot modes give all `paths` to their style; mixed gives ceil(paths/2) to PoT
 and the rest to CoT; hybrid samples `paths` PoT paths and, for questions where every program
@@ -32,11 +34,11 @@ from typing import Any
 
 from tqdm import tqdm
 
-from mdlite import MdliteError
+from mdlite import MdliteError, check_output_dir
 from mdlite.answers import extract_answer
 from mdlite.config import SolveConfig, to_dict
 from mdlite.engine import Engine, derive_seed
-from mdlite.prompts import STUDENT_STOP, TEACHER_STOP, extract_program, student_prompt, teacher_prompt
+from mdlite.prompts import STOP_AFTER, STUDENT_STOP, TEACHER_STOP, extract_program, student_prompt, teacher_prompt
 from mdlite.runinfo import package_versions
 from mdlite.vote import Vote, agree, vote
 
@@ -81,8 +83,11 @@ def run(cfg: SolveConfig, questions: Sequence[str]) -> list[Solution]:
     """Load cfg.model once, solve `questions`, and write solutions.jsonl + run.json if cfg.output_dir."""
     if not questions:
         raise MdliteError("no questions given; pass QUESTION, '-' for stdin, or --file FILE (one per line)")
+    if cfg.output_dir:
+        check_output_dir(cfg.output_dir, "--output-dir")
     started = time.time()
-    with Engine(cfg.model, n_ctx=cfg.n_ctx, n_gpu_layers=cfg.n_gpu_layers, n_threads=cfg.n_threads) as engine:
+    with Engine(cfg.model, n_ctx=cfg.num_ctx, n_gpu_layers=cfg.n_gpu_layers, n_threads=cfg.n_threads,
+                prefix_cache=cfg.prefix_cache) as engine:
         solutions = solve_questions(
             engine, questions, mode=cfg.mode, paths=cfg.paths, prompt_style=cfg.prompt_style,
             temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, max_tokens=cfg.max_tokens, seed=cfg.seed,
@@ -92,7 +97,6 @@ def run(cfg: SolveConfig, questions: Sequence[str]) -> list[Solution]:
         model_file = engine.path
     if cfg.output_dir:
         output_dir = Path(cfg.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
         with (output_dir / "solutions.jsonl").open("w", encoding="utf-8") as out:
             for solution in solutions:
                 out.write(json.dumps(solution.to_dict()) + "\n")
@@ -110,7 +114,7 @@ def solve_questions(engine: Engine, questions: Sequence[str], *, mode: str, path
                     ids: Sequence[str] | None = None,
                     prompt_style: str = "student", temperature: float = 0.7, top_p: float = 1.0, top_k: int = 0,
                     max_tokens: int = 256, seed: int = 0, early_stop: bool = False, cot_weight: float = 1.0,
-                    pot_weight: float = 1.0, rel_tol: float = 1e-4, batch_paths: int = 16,
+                    pot_weight: float = 1.0, batch_paths: int = 16,
                     program_timeout: float = 2.0, program_memory_mb: int = 256,
                     progress: bool = False) -> list[Solution]:
     """Sample, run, extract and vote for every question (see the module docstring); in question order.
@@ -141,7 +145,7 @@ def solve_questions(engine: Engine, questions: Sequence[str], *, mode: str, path
             pending = group
             if early_stop and paths > 2:
                 sampler.top_up(pending, _plan(mode, 2))
-                pending = [i for i in pending if not agree([p.answer for p in sampler.found[i]], rel_tol=rel_tol)]
+                pending = [i for i in pending if not agree([p.answer for p in sampler.found[i]])]
             sampler.top_up(pending, plan)
             if mode == "hybrid":
                 sampler.top_up([i for i in group if all(p.answer is None for p in sampler.found[i])], {"cot": paths})
@@ -149,7 +153,7 @@ def solve_questions(engine: Engine, questions: Sequence[str], *, mode: str, path
                 results = sampler.found.pop(i)
                 cot = [p.answer for p in results if p.style == "cot"]
                 pot = [p.answer for p in results if p.style == "pot"]
-                result = vote(mode, cot=cot, pot=pot, cot_weight=cot_weight, pot_weight=pot_weight, rel_tol=rel_tol)
+                result = vote(mode, cot=cot, pot=pot, cot_weight=cot_weight, pot_weight=pot_weight)
                 saved = paths - len(pot) if mode == "hybrid" else paths - len(results)
                 solutions.append(Solution(id=ids[i], question=questions[i], answer=result.answer, vote=result,
                                           paths=tuple(results), paths_saved=saved,
@@ -197,7 +201,8 @@ class _Sampler:
         generations = self.engine.sample(
             [prompt for prompt, _ in prompts], n=[count for _, _, count, _ in calls],
             temperature=o["temperature"], top_p=o["top_p"], top_k=o["top_k"], max_tokens=o["max_tokens"],
-            stop=[stop for _, stop in prompts], first_path=[first for *_, first in calls],
+            stop=[stop for _, stop in prompts], stop_after=[STOP_AFTER[style] for _, style, _, _ in calls],
+            first_path=[first for *_, first in calls],
             seed=[derive_seed(o["seed"], self.ids[key], style) for key, style, _, _ in calls])
         programs = []  # (question index, position in found[question index])
         for (key, style, _, first), paths in zip(calls, generations, strict=True):

@@ -11,8 +11,10 @@ Teacher specs (`parse_teacher_spec`):
   LM Studio, Ollama's /v1); `openai-chat:BASE_URL[#MODEL]` uses `/v1/chat/completions` instead, with
   the prompt as one user message and the code-fence stops left out (a chat reply opens its own fence).
   MODEL defaults to the server's first listed model; `$OPENAI_API_KEY` is sent when set.
-- `llamacpp:PATH_OR_REGISTRY_NAME` - a GGUF loaded in this process (llama_cpp.Llama), run in a worker
-  thread, one request at a time.
+- `llamacpp:PATH_OR_REGISTRY_NAME` - a GGUF loaded in this process on mdlite's batched engine
+  (mdlite.engine, prefix cache included): requests in flight together (up to `batch_paths`, whatever
+  `concurrency` says) are sampled in one engine call, in a worker thread. Sampling: top_k 40,
+  top_p 0.95 (llama.cpp's defaults); a request's seed gives the same text whatever it is batched with.
 
 `make_teacher(spec, endpoint=...)` builds one endpoint's backend; `TeacherPool` spreads requests over
 several endpoints of one teacher with a bounded number in flight per endpoint, and retries timeouts,
@@ -26,6 +28,7 @@ import asyncio
 import logging
 import os
 import random
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -78,8 +81,10 @@ class Teacher(Protocol):
         ...
 
     async def complete(self, prompt: str, *, n: int = 1, temperature: float, max_tokens: int,
-                       stop: list[str], seed: int | None = None) -> list[Completion]:
-        """`n` completions of `prompt`; sample j uses seed `seed + j`. TeacherError on failure."""
+                       stop: list[str], seed: int | None = None, stop_after: str | None = None) -> list[Completion]:
+        """`n` completions of `prompt`; sample j uses seed `seed + j`; a completion ends right after the
+        first match of the regular expression `stop_after` (servers: cut afterwards). TeacherError on
+        failure."""
         ...
 
     async def aclose(self) -> None:
@@ -123,17 +128,19 @@ def make_teacher(spec: str, *, endpoint: str | None = None, num_ctx: int = 2048,
 
 class TeacherPool:
     """The endpoints of one teacher: up to `concurrency` requests in flight per endpoint (an in-process
-    teacher: 1), each request on the first free endpoint, retryable failures retried `retries` times
+    teacher: its `batch_paths`), each request on the first free endpoint, retryable failures retried `retries` times
     after a random delay in [0, min(max_backoff_s, backoff_s * 2**attempt)] (full jitter)."""
 
     def __init__(self, teachers: list[Teacher], *, concurrency: int = 1, retries: int = 4, backoff_s: float = 1.0,
                  max_backoff_s: float = 30.0) -> None:
         self.teachers = teachers
         self.retries, self.backoff_s, self.max_backoff_s = retries, backoff_s, max_backoff_s
-        self.slots = sum(min(concurrency, t.max_concurrency or concurrency) for t in teachers)
+        slots = [t.batch_paths if isinstance(t, LlamaCppTeacher) else min(concurrency, t.max_concurrency or concurrency)
+                 for t in teachers]
+        self.slots = sum(slots)
         self._free: asyncio.Queue[Teacher] = asyncio.Queue()
-        for teacher in teachers:
-            for _ in range(min(concurrency, teacher.max_concurrency or concurrency)):
+        for teacher, count in zip(teachers, slots, strict=True):
+            for _ in range(count):
                 self._free.put_nowait(teacher)
         self._rng = random.Random()
 
@@ -146,14 +153,14 @@ class TeacherPool:
         return digests[0]
 
     async def complete(self, prompt: str, *, n: int = 1, temperature: float, max_tokens: int, stop: list[str],
-                       seed: int | None = None) -> list[Completion]:
+                       seed: int | None = None, stop_after: str | None = None) -> list[Completion]:
         """`Teacher.complete` on a free endpoint, retried on retryable errors; TeacherError once out of retries."""
         attempt = 0
         while True:
             teacher = await self._free.get()
             try:
                 return await teacher.complete(prompt, n=n, temperature=temperature, max_tokens=max_tokens,
-                                              stop=stop, seed=seed)
+                                              stop=stop, seed=seed, stop_after=stop_after)
             except TeacherError as error:
                 if not error.retryable or attempt == self.retries:
                     raise
@@ -188,7 +195,9 @@ class OllamaTeacher:
         import httpx
         import ollama
 
-        self.name, self.model, self.num_ctx, self.keep_alive = name, model, num_ctx, keep_alive
+        self.name, self.model, self.num_ctx = name, model, num_ctx
+        # Ollama reads a string as a Go duration ("30m") and a number as seconds: send "-1" or "300" as numbers.
+        self.keep_alive: str | float = keep_alive if keep_alive[-1:].isalpha() else float(keep_alive)
         self.endpoint = host or os.environ.get("OLLAMA_HOST") or "http://127.0.0.1:11434"
         self._client = ollama.AsyncClient(host=self.endpoint, timeout=httpx.Timeout(timeout_s, connect=10.0))
 
@@ -206,7 +215,7 @@ class OllamaTeacher:
                           f"run `ollama pull {self.model}` there (flag --teacher)")
 
     async def complete(self, prompt: str, *, n: int = 1, temperature: float, max_tokens: int, stop: list[str],
-                       seed: int | None = None) -> list[Completion]:
+                       seed: int | None = None, stop_after: str | None = None) -> list[Completion]:
         completions = []
         for j in range(n):
             options = {"temperature": temperature, "num_predict": max_tokens, "num_ctx": self.num_ctx, "stop": stop}
@@ -219,7 +228,7 @@ class OllamaTeacher:
             except Exception as error:  # noqa: BLE001 - classified below
                 raise _teacher_error(error, self.endpoint) from error
             completions.append(Completion(
-                text=response.response or "", tokens=response.eval_count or 0,
+                text=cut_after(response.response or "", stop_after), tokens=response.eval_count or 0,
                 latency_s=time.perf_counter() - start, finish_reason=response.done_reason,
                 server_s=response.total_duration / 1e9 if response.total_duration else None))
         return completions
@@ -261,7 +270,7 @@ class OpenAITeacher:
         return None
 
     async def complete(self, prompt: str, *, n: int = 1, temperature: float, max_tokens: int, stop: list[str],
-                       seed: int | None = None) -> list[Completion]:
+                       seed: int | None = None, stop_after: str | None = None) -> list[Completion]:
         completions = []
         for j in range(n):
             body: dict[str, Any] = {"model": self.model, "max_tokens": max_tokens, "temperature": temperature}
@@ -279,7 +288,7 @@ class OpenAITeacher:
             timings = reply.get("timings") or {}  # llama.cpp's llama-server reports these
             server_ms = timings.get("prompt_ms", 0) + timings.get("predicted_ms", 0)
             completions.append(Completion(
-                text=text or "", tokens=(reply.get("usage") or {}).get("completion_tokens", 0),
+                text=cut_after(text or "", stop_after), tokens=(reply.get("usage") or {}).get("completion_tokens", 0),
                 latency_s=time.perf_counter() - start, finish_reason=choice.get("finish_reason"),
                 server_s=server_ms / 1000 if server_ms else None))
         return completions
@@ -303,61 +312,113 @@ class OpenAITeacher:
 
 
 class LlamaCppTeacher:
-    """A GGUF loaded in this process with llama_cpp.Llama; runs in a worker thread, one request at a time."""
+    """A GGUF in this process on mdlite's batched engine: the requests waiting when the engine is free
+    (up to `batch_paths`, with one temperature and max_tokens) are sampled in one call, in a worker thread."""
 
-    max_concurrency = 1
+    max_concurrency = None
 
-    def __init__(self, name: str, model: str, *, num_ctx: int, n_threads: int) -> None:
+    def __init__(self, name: str, model: str, *, num_ctx: int, n_threads: int, batch_paths: int = 16) -> None:
         self.name, self.model, self.num_ctx, self.n_threads = name, model, num_ctx, n_threads
+        self.batch_paths = batch_paths
         self.endpoint = f"in-process {model}"
-        self._llm: Any = None
+        self._engine: Any = None
         self._lock = threading.Lock()
+        self._waiting: list[tuple[_Request, asyncio.Future[list[Completion]]]] = []
+        self._drainer: asyncio.Task[None] | None = None
 
     async def check(self) -> str | None:
         return await asyncio.to_thread(self._load)
 
     async def complete(self, prompt: str, *, n: int = 1, temperature: float, max_tokens: int, stop: list[str],
-                       seed: int | None = None) -> list[Completion]:
-        return await asyncio.to_thread(self._complete, prompt, n, temperature, max_tokens, stop, seed)
+                       seed: int | None = None, stop_after: str | None = None) -> list[Completion]:
+        future: asyncio.Future[list[Completion]] = asyncio.get_running_loop().create_future()
+        seed = random.getrandbits(31) if seed is None else seed
+        self._waiting.append((_Request(prompt, n, temperature, max_tokens, stop, seed, stop_after), future))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.create_task(self._drain())
+        return await future
 
     async def aclose(self) -> None:
         with self._lock:
-            if self._llm is not None:
-                self._llm.close()
-                self._llm = None
+            if self._engine is not None:
+                self._engine.close()
+                self._engine = None
+
+    async def _drain(self) -> None:
+        """Sample the waiting requests, a batch at a time, until none wait."""
+        while await self._gather_requests():
+            first = self._waiting[0][0]
+            batch = [(r, f) for r, f in self._waiting if (r.temperature, r.max_tokens) == (first.temperature,
+                                                                                          first.max_tokens)]
+            batch = batch[:max(1, self.batch_paths // max(first.n, 1))]
+            taken = {id(future) for _, future in batch}
+            self._waiting = [item for item in self._waiting if id(item[1]) not in taken]
+            try:
+                results = await asyncio.to_thread(self._sample, [request for request, _ in batch])
+            except (MdliteError, ValueError) as error:  # e.g. a prompt that does not fit the context
+                results = [TeacherError(f"{self.endpoint}: {error}", retryable=False)] * len(batch)
+            for (_, future), result in zip(batch, results, strict=True):
+                if future.done():  # its caller was cancelled
+                    continue
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+
+    async def _gather_requests(self) -> int:
+        """Let the callers queue their requests (those freed by the last batch need a few event-loop turns
+        to send their next ones) until the batch is full or 10 ms pass without a new one; how many wait."""
+        while len(self._waiting) < self.batch_paths:
+            before = len(self._waiting)
+            await asyncio.sleep(0.01)
+            if len(self._waiting) == before:
+                break
+        return len(self._waiting)
 
     def _load(self) -> str | None:
-        from mdlite.engine import llama_cpp_module
-        from mdlite.models import model_path, registry
-
-        Llama = llama_cpp_module().Llama
+        from mdlite.engine import Engine
+        from mdlite.models import registry
 
         with self._lock:
-            if self._llm is None:
-                path = model_path(self.model)
-                log.info("loading %s", path)
-                self._llm = Llama(model_path=str(path), n_ctx=self.num_ctx, n_threads=self.n_threads or None,
-                                  verbose=False)
+            if self._engine is None:
+                self._engine = Engine(self.model, n_threads=self.n_threads)
+                log.info("loaded %s", self._engine.path)
         card = registry().get(self.model)
         return card.gguf.get("sha256") if card and card.gguf else None
 
-    def _complete(self, prompt: str, n: int, temperature: float, max_tokens: int, stop: list[str],
-                  seed: int | None) -> list[Completion]:
+    def _sample(self, requests: list[_Request]) -> list[list[Completion]]:
         self._load()
-        completions = []
+        start = time.perf_counter()
         with self._lock:
-            for j in range(n):
-                start = time.perf_counter()
-                try:
-                    reply = self._llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature,
-                                                        stop=stop, seed=None if seed is None else seed + j)
-                except ValueError as error:  # e.g. the prompt does not fit n_ctx
-                    raise TeacherError(f"{self.endpoint}: {error}", retryable=False) from error
-                choice = reply["choices"][0]
-                completions.append(Completion(text=choice["text"], tokens=reply["usage"]["completion_tokens"],
-                                              latency_s=time.perf_counter() - start,
-                                              finish_reason=choice["finish_reason"]))
-        return completions
+            if self.num_ctx:
+                longest = max(len(self._engine.tokenize(r.prompt)) for r in requests)
+                if longest + requests[0].max_tokens > self.num_ctx:
+                    raise MdliteError(f"a prompt of {longest} tokens + max_tokens {requests[0].max_tokens} does "
+                                      f"not fit num_ctx {self.num_ctx} (flag --num-ctx)")
+            generations = self._engine.sample(
+                [r.prompt for r in requests], n=[r.n for r in requests], temperature=requests[0].temperature,
+                top_k=40, top_p=0.95, max_tokens=requests[0].max_tokens, stop=[r.stop for r in requests],
+                seed=[r.seed for r in requests], stop_after=[r.stop_after for r in requests])
+        latency = time.perf_counter() - start
+        return [[Completion(text=g.text, tokens=g.tokens, latency_s=latency, finish_reason=g.finish_reason)
+                 for g in paths] for paths in generations]
+
+
+@dataclass(frozen=True)
+class _Request:
+    prompt: str
+    n: int
+    temperature: float
+    max_tokens: int
+    stop: list[str]
+    seed: int
+    stop_after: str | None
+
+
+def cut_after(text: str, pattern: str | None) -> str:
+    """`text` up to the end of the first match of `pattern` (all of it when there is none)."""
+    match = re.search(pattern, text, re.DOTALL) if pattern else None
+    return text[:match.end()] if match else text
 
 
 # ---- helpers ------------------------------------------------------------------------------------

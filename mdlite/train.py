@@ -11,10 +11,10 @@ multi-task loss). Per problem, CoT and PoT get the same number of examples when 
 
 Model: a registry name (its GGUF when it has one, else its hub id), a Hugging Face id, a local HF folder or
 a .gguf file. A GGUF is dequantized once by transformers and cached as an HF folder under
-`$MDLITE_HOME/hf/<name>`. QLoRA (`quantization: nf4`) loads the base in 4-bit NF4 with double quantization;
-`none` trains plain LoRA on the full-precision base. Batches are padding-free by default: each micro-batch
-is one flattened row with restarting position_ids, and logits are computed only where a completion token
-is predicted.
+`$MDLITE_HOME/hf/<stem>-<sha256[:16]>` (keyed by the file's content). QLoRA (`quantization: nf4`) loads
+the base in 4-bit NF4 with double quantization; `none` trains plain LoRA on the full-precision base.
+Batches are padding-free by default: each micro-batch is one flattened row with restarting position_ids,
+and logits are computed only where a completion token is predicted.
 
 Outputs in `output_dir`: checkpoint-N/ (adapter, optimizer, trainer state), adapter/ (final adapter, tokenizer
 and mdlite.json naming the base model for export), trainer_log.jsonl, loss.png and run.json. A rerun resumes
@@ -35,7 +35,7 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mdlite import MdliteError, __version__, mdlite_home
+from mdlite import MdliteError, __version__, check_output_dir, mdlite_home
 from mdlite.config import TrainConfig, to_dict
 from mdlite.models import cached_gguf, get_card, model_path, registry
 from mdlite.prompts import STUDENT_STOP, STYLES, prompt_text, student_prompt
@@ -118,6 +118,8 @@ def run(cfg: TrainConfig, *, overwrite: bool = False) -> TrainResult:
 
     output_dir = Path(cfg.output_dir)
     records = read_rationales(Path(cfg.rationales))
+    resolve_base_model(cfg.model, fetch=False)  # a bad --model fails before anything is written
+    check_output_dir(output_dir, "--output-dir")
     rationales_hash = file_sha256(Path(cfg.rationales))
     if overwrite:
         _clear_outputs(output_dir)
@@ -218,8 +220,9 @@ def dry_run(cfg: TrainConfig) -> dict[str, Any]:
 
 def read_rationales(path: Path) -> list[dict[str, Any]]:
     """The kept records of a rationales.jsonl file; MdliteError (file:line) on bad input or none kept."""
-    if not path.exists():
-        raise MdliteError(f"{path}: rationales file not found; run `mdlite teach` first or fix --rationales")
+    if not path.is_file():
+        what = "is a folder, not a rationales file" if path.is_dir() else "rationales file not found"
+        raise MdliteError(f"{path}: {what}; run `mdlite teach` first or fix --rationales")
     kept, total = [], 0
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
@@ -240,6 +243,8 @@ def read_rationales(path: Path) -> list[dict[str, Any]]:
                 raise MdliteError(f"{where}: style must be one of {', '.join(STYLES)}, not {record['style']!r}")
             if record["kept"] is True and str(record["text"]).strip():
                 kept.append(record)
+    if not total:
+        raise MdliteError(f"{path}: no rationales in the file; run `mdlite teach` again with a teacher that answers")
     if not kept:
         raise MdliteError(f"{path}: no kept rationales ({total} records, 0 kept); run `mdlite teach` "
                           "with a stronger teacher or more samples per problem")
@@ -353,14 +358,17 @@ def resolve_base_model(spec: str, *, fetch: bool = True) -> BaseModel:
                               "a .gguf file or a registry name (flag --model)")
         return BaseModel(spec, str(path.resolve()))
     if path.is_file():
-        if path.suffix != ".gguf":
-            raise MdliteError(f"{spec}: expected a .gguf file or a Hugging Face model folder (flag --model)")
+        with path.open("rb") as file:
+            if path.suffix != ".gguf" or file.read(4) != b"GGUF":
+                raise MdliteError(f"{spec}: not a GGUF file; give a .gguf file, a Hugging Face model folder or a "
+                                  "registry name (flag --model)")
         return BaseModel(spec, str(hf_from_gguf(path) if fetch else _gguf_cache(path)), str(path.resolve()))
     if spec in registry():
         card = get_card(spec)
         if card.gguf:
-            gguf = model_path(spec) if fetch else cached_gguf(card)
-            return BaseModel(spec, str(hf_from_gguf(gguf) if fetch else _gguf_cache(gguf)), str(gguf), card.name)
+            gguf, sha256 = model_path(spec) if fetch else cached_gguf(card), card.gguf["sha256"]
+            folder = hf_from_gguf(gguf, sha256=sha256) if fetch else _gguf_cache(gguf, sha256)
+            return BaseModel(spec, str(folder), str(gguf), card.name)
         return BaseModel(spec, card.hf_id, None, card.name)
     if HUB_ID.fullmatch(spec) and not spec.endswith(".gguf"):
         return BaseModel(spec, spec)  # a Hugging Face hub id
@@ -370,16 +378,19 @@ def resolve_base_model(spec: str, *, fetch: bool = True) -> BaseModel:
                       "model folder or .gguf file; flag --model)")
 
 
-def hf_from_gguf(gguf: Path) -> Path:
-    """An HF folder with `gguf`'s weights, dequantized by transformers once and cached under $MDLITE_HOME/hf."""
+def hf_from_gguf(gguf: Path, *, sha256: str | None = None) -> Path:
+    """An HF folder with `gguf`'s weights, dequantized by transformers once and cached under $MDLITE_HOME/hf,
+    keyed by the file's sha256 (`sha256` when known, as a registry card's; else the file is hashed)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = _gguf_cache(gguf)
-    source = {"gguf": str(gguf.resolve()), "size": gguf.stat().st_size, "add_bos": _gguf_add_bos(gguf)}
+    sha256 = sha256 or _gguf_sha256(gguf)
+    folder = _gguf_cache(gguf, sha256)
     marker = folder / "mdlite-source.json"
-    if marker.exists() and json.loads(marker.read_text())["size"] == source["size"]:
+    if marker.exists():
         return folder
+    source = {"gguf": str(gguf.resolve()), "sha256": sha256, "size": gguf.stat().st_size,
+              "add_bos": _gguf_add_bos(gguf)}
     log.info("dequantizing %s into %s (once)", gguf, folder)
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -819,8 +830,20 @@ def _card_targets(name: str) -> list[str]:
     return ["all-linear"]
 
 
-def _gguf_cache(gguf: Path) -> Path:
-    return mdlite_home() / "hf" / gguf.stem
+def _gguf_cache(gguf: Path, sha256: str | None = None) -> Path:
+    """The HF folder of a GGUF's dequantized weights, named by stem and content: `<stem>-<sha256[:16]>`."""
+    return mdlite_home() / "hf" / f"{gguf.stem}-{(sha256 or _gguf_sha256(gguf))[:16]}"
+
+
+def _gguf_sha256(gguf: Path) -> str:
+    """sha256 of a GGUF's bytes, hashed once per (path, size, mtime) in a process (1-2 s for 500 MB)."""
+    stat = gguf.stat()
+    return _file_sha256_of(str(gguf.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@cache
+def _file_sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    return file_sha256(Path(path))
 
 
 def _local_tokenizer(spec: str) -> str | None:

@@ -10,10 +10,11 @@ Modes:
 - `mixed`: majority over the answers of both styles; `cot_weight` / `pot_weight` make it a weighted
   vote (each path counts its style's weight).
 - `hybrid` (MAmmoTH): majority over the PoT answers; only when every program failed, over the CoT ones.
-Answers are grouped with `answers_match` (relative tolerance `rel_tol`): a path joins the first group
-whose first answer it matches, in path order. Tie rule: the group with the larger total weight wins;
+Answers are grouped with `answers_match` (the rule eval and teach judge by): a path joins the first
+group whose first answer it matches, in path order. Tie rule: the group with the larger total weight wins;
 among equal weights, the group whose first answer came first, reading the PoT paths before the CoT
 paths (programs are checked by execution), each in path order. No valid answer: answer None.
+`mdlite eval`'s maj@k applies this same tie rule (mdlite.evaluate.vote_at_k).
 `agree` is the early-stopping test: sampling may stop when the first paths all agree.
 """
 
@@ -47,29 +48,29 @@ class Vote:
 
 
 def vote(mode: str, *, cot: Sequence[float | None] = (), pot: Sequence[float | None] = (),
-         cot_weight: float = 1.0, pot_weight: float = 1.0, rel_tol: float = 1e-4) -> Vote:
+         cot_weight: float = 1.0, pot_weight: float = 1.0) -> Vote:
     """The answer of `mode` over the CoT and PoT paths' answers (see the module docstring)."""
     if mode == "cot":
-        return tally(cot=cot, rel_tol=rel_tol)
+        return tally(cot=cot)
     if mode == "pot":
-        return tally(pot=pot, rel_tol=rel_tol)
+        return tally(pot=pot)
     if mode == "mixed":
-        return tally(cot=cot, pot=pot, cot_weight=cot_weight, pot_weight=pot_weight, rel_tol=rel_tol)
+        return tally(cot=cot, pot=pot, cot_weight=cot_weight, pot_weight=pot_weight)
     if mode == "hybrid":
-        result = tally(pot=pot, rel_tol=rel_tol)
-        return result if result.answer is not None else tally(cot=cot, rel_tol=rel_tol)
+        result = tally(pot=pot)
+        return result if result.answer is not None else tally(cot=cot)
     raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
 
 
 def tally(*, cot: Sequence[float | None] = (), pot: Sequence[float | None] = (), cot_weight: float = 1.0,
-          pot_weight: float = 1.0, rel_tol: float = 1e-4) -> Vote:
+          pot_weight: float = 1.0) -> Vote:
     """Weighted majority over all given answers; groups best first by the tie rule."""
     groups: list[list] = []  # [answer, weight, cot count, pot count], in order of first appearance
     for style, answers, weight in (("pot", pot, pot_weight), ("cot", cot, cot_weight)):
         for answer in answers:
             if answer is None:
                 continue
-            group = next((g for g in groups if answers_match(answer, g[0], rel_tol=rel_tol)), None)
+            group = next((g for g in groups if answers_match(answer, g[0])), None)
             if group is None:
                 group = [answer, 0.0, 0, 0]
                 groups.append(group)
@@ -83,8 +84,8 @@ def tally(*, cot: Sequence[float | None] = (), pot: Sequence[float | None] = (),
     return Vote(answer=tallies[0].answer, tallies=tallies, decided_by=styles.pop() if len(styles) == 1 else "mixed")
 
 
-def agree(answers: Sequence[float | None], *, rel_tol: float = 1e-4) -> bool:
+def agree(answers: Sequence[float | None]) -> bool:
     """True when there are at least two answers, none failed, and all match the first."""
     if len(answers) < 2 or any(a is None for a in answers):
         return False
-    return all(answers_match(a, answers[0], rel_tol=rel_tol) for a in answers[1:])
+    return all(answers_match(a, answers[0]) for a in answers[1:])

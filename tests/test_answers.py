@@ -49,6 +49,30 @@ COT_CASES = [
     ("The answer is -0.5", -0.5),
     ("The answer is 10%", 10),
     ("1. Add the numbers: 2 + 3 = 5\n2. Multiply: 5 * 2 = 10\nThe answer is 10.", 10),
+    # the word "answer" after the stated answer is no marker
+    ("The answer is 30. She answered 18 of them.", 30),
+    ("Final answer: 12 (answer rounded to 2 decimal places)", 12),
+    ("The answer is 4 (the answer to part 2 was 9).", 4),
+    # an expression after the marker: its result
+    ("The answer is 20 - 5 = 15.", 15),
+    ("The answer is 2 * (3 + 4) = 2 * 7 = 14 apples.", 14),
+    ("The answer is 12 / 4 = 3", 3),
+    # the last explicit marker wins, whatever its kind
+    ("\\boxed{5} was wrong. The answer is 8.", 8),
+    ("#### 5\nOn reflection, the answer is 6.", 6),
+    ("The answer is \\boxed{9}.", 9),
+    # scientific notation and LaTeX
+    ("The answer is 1.5e3", 1500),
+    ("The answer is 2E-2.", 0.02),
+    ("\\boxed{\\frac{3}{4}}", 0.75),
+    ("So \\boxed{\\dfrac{15}{2}} cups.", 7.5),
+    ("\\boxed{-\\frac{1}{4}}", -0.25),
+    ("\\boxed{1{,}000}", 1000),
+    ("\\boxed{15 \\text{ apples}}", 15),
+    # markup and filler between the marker and its number
+    ("The answer is **15**.", 15),
+    ("So the answer is therefore 15.", 15),
+    ("The answer is approximately 3.5 hours.", 3.5),
 ]
 
 
@@ -72,6 +96,8 @@ def test_cases_are_many() -> None:
         ("So Tom has 6 apples", False, 6),
         ("The answer is 6", True, 6),
         ("#### 6", True, 6),
+        ("The answer is x. There were 9 birds.", True, None),
+        ("The answer: it was 6", True, None),
     ],
 )
 def test_strict_mode_needs_a_marker(text: str, strict: bool, expected: float | None) -> None:
@@ -79,7 +105,8 @@ def test_strict_mode_needs_a_marker(text: str, strict: bool, expected: float | N
 
 
 @pytest.mark.parametrize(
-    ("stdout", "expected"), [("12\n", 12), ("step 1\n3.5\n", 3.5), ("", None), ("done\n", None)]
+    ("stdout", "expected"),
+    [("12\n", 12), ("step 1\n3.5\n", 3.5), ("", None), ("done\n", None), ("1e-05\n", 1e-5), ("2.5e+16\n", 2.5e16)],
 )
 def test_extract_answer_pot_reads_last_number(stdout: str, expected: float | None) -> None:
     assert extract_answer(stdout, style="pot") == expected
@@ -94,8 +121,14 @@ def test_bad_style_is_refused() -> None:
     ("pred", "gold", "same"),
     [
         (7.0, 7, True),
-        (7.00001, 7, True),
+        (11.999999999, 12, True),  # float noise
+        (7.00001, 7, False),  # whole-number golds are exact
+        (10001.0, 10000, False),
+        (22090613.0, 22090603, False),
         (7.01, 7, False),
+        (2.5, 2.5, True),
+        (2.5000001, 2.5, True),  # other golds: relative 1e-6
+        (2.5001, 2.5, False),
         (0.0, 0, True),
         (1e-9, 0, True),
         (None, 3, False),

@@ -1,6 +1,7 @@
 """The command line: every command's --help, the data commands, and one-line errors."""
 
 import json
+import re
 from pathlib import Path
 
 import click
@@ -8,7 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from mdlite import __version__
-from mdlite.cli import cli
+from mdlite.cli import cli, config_options
+from mdlite.config import ExportConfig, SolveConfig
 
 
 def _commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -27,6 +29,39 @@ def test_every_command_has_help(path: tuple[str, ...]) -> None:
         result = CliRunner().invoke(cli, [*path, flag], prog_name="mdlite")
         assert result.exit_code == 0, result.output
         assert "Usage: mdlite" in result.output
+
+
+@pytest.mark.parametrize("path", _commands(cli), ids=lambda p: " ".join(p) or "mdlite")
+def test_every_command_shows_an_example(path: tuple[str, ...]) -> None:
+    output = CliRunner().invoke(cli, [*path, "-h"], terminal_width=200).output
+    assert re.search(r"Example:\n +mdlite ", output), output
+
+
+def test_flags_show_their_defaults_and_one_spelling() -> None:
+    output = CliRunner().invoke(cli, ["solve", "-h"], terminal_width=200).output
+    assert "--paths INTEGER" in output and "[default: 10]" in output and "[default: mixed]" in output
+    assert "--num-ctx INTEGER" in output and "--n-ctx" not in output  # the old spelling is hidden
+    output = CliRunner().invoke(cli, ["export-gguf", "-h"], terminal_width=200).output
+    assert "-q, --quant-types TEXT" in output and "[default: Q4_K_M]" in output and "--parity / --no-parity" in output
+
+
+def test_only_given_flags_override_and_aliases_map_to_one_key() -> None:
+    seen: dict = {}
+
+    @click.command()
+    @config_options(SolveConfig)
+    def solve_probe(config: Path | None, overrides: dict) -> None:
+        seen["solve"] = overrides
+
+    @click.command()
+    @config_options(ExportConfig)
+    def export_probe(config: Path | None, overrides: dict) -> None:
+        seen["export"] = overrides
+
+    assert CliRunner().invoke(solve_probe, ["--paths", "10", "--n-ctx", "512", "--no-early-stop"]).exit_code == 0
+    assert seen["solve"] == {"paths": 10, "num_ctx": 512, "early_stop": False}  # a default given explicitly counts
+    assert CliRunner().invoke(export_probe, ["-q", "q8_0", "--quant-types", "F16"]).exit_code == 0
+    assert seen["export"] == {"quant_types": ["q8_0", "F16"]}
 
 
 def test_expected_commands_exist() -> None:

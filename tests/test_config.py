@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from mdlite import MdliteError
-from mdlite.config import knob, load_config, reference_markdown
+from mdlite.config import OPTIMIZERS, SCHEDULERS, TeachConfig, TrainConfig, knob, load_config, reference_markdown
 
 
 @dataclass
@@ -74,3 +74,42 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_reference_lists_every_field() -> None:
     text = reference_markdown([ExampleConfig])
     assert "### `ExampleConfig`" in text and "| `lora_r` | `8` | LoRA rank. |" in text
+
+
+def test_sections_are_mappings_with_known_names(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {}\ntrian:\n  lora_r: 4\n")
+    with pytest.raises(MdliteError, match=r"unknown section 'trian' \(did you mean 'train'\?\); sections: distill"):
+        load_config(ExampleConfig, path, section="train")
+    path.write_text("train: 5\n")
+    with pytest.raises(MdliteError, match=r"c.yaml \[train\]: expected a mapping of config keys, got 5"):
+        load_config(ExampleConfig, path, section="train")
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"learning_rate": "nan"}, "learning_rate: expected a finite number"),
+    ({"learning_rate": float("inf")}, "learning_rate: expected a finite number"),
+    ({"lora_r": float("inf")}, "lora_r: expected int"),
+])
+def test_non_finite_numbers_are_refused(overrides: dict, message: str) -> None:
+    with pytest.raises(MdliteError, match=message):
+        load_config(ExampleConfig, None, overrides)
+
+
+@pytest.mark.parametrize(("value", "ok"), [
+    ("30m", True), ("1h30m", True), ("1.5h", True), ("300ms", True), ("0", True), ("-1", True), ("3600", True),
+    ("-1m", True), ("banana", False), ("", False), ("30 m", False), ("m", False), ("1d", False)])
+def test_keep_alive_takes_ollama_durations(value: str, ok: bool) -> None:
+    problems = TeachConfig(keep_alive=value).problems()
+    assert any("keep_alive" in p for p in problems) is not ok
+
+
+def test_scheduler_and_optimizer_names_are_those_of_transformers() -> None:
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    assert SCHEDULERS == tuple(s.value for s in SchedulerType)
+    assert OPTIMIZERS == tuple(o.value for o in OptimizerNames)
+    problems = TrainConfig(lr_scheduler_type="cosin", optim="adamw").problems()
+    assert any("did you mean 'cosine'" in p for p in problems) and any("unknown optim 'adamw'" in p for p in problems)
+    assert TrainConfig(lr_scheduler_type="linear", optim="paged_adamw_8bit").problems() == []

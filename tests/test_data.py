@@ -1,12 +1,22 @@
 """Problem files: loading real data, dataset names, bad input, and the synthetic generator."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from mdlite import MdliteError
-from mdlite.data import evaluate_equation, load_problems, problem_stats, read_jsonl_problems, synth_problems
+from mdlite.data import (
+    Problem,
+    _problem_from_hub_row,
+    evaluate_equation,
+    load_problems,
+    problem_hash,
+    problem_stats,
+    read_jsonl_problems,
+    synth_problems,
+)
 
 
 def test_real_svamp_and_gsm8k_load(shared_data: Path) -> None:
@@ -37,6 +47,24 @@ def test_missing_dataset_says_how_to_point_at_a_local_copy(tmp_path: Path, monke
 def test_unknown_split_is_refused(tmp_path: Path) -> None:
     with pytest.raises(MdliteError, match="no split"):
         load_problems("asdiv:train", data_dir=tmp_path)
+
+
+def test_hub_ids_name_the_split_like_the_local_copies() -> None:
+    row = {"question": "Q?", "answer": "steps #### 1,234"}
+    train, test = (_problem_from_hub_row("gsm8k", split, 7, row) for split in ("train", "test"))
+    assert (train.id, test.id, test.answer) == ("gsm8k-train-0007", "gsm8k-test-0007", 1234.0)
+    multiarith = _problem_from_hub_row("multiarith", "test", 3, {"question": "Q?", "final_ans": "2"})
+    assert multiarith.id == "multiarith-test-0003"
+    svamp = {"Body": "B.", "Question": "Q?", "Answer": 2.0}
+    assert _problem_from_hub_row("svamp", "test", 1, svamp | {"ID": "chal-9"}).id == "chal-9"
+    assert _problem_from_hub_row("svamp", "train", 1, svamp).id == "svamp-train-0001"
+
+
+def test_problem_hash_follows_question_and_gold() -> None:
+    problem = Problem("p", "How many?", 3.0)
+    assert problem_hash(problem) == problem_hash(Problem("other-id", "How many?", 3))
+    assert len({problem_hash(problem), problem_hash(replace(problem, question="How many now?")),
+                problem_hash(replace(problem, answer=3.5))}) == 3
 
 
 def _write(tmp_path: Path, content: bytes | str) -> Path:

@@ -1,6 +1,7 @@
 """`mdlite distill` end to end on a tiny synthetic set: the real Qwen2.5-Coder 0.5B GGUF teaches in-process,
 a tiny random LLaMA is the student; every stage's outputs exist and agree; reruns skip, resume and redo
-exactly what they should."""
+exactly what they should (slow). The fast tests check `--dry-run`, `-c` and `--force` offline, with fake stage
+runners where a run is needed."""
 
 import json
 import os
@@ -8,18 +9,19 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from mdlite import MdliteError
 from mdlite.cli import cli
 from mdlite.distill import plan, run
 from mdlite.models import make_tiny_model
 
-pytestmark = pytest.mark.slow
 STAGES = ["teach", "train", "export-base", "eval-base", "export", "eval-student"]
 
 
@@ -53,6 +55,7 @@ def _state(out: Path) -> dict:
     return json.loads((out / "pipeline.json").read_text())
 
 
+@pytest.mark.slow
 def test_every_stage_ran_and_outputs_agree(pipeline: dict) -> None:
     out, state = pipeline["out"], _state(pipeline["out"])
     assert [name for name in STAGES if state[name].get("stamp")] == STAGES
@@ -73,6 +76,7 @@ def test_every_stage_ran_and_outputs_agree(pipeline: dict) -> None:
         assert part in summary
 
 
+@pytest.mark.slow
 def test_second_run_does_no_work(pipeline: dict) -> None:
     out = pipeline["out"]
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "summary.md"}
@@ -84,6 +88,7 @@ def test_second_run_does_no_work(pipeline: dict) -> None:
     assert changed == []
 
 
+@pytest.mark.slow
 def test_deleting_the_export_reruns_only_export_and_eval(pipeline: dict) -> None:
     import shutil
 
@@ -96,6 +101,7 @@ def test_deleting_the_export_reruns_only_export_and_eval(pipeline: dict) -> None
     assert (out / "export" / "student-F16.gguf").exists()
 
 
+@pytest.mark.slow
 def test_kill_during_training_then_rerun_finishes(pipeline: dict, tmp_path: Path) -> None:
     import shutil
 
@@ -117,9 +123,10 @@ def test_kill_during_training_then_rerun_finishes(pipeline: dict, tmp_path: Path
     assert state["train"]["result"]["global_step"] == 6 and state["eval-student"].get("stamp")
 
 
+@pytest.mark.slow
 def test_dry_run_and_config_errors(pipeline: dict, tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["distill", str(pipeline["config"]), "--dry-run"])
-    assert result.exit_code == 0 and "eval-student:" in result.output
+    assert result.exit_code == 0 and "0 of 6 stages would run" in result.output, result.output
     bad = yaml.safe_load(pipeline["config"].read_text())
     bad["train"]["lora_r"] = 0
     bad["eval"]["mode"] = ["vote"]
@@ -134,3 +141,150 @@ def test_dry_run_and_config_errors(pipeline: dict, tmp_path: Path) -> None:
     with pytest.raises(MdliteError) as error:
         plan(path, {})
     assert "lora_r must be >= 1" in str(error.value) and "mode must be" in str(error.value)
+
+
+# ---- fast: dry run, flags and bad input, offline -------------------------------------------------
+
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+RUN_ORDER = ["teach", "train", "export", "export-base", "eval-base", "eval-student"]
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty MDLITE_HOME; any model download fails the test."""
+    folder = tmp_path / "home"
+    folder.mkdir()
+    monkeypatch.setenv("MDLITE_HOME", str(folder))
+    monkeypatch.setattr("mdlite.models._download_wheel", lambda *args: pytest.fail("dry run downloaded a model"))
+    return folder
+
+
+def _small_config(folder: Path, **sections: dict) -> Path:
+    config = {"distill": {"output_dir": str(folder / "out"), "train_data": "synth:6:1", "test_data": "synth:5:2",
+                          "teacher": "ollama:qwen2.5:0.5b", "student": "codellama-7b"},
+              "teach": {"n_cot": 2, "n_pot": 1}, "train": {"max_steps": 4}, "eval": {"paths": 0}}
+    for name, values in sections.items():
+        config[name] = config.get(name, {}) | values
+    path = folder / "distill.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _one_line_error(result: Result, needle: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("mdlite: error: ") and result.output.count("\n") == 1
+    assert needle in result.output and "Traceback" not in result.output
+
+
+def test_dry_run_of_the_demo_prints_the_plan_offline(home: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["distill", str(DEMO), "--dry-run", "--output-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    stage_lines = [line.split()[1] for line in lines if line.strip()[:2].rstrip(".").isdigit()]
+    assert stage_lines == ["teach", "train", "export", "eval-base", "eval-student"]  # the student has a GGUF
+    assert "48 problems x (1 CoT + 2 PoT) = 144 teacher samples" in result.output
+    assert "run (never ran)" in result.output and "GiB (fits" in result.output
+    assert "not cached: the run fetches 491 MB" in result.output
+    assert "5 of 5 stages would run" in result.output and "warning" not in result.output
+    assert list(home.rglob("*")) == [] and not out.exists()
+
+
+def test_dry_run_warns_about_keys_that_distill_sets(home: Path, tmp_path: Path) -> None:
+    config = _small_config(tmp_path, teach={"teacher": "ollama:other", "output_dir": "elsewhere"},
+                           train={"model": "gemma-3-270m"}, eval={"data": "svamp:test"})
+    result = CliRunner().invoke(cli, ["distill", "-c", str(config), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning: ")]
+    assert [w.split()[1] for w in warnings] == ["teach.output_dir", "teach.teacher", "train.model", "eval.data"]
+    assert "set distill.teacher instead" in warnings[1] and "set distill.student instead" in warnings[2]
+
+
+def test_config_flag_and_positional(home: Path, tmp_path: Path) -> None:
+    config = _small_config(tmp_path)
+    runner = CliRunner()
+    by_flag = runner.invoke(cli, ["distill", "-c", str(config), "--dry-run"])
+    by_argument = runner.invoke(cli, ["distill", str(config), "--config", str(config), "--dry-run"])
+    assert by_flag.exit_code == 0 and by_flag.output == by_argument.output
+    assert "6 problems x (2 CoT + 1 PoT) = 18 teacher samples" in by_flag.output
+    _one_line_error(runner.invoke(cli, ["distill", str(config), "-c", str(DEMO), "--dry-run"]), "give one")
+    _one_line_error(runner.invoke(cli, ["distill", "--dry-run"]), "no config file given")
+
+
+def test_force_takes_every_stage_the_dry_run_lists(home: Path, tmp_path: Path) -> None:
+    config = _small_config(tmp_path)
+    forced = [flag for stage in RUN_ORDER for flag in ("--force", stage)]
+    result = CliRunner().invoke(cli, ["distill", str(config), "--dry-run", *forced])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("run (forced)") == 6
+    gguf_student = _small_config(tmp_path, distill={"student": str(tmp_path / "student.gguf")})
+    (tmp_path / "student.gguf").write_bytes(b"GGUF")
+    result = CliRunner().invoke(cli, ["distill", str(gguf_student), "--dry-run", "--force", "export-base"])
+    _one_line_error(result, "--force export-base: this config has no such stage")
+
+
+def test_help_shows_defaults_and_an_example() -> None:
+    result = CliRunner().invoke(cli, ["distill", "--help"])
+    assert "mdlite distill -c configs/demo.yaml --dry-run" in result.output and "[default: " in result.output
+
+
+@pytest.mark.parametrize(("section", "needle"), [
+    ({"train_data": "missing.jsonl"}, "missing.jsonl: no such file"),
+    ({"test_data": "synth:6:1"}, "distill.test_data is train_data"),
+    ({"test_data": "synth:3:1"}, "every test problem also appears in train_data"),
+    ({"student": "no-such-model"}, "unknown model 'no-such-model'"),
+    ({"teacher": "llamacpp:no-such.gguf"}, "distill.teacher: no-such.gguf: no such model file"),
+    ({"teacher": "vllm:x"}, "unknown backend 'vllm'"),
+])
+def test_dry_run_bad_input_is_one_line(home: Path, tmp_path: Path, section: dict, needle: str) -> None:
+    config = _small_config(tmp_path, distill=section)
+    _one_line_error(CliRunner().invoke(cli, ["distill", str(config), "--dry-run"]), needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_output_dir_must_be_a_writable_folder(home: Path, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    config = _small_config(tmp_path)
+    for command in (["--dry-run"], []):
+        result = CliRunner().invoke(cli, ["distill", str(config), "--output-dir", str(tmp_path / "file" / "out"),
+                                          *command])
+        _one_line_error(result, "is not a folder")
+
+
+def _fake_runners(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stage runners that write just the files distill checks, so `run` completes in milliseconds."""
+    import mdlite.distill as distill
+
+    def make(files: list[str], result: dict | None = None) -> Callable[[Any], dict]:
+        def runner(cfg: Any) -> dict:
+            folder = Path(cfg.output_dir)
+            for name in files:
+                (folder / name).parent.mkdir(parents=True, exist_ok=True)
+                (folder / name).write_text("{}")
+            return {"gguf": str(folder / "x.gguf")} if result is None else result
+        return runner
+
+    monkeypatch.setattr(distill, "_teach", make(["rationales.jsonl", "teach_stats.json"], {}))
+    monkeypatch.setattr(distill, "_train", make(["adapter/adapter_config.json"], {}))
+    monkeypatch.setattr(distill, "_export", make(["run.json", "x.gguf"]))
+    monkeypatch.setattr(distill, "_evaluate", make(["report.json"], {}))
+
+
+def test_dry_run_reads_pipeline_json_as_the_run_does(home: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_runners(monkeypatch)
+    config = _small_config(tmp_path)
+    run(config, {})
+    runner = CliRunner()
+    result = runner.invoke(cli, ["distill", str(config), "--dry-run"])
+    assert result.exit_code == 0 and result.output.count("skip (up to date)") == 6, result.output
+    assert "0 of 6 stages would run" in result.output
+    changed = _small_config(tmp_path, train={"max_steps": 5})
+    result = runner.invoke(cli, ["distill", str(changed), "--dry-run"])
+    fates = {line.split()[1]: " ".join(line.split()[2:4]) for line in result.output.splitlines()
+             if line.strip()[:2].rstrip(".").isdigit()}
+    assert fates == {"teach": "skip (up", "train": "run (inputs", "export": "run (train",
+                     "export-base": "skip (up", "eval-base": "skip (up", "eval-student": "run (export"}
+    (tmp_path / "out" / "eval-base" / "report.json").unlink()
+    result = runner.invoke(cli, ["distill", str(changed), "--dry-run"])
+    assert "eval-base     run (outputs missing)" in result.output

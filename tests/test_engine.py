@@ -1,10 +1,12 @@
 """The batched llama.cpp engine on the real Qwen2.5-Coder 0.5B demo GGUF (slow), and its pure helpers."""
 
+import os
+
 import pytest
 
 from mdlite import MdliteError
-from mdlite.engine import Engine, _Path, _per_prompt, derive_seed
-from mdlite.prompts import STUDENT_STOP, student_prompt, teacher_prompt
+from mdlite.engine import Engine, _common_prefix, _Path, _per_prompt, derive_seed, physical_cores
+from mdlite.prompts import STOP_AFTER, STUDENT_STOP, TEACHER_STOP, student_prompt, teacher_prompt
 
 MODEL = "qwen2.5-coder-0.5b-instruct"
 QUESTIONS = ["Tom has 3 apples and buys 5 more. How many apples does he have?",
@@ -61,6 +63,38 @@ def test_path_cuts_at_the_earliest_stop_string_even_across_pieces():
         if path.finish_reason:
             break
     assert (path.text, path.finish_reason) == ("x = 1", "stop")
+
+
+def _ends(pieces, *, style):
+    path = _Path(prompt=0, seq=0, sampler=None, stop=[], end=STOP_AFTER[style])
+    for piece in pieces:
+        path.add(piece)
+        if path.finish_reason:
+            break
+    return path.text, path.finish_reason
+
+
+@pytest.mark.parametrize(("pieces", "expected"), [
+    (["So 3 + 4 = 7. The answer", " is 7", ".", "\n\nQuestion"], ("So 3 + 4 = 7. The answer is 7.", "stop")),
+    (["The answer is 3", ".", "5", " hours", ". ", "Next"], ("The answer is 3.5 hours.", "stop")),
+    (["The answer is 20 - 5 = 15", ".", " Explanation"], ("The answer is 20 - 5 = 15.", "stop")),
+    (["The answer is:\n", "12.", "\n"], ("The answer is:\n12.\n", "")),  # a multi-line answer runs on
+    (["The answer is", " easy.", " It is 4."], ("The answer is easy. It is 4.", "")),
+    (["the final answer is $1,200", ".", "\n"], ("the final answer is $1,200.", "stop")),
+])
+def test_cot_paths_end_after_the_answer_sentence(pieces, expected):
+    assert _ends(pieces, style="cot") == expected
+
+
+def test_pot_paths_end_after_the_closing_fence():
+    pieces = ["Here:\n```python\n", "def solution():\n    x = '```'\n", "    return 3\n", "```", "\nMore"]
+    assert _ends(pieces, style="pot") == ("Here:\n```python\ndef solution():\n    x = '```'\n    return 3\n```",
+                                          "stop")
+    assert _ends(["def solution():\n", "    return 3\n"], style="pot")[1] == ""
+
+
+def test_physical_cores_is_a_sane_count():
+    assert 1 <= physical_cores() <= (os.cpu_count() or 1)
 
 
 def test_stop_is_shared_or_per_prompt():
@@ -121,6 +155,56 @@ def test_long_few_shot_paths_alone_and_batched_agree(engine):
 
 
 @pytest.mark.slow
+def test_prefix_cache_changes_no_text_and_skips_the_shared_exemplars(engine):
+    """A prompt evaluated as cached prefix + suffix gives the same paths as evaluated whole, whatever was cached."""
+    questions = QUESTIONS + ["Ann reads 12 pages a day. How many pages does she read in 5 days?"]
+    prompts = [teacher_prompt(q, style=style) for q in questions for style in ("cot", "pot")]
+    stops = [TEACHER_STOP[style] for _ in questions for style in ("cot", "pot")]
+    knobs = {"max_tokens": 48, "stop": stops, "seed": 3}
+    uncached = Engine(engine.path, prefix_cache=0)
+    try:
+        whole = [uncached.sample(prompts, n=1, **knobs), uncached.sample(prompts, n=2, temperature=0.9, **knobs)]
+        assert uncached.cached_tokens == 0
+    finally:
+        uncached.close()
+    before = engine.cached_tokens
+    engine.sample([teacher_prompt("Unrelated: what is 2 + 2?", style="pot")], n=1, max_tokens=4)
+    assert engine.sample(prompts, n=1, **knobs) == whole[0]
+    assert engine.sample(prompts[::-1], n=2, temperature=0.9, max_tokens=48, stop=stops[::-1],
+                         seed=[derive_seed(3, p) for p in range(len(prompts))][::-1]) == whole[1][::-1]
+    tokens = [engine.tokenize(p) for p in prompts[:4]]
+    exemplars = min(_common_prefix(tokens[0], tokens[2]), _common_prefix(tokens[1], tokens[3]))  # few-shot blocks
+    assert exemplars > 250
+    # every prompt but the first CoT one, and the first of each style after the context grew for n=2
+    assert engine.cached_tokens - before >= exemplars * (2 * len(prompts) - 3)
+    for p, prompt in enumerate(prompts):  # and alone, after everything else
+        assert engine.sample([prompt], n=1, max_tokens=48, stop=stops[p], seed=[derive_seed(3, p)]) == [whole[0][p]]
+
+
+@pytest.mark.slow
+def test_real_paths_stop_after_the_answer_sentence_or_the_closing_fence(engine):
+    """Asked to explain after answering, the instruct model runs on; stop_after ends CoT at the answer
+    sentence and PoT at the closing fence, and cuts nothing from paths that end on their own."""
+    from mdlite.answers import extract_answer
+
+    prompts = [chat("Tom has 3 apples and buys 5 more. How many apples does he have? Reply with the sentence "
+                    "'The answer is N.' first, then explain in two sentences."),
+               chat("A box holds 12 pens. How many pens are in 4 boxes? Write a short Python program in a "
+                    "```python block that prints the answer, then explain it."),
+               *[student_prompt(q, style="cot") for q in QUESTIONS]]
+    ends = [STOP_AFTER["cot"], STOP_AFTER["pot"]] + [STOP_AFTER["cot"]] * len(QUESTIONS)
+    free = engine.sample(prompts, n=1, max_tokens=200, stop=STUDENT_STOP)
+    ended = engine.sample(prompts, n=1, max_tokens=200, stop=STUDENT_STOP, stop_after=ends)
+    for [f], [e] in zip(free, ended, strict=True):
+        assert f.text.startswith(e.text) and e.tokens <= f.tokens
+    [cot], [pot] = ended[:2]
+    assert cot.text == "The answer is 8." and cot.finish_reason == "stop" and free[0][0].tokens > cot.tokens + 5
+    assert pot.text.count("```") == 2 and pot.text.endswith("```") and pot.tokens < free[1][0].tokens
+    for [f], [e] in zip(free[2:], ended[2:], strict=True):  # the student format: the same answers
+        assert extract_answer(e.text, style="cot") == extract_answer(f.text, style="cot")
+
+
+@pytest.mark.slow
 def test_eos_stop_strings_and_budget_end_paths_independently(engine, llm):
     prompts = [chat("Reply with the single word: yes"),
                student_prompt(QUESTIONS[2], style="cot"),
@@ -155,7 +239,7 @@ def test_context_overflow_is_a_clear_error(engine):
     small = Engine(engine.path, n_ctx=256)
     try:
         long_prompt = student_prompt(" ".join(["Tom has 3 apples."] * 50), style="cot")
-        with pytest.raises(MdliteError, match=r"needs \d+ KV cells per path, but n_ctx is 256.*--n-ctx"):
+        with pytest.raises(MdliteError, match=r"needs \d+ KV cells per path, but n_ctx is 256.*--num-ctx"):
             small.sample([long_prompt], n=2, max_tokens=32)
         with pytest.raises(MdliteError, match="needs"):
             small.sample([student_prompt(QUESTIONS[0], style="cot")], n=1, max_tokens=250)

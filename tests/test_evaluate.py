@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from fractions import Fraction
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,7 +24,7 @@ from mdlite import MdliteError
 from mdlite.answers import answers_match, format_number
 from mdlite.cli import cli
 from mdlite.config import EvalConfig, load_config
-from mdlite.data import load_problems
+from mdlite.data import load_problems, write_problems
 from mdlite.evaluate import compare_reports, hybrid_at_k, k_values, load_samples, majority_at_k, mode_at_k, vote_at_k
 from mdlite.vote import vote
 
@@ -34,43 +34,41 @@ REPORT_FILES = ("samples.jsonl", "report.json", "report.md", "accuracy.png", "ru
 # ---- brute force: vote over every k-subset -----------------------------------------------------
 
 
-def _vote_credit(mode: str, *, cot: tuple = (), pot: tuple = (), gold: float) -> Fraction:
-    """mdlite.vote's vote, ties shared: 1/t when the gold answer is among t groups tied for the lead."""
-    tallies = vote(mode, cot=cot, pot=pot).tallies
-    leaders = [t for t in tallies if t.weight == tallies[0].weight]
-    return Fraction(sum(answers_match(t.answer, gold) for t in leaders), len(leaders)) if leaders else Fraction(0)
-
-
 def _brute(mode: str, pot: list, cot: list, gold: float, k_pot: int, k_cot: int) -> float:
-    """The mean credit of `mode`'s vote over every k_pot-subset of `pot` x every k_cot-subset of `cot`."""
-    credits = [_vote_credit(mode, pot=p, cot=c, gold=gold) for p in itertools.combinations(pot, k_pot)
-               for c in itertools.combinations(cot, k_cot)]
-    return float(sum(credits) / len(credits))
+    """How often mdlite.vote's `mode` vote is right over every ordered k_pot-subset of `pot` x every ordered
+    k_cot-subset of `cot` (every subset, in every path order: what `mdlite solve` meets)."""
+    right = [answers_match(vote(mode, pot=p, cot=c).answer, gold) for p in itertools.permutations(pot, k_pot)
+             for c in itertools.permutations(cot, k_cot)]
+    return sum(right) / len(right)
 
 
 def _brute_majority(answers: list[float | None], gold: float, k: int) -> float:
     return _brute("cot", [], answers, gold, 0, k)
 
 
+GOLD = 2.5
+
+
 def _random_answers(rng: random.Random, n: int) -> list[float | None]:
-    # Few distinct values so that ties and repeats are common; 7.0004 matches gold 7 within rel_tol
-    # but votes apart from it (two correct clusters).
-    return [rng.choice([7.0, 7.0, 3.0, 5.5, 7.0004, None, -2.0]) for _ in range(n)]
+    # Few distinct values so that ties and repeats are common; 2.5000015 and 2.4999985 both match the gold
+    # answer but not each other, so they vote apart (two correct groups). No value matches two others that
+    # do not match each other: then the groups would depend on the path order.
+    return [rng.choice([2.5000015, 2.5000015, 3.0, 5.5, 2.4999985, None, -2.0]) for _ in range(n)]
 
 
 def test_majority_at_k_equals_brute_force_on_small_cases() -> None:
     rng = random.Random(1)
-    for _ in range(150):
-        answers = _random_answers(rng, rng.randint(1, 9))
+    for _ in range(100):
+        answers = _random_answers(rng, rng.randint(1, 6))
         for k in range(1, len(answers) + 1):
-            assert majority_at_k(answers, 7.0, k) == pytest.approx(_brute_majority(answers, 7.0, k), abs=1e-12), (
+            assert majority_at_k(answers, GOLD, k) == pytest.approx(_brute_majority(answers, GOLD, k), abs=1e-12), (
                 answers, k)
 
 
 def test_majority_at_k_known_values() -> None:
     assert majority_at_k([1.0, 1.0, 2.0], 1.0, 1) == pytest.approx(2 / 3)
     assert majority_at_k([1.0, 1.0, 2.0], 1.0, 3) == 1.0
-    assert majority_at_k([1.0, 2.0], 1.0, 2) == 0.5  # a two-way tie counts half
+    assert majority_at_k([1.0, 2.0], 1.0, 2) == 0.5  # a two-way tie: the first path's answer, either one
     assert majority_at_k([None, None, 4.0], 4.0, 2) == pytest.approx(2 / 3)  # unanswered paths take no vote
     assert majority_at_k([None, None], 4.0, 1) == 0.0
     # Not "the first k": the first path is wrong, but 3 of the 4 paths are right.
@@ -79,29 +77,38 @@ def test_majority_at_k_known_values() -> None:
         majority_at_k([1.0], 1.0, 2)
 
 
+def test_mixed_ties_go_to_pot_as_solve_breaks_them() -> None:
+    # The issue's example: at k=2 (one PoT, one CoT path) a PoT 5 beats a CoT 4; a PoT 3 beats a CoT 5.
+    pools = {"pot": [5.0, 5.0, 5.0, 3.0], "cot": [4.0, 4.0, 5.0, 2.0]}
+    assert mode_at_k("mixed", pools, 5.0, 2) == 0.75 == _brute("mixed", pools["pot"], pools["cot"], 5.0, 1, 1)
+    # Tied groups that both have PoT paths: each wins with its share of them (the first PoT path decides).
+    # 1 (one PoT, one CoT path) ties with 2 (two PoT paths): 1 wins when its PoT path comes first.
+    assert vote_at_k([([1.0, 2.0, 2.0], 3), ([1.0], 1)], 1.0) == pytest.approx(1 / 3)
+
+
 def test_two_pool_votes_equal_brute_force() -> None:
     rng = random.Random(2)
-    for _ in range(60):
-        pot, cot = _random_answers(rng, rng.randint(1, 5)), _random_answers(rng, rng.randint(1, 5))
+    for _ in range(40):
+        pot, cot = _random_answers(rng, rng.randint(1, 4)), _random_answers(rng, rng.randint(1, 4))
         for k_pot, k_cot in itertools.product(range(len(pot) + 1), range(len(cot) + 1)):
             if k_pot + k_cot:
-                assert vote_at_k([(pot, k_pot), (cot, k_cot)], 7.0) == pytest.approx(
-                    _brute("mixed", pot, cot, 7.0, k_pot, k_cot), abs=1e-12), (pot, cot, k_pot, k_cot)
+                assert vote_at_k([(pot, k_pot), (cot, k_cot)], GOLD) == pytest.approx(
+                    _brute("mixed", pot, cot, GOLD, k_pot, k_cot), abs=1e-12), (pot, cot, k_pot, k_cot)
 
 
 def test_modes_equal_brute_force() -> None:
     rng = random.Random(3)
     for _ in range(40):
-        n = rng.randint(1, 5)
+        n = rng.randint(1, 4)
         pools = {"pot": _random_answers(rng, n), "cot": _random_answers(rng, n)}
         for k in range(1, n + 1):
-            expected = {"cot": _brute("cot", [], pools["cot"], 7.0, 0, k),
-                        "pot": _brute("pot", pools["pot"], [], 7.0, k, 0),
-                        "mixed": _brute("mixed", pools["pot"], pools["cot"], 7.0, k - k // 2, k // 2),
-                        "hybrid": _brute("hybrid", pools["pot"], pools["cot"], 7.0, k, k)}
+            expected = {"cot": _brute("cot", [], pools["cot"], GOLD, 0, k),
+                        "pot": _brute("pot", pools["pot"], [], GOLD, k, 0),
+                        "mixed": _brute("mixed", pools["pot"], pools["cot"], GOLD, k - k // 2, k // 2),
+                        "hybrid": _brute("hybrid", pools["pot"], pools["cot"], GOLD, k, k)}
             for mode, value in expected.items():
-                assert mode_at_k(mode, pools, 7.0, k) == pytest.approx(value, abs=1e-12), (mode, pools, k)
-            assert hybrid_at_k(pools["pot"], pools["cot"], 7.0, k) == pytest.approx(expected["hybrid"], abs=1e-12)
+                assert mode_at_k(mode, pools, GOLD, k) == pytest.approx(value, abs=1e-12), (mode, pools, k)
+            assert hybrid_at_k(pools["pot"], pools["cot"], GOLD, k) == pytest.approx(expected["hybrid"], abs=1e-12)
 
 
 def test_k_values() -> None:
@@ -132,12 +139,12 @@ def _record(pid: str, path: int) -> str:
 def test_load_samples_drops_torn_line_and_unfinished_problem(tmp_path: Path) -> None:
     path = tmp_path / "samples.jsonl"
     path.write_text(_record("a", 0) + _record("a", 1) + _record("b", 0) + '{"id": "b", "sty')
-    done = load_samples(path, per_problem=2)
+    done = load_samples(path, per_problem=2, hashes={})
     assert list(done) == ["a"] and len(done["a"]) == 2
     assert path.read_text() == _record("a", 0) + _record("a", 1)  # the file keeps only finished problems
     path.write_text(_record("a", 0) + "not json\n" + _record("a", 1))
     with pytest.raises(MdliteError, match=r"samples.jsonl:2: not a sample record"):
-        load_samples(path, per_problem=2)
+        load_samples(path, per_problem=2, hashes={})
 
 
 # ---- a whole eval through the real Ollama client ------------------------------------------------
@@ -208,6 +215,29 @@ def test_eval_of_a_teacher_writes_reports_with_exact_numbers(tmp_path: Path, pro
     assert "| greedy cot" in text and "66.7%" in text and "25.0%" in text
     result = CliRunner().invoke(cli, ["eval", "compare", str(out), str(other)])
     assert result.exit_code == 0 and result.output.strip() == text
+
+
+def test_samples_of_one_file_are_not_reused_for_another_with_the_same_ids(
+        tmp_path: Path, problems_file: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    problems = load_problems(problems_file)
+    other = [replace(problems[0], question="Tom has 40 apples and buys 2 more. How many apples does he have?",
+                     answer=42.0), replace(problems[1], answer=problems[1].answer + 1), problems[2]]
+    write_problems(other, tmp_path / "other.jsonl")
+    script = {"cot": {p.question: [f" The answer is {format_number(p.answer)}."] for p in [*problems, other[0]]}}
+    args = ["--model", "ollama:teacher", "--mode", "cot", "--paths", "1", "--concurrency", "4",
+            "--output-dir", str(tmp_path / "out")]
+    with FakeOllama(model="teacher", parallel=4, script=script) as server:
+        monkeypatch.setenv("OLLAMA_HOST", server.url)
+        _eval(["--data", str(problems_file), *args])
+        assert server.stats["served"] == 3 * 2
+        _eval(["--data", str(tmp_path / "other.jsonl"), *args])
+        assert server.stats["served"] == 3 * 2 + 2 * 2  # the two changed problems are redone, the third is not
+    assert "dropping the records of 2 problems whose question or gold answer changed" in caplog.text
+    samples = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 3 * 2 and {(r["id"], r["gold"], r["correct"]) for r in samples} == {
+        (other[0].id, 42.0, True), (other[1].id, other[1].answer, False), (other[2].id, other[2].answer, True)}
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["greedy_accuracy"] == {"cot": pytest.approx(2 / 3)}
 
 
 def test_help() -> None:

@@ -219,7 +219,8 @@ def test_modelfile_prompts_like_training_and_stops(exported: dict) -> None:
 def test_help() -> None:
     result = CliRunner().invoke(cli, ["export-gguf", "--help"])
     assert result.exit_code == 0
-    for flag in ("ADAPTER_OR_MODEL_DIR", "-q TYPE", "--output-dir", "--parity / --no-parity", "--min-stop-rate"):
+    for flag in ("ADAPTER_OR_MODEL_DIR", "-q, --quant-types", "--output-dir", "--parity / --no-parity",
+                 "--min-stop-rate"):
         assert flag in result.output
 
 

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from mdlite import MdliteError
 from mdlite.answers import answers_match, extract_answer, format_number
 from mdlite.cli import cli
 from mdlite.config import TeachConfig
-from mdlite.data import load_problems
+from mdlite.data import load_problems, problem_hash, write_problems
 from mdlite.prompts import extract_program, prompt_hash
 from mdlite.rationales import (
     normalize_rationale,
@@ -36,8 +37,9 @@ from mdlite.rationales import (
 )
 
 FAKE_OLLAMA = Path(__file__).with_name("fake_ollama.py")
-FIELDS = {"key": str, "problem_id": str, "style": str, "sample": int, "question": str, "gold": float, "text": str,
-          "kept": bool, "teacher": str, "prompt_hash": str, "options": dict, "tokens": int, "latency_s": float}
+FIELDS = {"key": str, "problem_id": str, "problem_hash": str, "style": str, "sample": int, "question": str,
+          "gold": float, "text": str, "kept": bool, "teacher": str, "prompt_hash": str, "options": dict, "tokens": int,
+          "latency_s": float}
 N_PROBLEMS = 10
 
 
@@ -48,13 +50,16 @@ def dataset(shared_data: Path) -> str:
 
 @pytest.fixture(scope="module")
 def script(dataset: str) -> dict[str, dict[str, list[str]]]:
-    """Per problem four answers per style: right, wrong, right in other words (a duplicate), unusable."""
+    """Per problem four answers per style: right, wrong, right in other words (a duplicate), unusable (CoT: no
+    answer, or every other problem the answer before its reasoning)."""
     script: dict[str, dict[str, list[str]]] = {"cot": {}, "pot": {}}
     for p in load_problems(dataset, limit=N_PROBLEMS):
         right, wrong = format_number(p.answer), format_number(p.answer + 1)
         script["cot"][p.question] = [f" We add it up: {right}. The answer is {right}.",
                                      f" It is {wrong}. The answer is {wrong}.",
-                                     f" We  add it up:  {right}. So the answer is ${right}.", " I am not sure."]
+                                     f" We  add it up:  {right}. So the answer is ${right}.",
+                                     " I am not sure." if len(script["cot"]) % 2 else
+                                     f" The answer is {right}. Explanation: we add it up."]
         script["pot"][p.question] = [f"def solution():\n    total = {right}\n    return total\n",
                                      f"def solution():\n    return {wrong}\n",
                                      f"def solution():\n    # the same\n    total = {right}\n    return total\n",
@@ -110,10 +115,23 @@ def test_sample_seed_is_stable_and_distinct() -> None:
     ("3 + 4 = 7. The answer is 7.", 7, "3 + 4 = 7. The answer is 7."),
     ("3 + 4 = 7. So the answer is $7.00", 7, "3 + 4 = 7. The answer is 7."),
     ("3 + 4 = 7 apples.", 7, "3 + 4 = 7 apples. The answer is 7."),
-    ("#### 2.5", 2.5, "#### 2.5 The answer is 2.5."),
-    ("the answer is 7", 7, "The answer is 7."),
+    ("3 + 4 = 7\n#### 7", 7, "3 + 4 = 7\n#### 7 The answer is 7."),
+    ("3 + 4 = 7. The answer is 7 apples in all.", 7, "3 + 4 = 7. The answer is 7."),
+    # what follows the last "the answer is" besides the answer is kept, the sentence appended
+    ("3 + 4 = 7. The answer is 7. Check: 7 - 4 = 3.", 7,
+     "3 + 4 = 7. The answer is 7. Check: 7 - 4 = 3. The answer is 7."),
+    ("Add: 3 + 4. The answer is 7 because 3 + 4 = 7.", 7,
+     "Add: 3 + 4. The answer is 7 because 3 + 4 = 7. The answer is 7."),
+    ("To find the answer, add 3 + 4 = 7. The answer is 7.", 7, "To find the answer, add 3 + 4 = 7. The answer is 7."),
+    # no reasoning before the answer is first stated: dropped (None)
+    ("The answer is 7. Explanation: 3 + 4 = 7.", 7, None),
+    ("So the answer is 7.", 7, None),
+    ("the answer is 7", 7, None),
+    ("#### 2.5", 2.5, None),
+    ("\\boxed{7} since 3 + 4 = 7.", 7, None),
+    ("", 7, None),
 ])
-def test_with_answer_sentence(text: str, answer: float, expected: str) -> None:
+def test_with_answer_sentence(text: str, answer: float, expected: str | None) -> None:
     assert with_answer_sentence(text, answer) == expected
 
 
@@ -139,6 +157,7 @@ def test_teach_checks_dedupes_and_records(dataset: str, server: FakeOllama, tmp_
             assert isinstance(r[name], kind), (name, r)
         assert r["key"] == f"{r['problem_id']}/{r['style']}/{r['sample']}"
         assert r["gold"] == problems[r["problem_id"]].answer and r["question"] == problems[r["problem_id"]].question
+        assert r["problem_hash"] == problem_hash(problems[r["problem_id"]])
         assert r["teacher"] == "ollama:teacher" and r["model_digest"] == server.digest
         assert r["prompt_hash"] == prompt_hash(r["style"])
         assert r["options"] == sample_options(_config(dataset, server.url, tmp_path), r["problem_id"], r["style"],
@@ -152,7 +171,7 @@ def test_teach_checks_dedupes_and_records(dataset: str, server: FakeOllama, tmp_
         if r["kept"] and r["style"] == "pot":
             assert "```" not in r["text"] and extract_program(r["text"]) == r["text"]
     reasons = {r["reason"] for r in records}
-    assert {None, "wrong answer", "no answer", "no program", "duplicate"} <= reasons
+    assert {None, "wrong answer", "no answer", "no reasoning", "no program", "duplicate"} <= reasons
     assert any(str(reason).startswith("program error: ZeroDivisionError") for reason in reasons)
     for pid in problems:  # no two kept rationales of a problem and style normalise alike
         for style in ("cot", "pot"):
@@ -235,6 +254,32 @@ def test_changed_teacher_or_options_redoes_everything(dataset: str, script: dict
     assert len(_lines(tmp_path / "rationales.replaced.jsonl")) == 2 * N_PROBLEMS * 9
 
 
+def test_changed_question_or_gold_redoes_that_problem(dataset: str, server: FakeOllama, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run(_config(dataset, server.url, out))
+    path = out / "rationales.jsonl"
+    before = _lines(path)
+    problems = load_problems(dataset, limit=N_PROBLEMS)
+    gold, question, old = problems[0].id, problems[1].id, problems[2].id
+    problems[0] = replace(problems[0], answer=problems[0].answer + 1)
+    problems[1] = replace(problems[1], question=problems[1].question + " Answer in whole numbers.")
+    path.write_text("".join(json.dumps({k: v for k, v in r.items() if r["problem_id"] != old or k != "problem_hash"})
+                            + "\n" for r in before))  # records written before problem_hash existed
+    write_problems(problems, tmp_path / "changed.jsonl")
+    served = server.stats["served"]
+    run(_config(str(tmp_path / "changed.jsonl"), server.url, out))
+    assert server.stats["served"] - served == 3 * 9
+    replaced = _lines(out / "rationales.replaced.jsonl")
+    assert len(replaced) == 3 * 9 and {r["problem_id"] for r in replaced} == {gold, question, old}
+    after = _lines(path)
+    by_id = {p.id: p for p in problems}
+    assert all(r["problem_hash"] == problem_hash(by_id[r["problem_id"]]) for r in after)
+    assert {r["gold"] for r in after if r["problem_id"] == gold} == {problems[0].answer}
+    assert {r["question"] for r in after if r["problem_id"] == question} == {problems[1].question}
+    assert [r for r in after if r["problem_id"] not in (gold, question, old)] == [
+        r for r in before if r["problem_id"] not in (gold, question, old)]
+
+
 def test_torn_last_line_is_dropped_and_redone(dataset: str, server: FakeOllama, tmp_path: Path,
                                               baseline: dict) -> None:
     path = tmp_path / "rationales.jsonl"
@@ -278,7 +323,8 @@ def test_failed_problem_is_recorded_skipped_and_retried_next_run(dataset: str, s
         assert "HTTP 500" in stats["failures"][0]["error"] and stats["session"]["failed"] == 1
         records = _lines(tmp_path / "rationales.jsonl")
         assert len(records) == N_PROBLEMS * 9 - 4  # the problem's 4 CoT samples are skipped
-        assert fake.stats["requests"] - fake.stats["served"] == 3  # one request and 2 retries
+        # a group's samples are requested together: each of the 4 CoT requests, tried 3 times (2 retries)
+        assert fake.stats["requests"] - fake.stats["served"] == 4 * 3
         fake.script = script  # the server is fixed: the next run fills the gap
         assert run(_config(dataset, fake.url, tmp_path))["stats"]["failures"] == []
     assert _outcome(_lines(tmp_path / "rationales.jsonl")) == baseline
@@ -287,8 +333,11 @@ def test_failed_problem_is_recorded_skipped_and_retried_next_run(dataset: str, s
 def test_client_errors_are_not_retried(dataset: str, script: dict, tmp_path: Path) -> None:
     problem = load_problems(dataset, limit=1)[0]
     with FakeOllama(model="teacher", script={"cot": {problem.question: ["!error 400"]}, "pot": {}}) as fake:
-        stats = run(_config(dataset, fake.url, tmp_path, limit=1, n_pot=0, retries=3))["stats"]
-    assert fake.stats["requests"] == 1 and "HTTP 400" in stats["failures"][0]["error"]
+        with pytest.raises(MdliteError, match="answered none of 1 requests.*HTTP 400"):  # the only request failed
+            run(_config(dataset, fake.url, tmp_path, limit=1, n_pot=0, retries=3))
+    stats = json.loads((tmp_path / "teach_stats.json").read_text())
+    # the 4 CoT samples are requested together; none is retried
+    assert fake.stats["requests"] == 4 and "HTTP 400" in stats["failures"][0]["error"]
 
 
 def test_busy_server_503_is_retried(dataset: str, script: dict, tmp_path: Path, baseline: dict) -> None:
@@ -366,7 +415,7 @@ def test_server_killed_and_restarted_mid_run(dataset: str, script: dict, tmp_pat
 
 def test_ctrl_c_stops_cleanly_and_saves(dataset: str, script: dict, tmp_path: Path) -> None:
     path = tmp_path / "rationales.jsonl"
-    with FakeOllama(model="teacher", parallel=2, latency_s=0.05, script=script) as fake:
+    with FakeOllama(model="teacher", parallel=2, latency_s=0.3, script=script) as fake:
         process = _teach_process(dataset, fake.url, tmp_path)
         _wait_for_lines(path, 10, process)
         process.send_signal(signal.SIGINT)

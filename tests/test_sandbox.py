@@ -7,6 +7,7 @@ listening socket, and the process tree.
 
 from __future__ import annotations
 
+import cmath
 import os
 import signal
 import socket
@@ -115,8 +116,8 @@ HOSTILE = [
     ("segfault", f"{IMP}('faulthandler')._sigsegv()", "killed by SIGSEGV"),
     ("big_file", "open('big', 'wb').write(b'0' * (64 << 20))", "File too large"),
     ("syntax_error", "def solution(:\n    return 1", "SyntaxError"),
-    ("answer_string", "ans = '5'", "no answer"),
-    ("answer_list", "ans = [5]", "no answer"),
+    ("answer_string", "ans = 'five'", "no answer"),
+    ("answer_list", "ans = [5, 6]", "no answer"),
     ("answer_none", "def solution():\n    return None", "no answer"),
     ("answer_nan", "ans = float('nan')", "no answer"),
     ("answer_inf", "ans = float('inf')", "no answer"),
@@ -259,6 +260,11 @@ NORMAL = [
     ("import sympy\nans = sympy.Rational(3, 8)", 0.375),
     ("from sympy import sqrt, integrate, Symbol\nx = Symbol('x')\nans = sqrt(8) / sqrt(2) + integrate(x, (x, 0, 2))",
      4.0),
+    # values extract_number reads by choice (see its docstring)
+    ("import numpy as np\ndef solution():\n    return np.longdouble(7) / 2", 3.5),
+    ("import cmath\nans = cmath.sqrt(16)", 4.0),
+    ("from sympy import solve, symbols\nx = symbols('x')\nans = solve(2 * x - 6, x)", 3.0),  # a one-element list
+    ("ans = '12'", 12.0),
     ("ans = 5", 5.0),
     ("answer = 2.5", 2.5),
     ("print('the answer is')\nprint(42)", 42.0),
@@ -286,11 +292,34 @@ def test_normal_programs() -> None:
      (np.array(1.5), 1.5), (sympy.Integer(7), 7.0), (sympy.Rational(1, 8), 0.125),
      (sympy.pi, pytest.approx(3.14159, 1e-5)), (sympy.sqrt(2) ** 2, 2.0), (True, None), (np.bool_(True), None),
      (float("nan"), None), (float("-inf"), None), (Decimal("NaN"), None), (Decimal("sNaN"), None), (10**400, None),
-     ("5", None), ([5], None), (None, None), (1j, None), (np.array([1.0]), None), (np.str_("5"), None),
+     (None, None), (1j, None), (np.array([1, 2]), None), (np.array(["5"]), None), ([5, 6], None), ([[5]], None),
+     ([], None), ("five", None), ("", None), (np.complex128(1 + 1j), None), (np.array([True]), None),
+     # by choice: numpy's long double; a one-element list, tuple or array is its element; a numeric string its
+     # number; a complex number without imaginary part its real part
+     (np.longdouble(2.5), 2.5), (np.clongdouble(3), 3.0), ([5], 5.0), ((2.5,), 2.5), (np.array([1.0]), 1.0),
+     (np.array([[2]]), 2.0), (["7"], 7.0), ("5", 5.0), (np.str_("5"), 5.0), (" 3/4 ", 0.75), ("1,000", 1000.0),
+     (cmath.sqrt(16), 4.0), (4 + 0j, 4.0), (cmath.sqrt(-16), None),
      (sympy.I, None), (sympy.oo, None), (sympy.Symbol("x"), None), (sympy.true, None)],
 )
 def test_extract_number(value: object, expected: float | None) -> None:
     assert extract_number(value) == expected
+
+
+def test_a_venv_reached_through_a_link_reads_its_packages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The workers run sys.executable: through a link to sys.prefix, Python finds its packages through the link
+    # too, and the sandbox must resolve links before comparing paths with the (resolved) read roots.
+    if not sys.executable.startswith(sys.prefix + "/"):
+        pytest.skip("the interpreter is not inside sys.prefix")
+    link = tmp_path / "env"
+    link.symlink_to(sys.prefix, target_is_directory=True)
+    monkeypatch.setattr(sys, "executable", str(link) + sys.executable[len(sys.prefix):])
+    monkeypatch.setattr(sandbox, "_POOL", None)
+    try:
+        [result] = run_programs(["from sympy import solve, symbols\nx = symbols('x')\nans = solve(2 * x - 6, x)[0]"],
+                                timeout=30, workers=1)
+    finally:
+        sandbox._POOL.close()  # type: ignore[union-attr]
+    assert result == ProgramResult(True, 3.0, None, ""), result
 
 
 def test_result_is_frozen() -> None:

@@ -18,7 +18,7 @@ class ScriptedEngine:
         self.script = script
         self.calls: list[dict] = []
 
-    def sample(self, prompts, *, n, temperature, top_p, top_k, max_tokens, stop, seed, first_path):
+    def sample(self, prompts, *, n, temperature, top_p, top_k, max_tokens, stop, seed, first_path, stop_after):
         self.calls.append({"prompts": prompts, "n": n, "first_path": first_path, "seed": seed, "stop": stop})
         out = []
         for prompt, count, first in zip(prompts, n, first_path, strict=True):

@@ -233,21 +233,33 @@ def test_mdlite_teach_against_llama_cpp_server(llama_server: str, shared_data: P
 
 @pytest.mark.slow
 def test_llamacpp_backend_in_process(shared_data: Path, tmp_path: Path) -> None:
+    """Requests in flight together are sampled in one engine call, each as it would be alone."""
     async def go() -> tuple:
-        pool = make_pool(f"llamacpp:{DEMO_TEACHER}", concurrency=4)
+        pool = make_pool(f"llamacpp:{DEMO_TEACHER}", concurrency=1)
         try:
-            assert pool.slots == 1  # one request at a time, whatever the concurrency asked for
+            assert pool.slots == 16  # the engine's batch, whatever the concurrency asked for
             digest = await pool.check()
-            prompt = teacher_prompt(QUESTION, style="pot")
-            options = {"temperature": 0.8, "max_tokens": 40, "stop": TEACHER_STOP["pot"], "seed": 11}
-            return digest, await asyncio.gather(pool.complete(prompt, **options), pool.complete(prompt, **options))
+            prompts = [teacher_prompt(QUESTION, style="pot"), teacher_prompt(QUESTION, style="cot")]
+            options = {"temperature": 0.8, "max_tokens": 40}
+            requests = [(prompts[style], TEACHER_STOP[("pot", "cot")[style]], seed)
+                        for style, seed in [(0, 11), (0, 11), (0, 12), (1, 13)]]
+            [teacher] = pool.teachers
+            calls = []
+            sample = teacher._engine.sample
+            teacher._engine.sample = lambda prompts, **knobs: calls.append(len(prompts)) or sample(prompts, **knobs)
+            together = await asyncio.gather(*(pool.complete(p, stop=stop, seed=seed, **options)
+                                              for p, stop, seed in requests))
+            alone = [await pool.complete(p, stop=stop, seed=seed, **options) for p, stop, seed in requests]
+            return digest, together, alone, calls
         finally:
             await pool.aclose()
 
-    digest, (first, second) = asyncio.run(go())
+    digest, together, alone, calls = asyncio.run(go())
     assert digest == get_card(DEMO_TEACHER).gguf["sha256"]
-    assert first[0].text == second[0].text and 0 < first[0].tokens <= 40
-    assert "def solution" in first[0].text
+    assert [c[0].text for c in together] == [c[0].text for c in alone]
+    assert together[0][0].text == together[1][0].text  # same seed and prompt, same text
+    assert 0 < together[0][0].tokens <= 40 and "def solution" in together[0][0].text
+    assert calls == [4, 1, 1, 1, 1]  # the four requests in one engine call, then one by one
 
     stats = run(TeachConfig(data=str(shared_data / "svamp" / "train.jsonl"), limit=2,
                             teacher=f"llamacpp:{DEMO_TEACHER}", n_cot=1, n_pot=1, max_tokens=80,
@@ -260,3 +272,9 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize(("keep_alive", "sent"), [("30m", "30m"), ("-1", -1.0), ("300", 300.0), ("0", 0.0)])
+def test_ollama_keep_alive_numbers_are_sent_as_seconds(keep_alive: str, sent: str | float) -> None:
+    teacher = make_teacher("ollama:teacher", endpoint="http://127.0.0.1:9", keep_alive=keep_alive)
+    assert teacher.keep_alive == sent  # Ollama parses a string as a Go duration, where "-1" has no unit

@@ -22,7 +22,7 @@ from mdlite import MdliteError
 from mdlite.answers import format_number
 from mdlite.cli import cli
 from mdlite.config import TrainConfig, load_config, to_dict
-from mdlite.data import synth_problems
+from mdlite.data import Problem, problem_hash, synth_problems
 from mdlite.models import TINY_LLAMA, make_tiny_model
 from mdlite.prompts import STUDENT_DIRECTIVES, prompt_hash, student_prompt
 
@@ -47,7 +47,8 @@ def write_rationales(path: Path, *, problems: int = 40, samples: int = 2, seed: 
 
 def _record(problem_id: str, style: str, sample: int, question: str, gold: float, text: str, *,
             kept: bool = True) -> dict:
-    return {"key": f"{problem_id}/{style}/{sample}", "problem_id": problem_id, "style": style, "sample": sample,
+    return {"key": f"{problem_id}/{style}/{sample}", "problem_id": problem_id,
+            "problem_hash": problem_hash(Problem(problem_id, question, gold)), "style": style, "sample": sample,
             "question": question, "gold": gold, "text": text, "answer": gold if kept else None, "kept": kept,
             "reason": None if kept else "wrong answer", "teacher": "fixture", "model_digest": None,
             "prompt_hash": prompt_hash(style), "options": {"temperature": 0.7, "seed": sample}, "tokens": 20,
@@ -359,7 +360,7 @@ def test_bad_rationales_files(tmp_path: Path) -> None:
 
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    with pytest.raises(MdliteError, match="empty.jsonl: no kept rationales"):
+    with pytest.raises(MdliteError, match="empty.jsonl: no rationales in the file"):
         read_rationales(empty)
     rejected = tmp_path / "rejected.jsonl"
     rejected.write_text(json.dumps(_record("p", "cot", 0, "Q?", 1, "The answer is 2.", kept=False)) + "\n")
@@ -377,7 +378,7 @@ def test_bad_rationales_files(tmp_path: Path) -> None:
         read_rationales(odd)
 
     result = CliRunner().invoke(cli, ["train", "--rationales", str(empty), "--model", "x"])
-    assert result.exit_code == 2 and "no kept rationales" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 2 and "no rationales" in result.output and "Traceback" not in result.output
 
 
 def test_unknown_model_and_bad_config(tmp_path: Path, rationales: Path) -> None:
@@ -396,6 +397,18 @@ def test_unknown_model_and_bad_config(tmp_path: Path, rationales: Path) -> None:
     result = CliRunner().invoke(cli, ["train", "--quantization", "int8", "--lora-r", "0", "--val-fraction", "1"])
     assert result.exit_code == 2
     assert all(s in result.output for s in ("--quantization", "--lora-r", "--val-fraction"))
+
+
+def test_gguf_cache_is_keyed_by_content(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mdlite.train import resolve_base_model
+
+    monkeypatch.setenv("MDLITE_HOME", str(tmp_path / "home"))
+    files = [tmp_path / folder / "student-F16.gguf" for folder in ("a", "b", "copy-of-a")]
+    for file, data in zip(files, (b"GGUF" + b"\1" * 100, b"GGUF" + b"\2" * 100, b"GGUF" + b"\1" * 100), strict=True):
+        file.parent.mkdir()
+        file.write_bytes(data)
+    a, b, copy = (Path(resolve_base_model(str(file), fetch=False).path) for file in files)
+    assert a != b and a == copy and a.parent == tmp_path / "home" / "hf" and a.name.startswith("student-F16-")
 
 
 def test_tokenizer_preflight(tiny_model: Path) -> None:
@@ -493,6 +506,7 @@ def test_train_help() -> None:
 def test_two_qlora_steps_on_gemma_3_270m(tmp_path: Path) -> None:
     """The demo GGUF, dequantized by transformers once and cached as an HF folder (~1.5 min the first time)."""
     from mdlite import mdlite_home
+    from mdlite.models import get_card
     from mdlite.train import run
 
     rationales = write_rationales(tmp_path / "r.jsonl", problems=8, samples=1)
@@ -502,7 +516,7 @@ def test_two_qlora_steps_on_gemma_3_270m(tmp_path: Path) -> None:
     result = run(cfg)
     assert result.global_step == 2 and 0 < result.train_loss < 20
     meta = json.loads((result.adapter_dir / "mdlite.json").read_text())
-    cache = mdlite_home() / "hf" / "gemma-3-270m-q4_k_m"
+    cache = mdlite_home() / "hf" / f"gemma-3-270m-q4_k_m-{get_card('gemma-3-270m').gguf['sha256'][:16]}"
     assert meta["base_model"] == "gemma-3-270m" and meta["base_model_path"] == str(cache)
     assert meta["base_gguf"].endswith("gemma-3-270m-q4_k_m.gguf") and meta["add_bos"] is True
     assert (cache / "config.json").exists() and "quantization_config" not in json.loads(

@@ -30,10 +30,11 @@ CASES = [
     ("pot", [5], [N, N, N], {}, N, "none"),
     ("mixed", [N], [N], {}, N, "none"),
     ("mixed", [], [], {}, N, "none"),
-    # answers within tolerance vote together; the group keeps its first answer
-    ("cot", [0.3333, 1 / 3, 0.5], [], {"rel_tol": 1e-3}, 0.3333, "cot"),
-    ("cot", [0.3333, 1 / 3, 0.5], [], {"rel_tol": 1e-6}, 0.3333, "cot"),  # three groups of 1: first wins
-    ("cot", [100000.0, 100000.5, 7, 7], [], {}, 100000.0, "cot"),  # 100000.5 is within 1e-4 of 100000
+    # answers that answers_match vote together (the group keeps its first answer); others apart
+    ("cot", [3, 2.5, 2.5000001], [], {}, 2.5, "cot"),  # within a relative 1e-6
+    ("cot", [7, 12, 11.999999999], [], {}, 12, "cot"),  # float noise
+    ("cot", [3, 0.3333, 1 / 3], [], {}, 3, "cot"),  # 0.3333 is not 1/3: three groups of 1, first wins
+    ("cot", [100000.0, 100000.5, 100001.0, 7, 7], [], {}, 7, "cot"),  # whole numbers are exact
 ]
 
 
@@ -52,9 +53,9 @@ def test_tallies_are_ranked_with_counts_and_weights():
 
 
 def test_tolerance_groups_a_path_with_the_first_matching_group():
-    # 10.0008 matches both 10.0 and 10.0015 (which do not match each other); it joins 10.0, the first.
-    result = tally(cot=[10.0, 10.0015, 10.0008], rel_tol=1e-4)
-    assert [(t.answer, t.cot) for t in result.tallies] == [(10.0, 2), (10.0015, 1)]
+    # 2.500002 matches both 2.5 and 2.500004 (which do not match each other); it joins 2.5, the first.
+    result = tally(cot=[2.5, 2.500004, 2.500002])
+    assert [(t.answer, t.cot) for t in result.tallies] == [(2.5, 2), (2.500004, 1)]
 
 
 def test_unknown_mode_is_an_error():
