@@ -19,8 +19,9 @@ suffix is evaluated; the prompt then replaces the cached prompt of its family (o
 half of it), else the least recently used one. Memory: each slot is one more KV stream of the
 context's cells per sequence (Q8_0 K and V, about 2 x 1.06 bytes x n_layers x n_kv_heads x head_dim
 per cell: ~6.5 KB per cell for the 0.5B demo model, ~0.27 MB for a 7B LLaMA; at 1024 cells 6.5 MB
-and 280 MB per slot). `prefix_cache=0` turns it off (every prompt is evaluated whole; the baseline in
-bench/fewshot.py).
+and 280 MB per slot). A call that needs more cells or sequences than the context has gets a new
+context, whose cache starts empty. `prefix_cache=0` turns it off (every prompt is evaluated whole;
+the baseline in bench/fewshot.py).
 
 Batch invariance: a path's tokens must not depend on what else shares its batch, yet llama.cpp's CPU
 kernels change with the batch's shape; with llama.cpp's defaults one prompt's logits differed by up
@@ -189,8 +190,8 @@ class Engine:
         per prompt; `first_path`: the number of the first path, for all prompts or per prompt (see the
         module docstring). `stop_after`: a regular expression, for every prompt or one (or None) per
         prompt; a path ends right after its first match. `top_k` 0 and `top_p` 1 switch those filters
-        off. `ignore_eos` bans
-        end-of-generation tokens, so paths end on stop strings or max_tokens only (benchmarks).
+        off. `ignore_eos` bans end-of-generation tokens, so paths end on stop strings or max_tokens only
+        (benchmarks).
         """
         counts = [n] * len(prompts) if isinstance(n, int) else list(n)
         firsts = [first_path] * len(prompts) if isinstance(first_path, int) else list(first_path)
