@@ -222,26 +222,23 @@ async def _teach(problems: list[Problem], done: dict[str, dict[str, Any]], cfg: 
 
 async def _teach_group(problem: Problem, style: str, count: int, pool: TeacherPool, done: dict[str, dict[str, Any]],
                        cfg: TeachConfig, sink: IO[str], session: Session, bar: tqdm) -> None:
-    """Request the missing samples of (problem, style) together (an in-process teacher samples them in one
-    call) and record them in order; a failed request is recorded and ends the group (the next run retries)."""
+    """Draw the missing samples of (problem, style) in order; on a failed request record it and stop. (An
+    in-process teacher still batches: the requests of all groups in flight share its engine calls.)"""
     prompt = teacher_prompt(problem.question, style=style)
     keys = [record_key(problem.id, style, i) for i in range(count)]
-    missing = [i for i, key in enumerate(keys) if key not in done]
-    options = {i: sample_options(cfg, problem.id, style, i) for i in missing}
-    replies = await asyncio.gather(*(pool.complete(prompt, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
-                                                   stop=TEACHER_STOP[style], seed=options[i]["seed"],
-                                                   stop_after=STOP_AFTER[style]) for i in missing),
-                                   return_exceptions=True)
-    for i, reply in zip(missing, replies, strict=True):
-        key = keys[i]
-        if isinstance(reply, TeacherError):
-            session.failures.append({"key": key, "error": str(reply)})
+    for i, key in enumerate(keys):
+        if key in done:
+            continue
+        options = sample_options(cfg, problem.id, style, i)
+        try:
+            [completion] = await pool.complete(prompt, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
+                                               stop=TEACHER_STOP[style], seed=options["seed"],
+                                               stop_after=STOP_AFTER[style])
+        except TeacherError as error:
+            session.failures.append({"key": key, "error": str(error)})
             bar.update(sum(k not in done for k in keys[i:]))
             bar.set_postfix(kept=session.kept, failed=len(session.failures))
             return
-        if isinstance(reply, BaseException):
-            raise reply
-        [completion] = reply
         text, answer, reason = await _check(problem, style, completion, cfg)
         earlier = {normalize_rationale(done[k]["text"], style=style) for k in keys[:i] if done.get(k, {}).get("kept")}
         if reason is None and normalize_rationale(text, style=style) in earlier:
@@ -251,7 +248,7 @@ async def _teach_group(problem: Problem, style: str, count: int, pool: TeacherPo
             "question": problem.question, "gold": problem.answer, "text": text, "answer": answer,
             "kept": reason is None, "reason": reason,
             "teacher": cfg.teacher, "model_digest": session.model_digest, "prompt_hash": prompt_hash(style),
-            "options": options[i], "tokens": completion.tokens, "latency_s": round(completion.latency_s, 4),
+            "options": options, "tokens": completion.tokens, "latency_s": round(completion.latency_s, 4),
         }
         sink.write(json.dumps(record, ensure_ascii=False) + "\n")
         sink.flush()
