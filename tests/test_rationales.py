@@ -358,7 +358,11 @@ def _teach_process(dataset: str, url: str, output_dir: Path, *extra: str) -> sub
     args = ["-v", "teach", "--data", dataset, "--limit", str(N_PROBLEMS), "--teacher", "ollama:teacher",
             "--endpoints", url, "--concurrency", "2", "--n-cot", "4", "--n-pot", "5", "--max-tokens", "64",
             "--output-dir", str(output_dir), *extra]
-    return subprocess.Popen([sys.executable, "-c", "from mdlite.cli import cli; cli()", *args],
+    # Ctrl-C as a shell delivers it, whatever this test process inherited (a SIGINT ignored or blocked here
+    # is ignored or blocked in the child too)
+    start = ("import signal; signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
+             "signal.signal(signal.SIGINT, signal.default_int_handler); from mdlite.cli import cli; cli()")
+    return subprocess.Popen([sys.executable, "-c", start, *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -418,7 +422,8 @@ def test_ctrl_c_stops_cleanly_and_saves(dataset: str, script: dict, tmp_path: Pa
         _wait_for_lines(path, 10, process)
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130 and "run the same command again to resume" in stderr
+    assert process.returncode == 130 and "run the same command again to resume" in stderr, (
+        process.returncode, signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, []), stderr[-500:])
     assert "Traceback" not in stderr
     records = _lines(path)  # complete lines only
     stats = json.loads((tmp_path / "teach_stats.json").read_text())
