@@ -423,7 +423,8 @@ def test_ctrl_c_stops_cleanly_and_saves(dataset: str, script: dict, tmp_path: Pa
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130 and "run the same command again to resume" in stderr, (
-        process.returncode, signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, []), stderr[-500:])
+        process.returncode, signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, []),
+        stderr[-500:])
     assert "Traceback" not in stderr
     records = _lines(path)  # complete lines only
     stats = json.loads((tmp_path / "teach_stats.json").read_text())
