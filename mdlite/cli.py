@@ -17,7 +17,7 @@ import click
 from click.core import ParameterSource
 
 from mdlite import MdliteError, __version__, check_output_dir
-from mdlite.config import EvalConfig, ExportConfig, SolveConfig, TeachConfig, TrainConfig
+from mdlite.config import EvalConfig, ExportConfig, ServeConfig, SolveConfig, TeachConfig, TrainConfig
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100, "show_default": True}
 
@@ -239,6 +239,28 @@ def models_make_tiny(output_dir: Path, seed: int) -> None:
     click.echo(make_tiny_model(output_dir, seed=seed))
 
 
+# ---- doctor ---------------------------------------------------------------------------------------
+
+
+@cli.command("doctor", context_settings=CONTEXT)
+@click.option("--strict", is_flag=True, help="Exit with code 1 when a check fails (warnings pass).")
+def doctor(strict: bool) -> None:
+    """Check this machine: Python, torch and its GPU, bitsandbytes 4-bit, the llama.cpp build, CPU threads,
+    Ollama ($OLLAMA_HOST), cached models and disk. One line per check (ok / warn / fail) with the fix;
+    paste the output into a bug report.
+
+    \b
+    Example:
+      mdlite doctor
+    """
+    from mdlite import doctor as checks
+
+    results = checks.run()
+    click.echo(checks.format_report(results))
+    if strict and checks.failed(results):
+        raise SystemExit(1)
+
+
 # ---- train ----------------------------------------------------------------------------------------
 
 
@@ -325,14 +347,16 @@ def eval_(config: Path | None, overrides: dict[str, Any]) -> None:
     """Evaluate a student GGUF or a teacher: greedy and maj@k accuracy per mode, failures, speed.
 
     --model is a .gguf file or registry name (the engine, with the student template or --prompt-style
-    few-shot) or a teacher spec (ollama:MODEL, openai:BASE_URL[#MODEL], llamacpp:PATH_OR_NAME; few-shot
-    prompts). Writes samples.jsonl, report.json, report.md, accuracy.png and run.json to --output-dir;
-    the same command again resumes. Reads the `eval:` section of --config; flags override it.
+    few-shot) or a served model (ollama:MODEL, openai:BASE_URL[#MODEL], llamacpp:PATH_OR_NAME; few-shot
+    prompts, or --prompt-style student for a served student, spread over --endpoints). Writes
+    samples.jsonl, report.json, report.md, accuracy.png and run.json to --output-dir; the same command
+    again resumes. Reads the `eval:` section of --config; flags override it.
     `mdlite eval compare DIR DIR ...` prints finished evals side by side.
 
     \b
     Example:
       mdlite eval --model runs/export/student-Q4_K_M.gguf --data svamp:test --paths 16
+      mdlite eval --model openai:http://127.0.0.1:8080/v1 --prompt-style student --endpoints URL1,URL2
     """
     import sys
 
@@ -378,12 +402,13 @@ def export_gguf(config: Path | None, overrides: dict[str, Any], adapter_or_model
 
     ADAPTER_OR_MODEL_DIR is train's OUTPUT_DIR/adapter (or --input-dir); a full Hugging Face model folder
     is converted as is. Writes merged/, <name>-<TYPE>.gguf, Modelfile, parity.json and run.json to
-    --output-dir; exits with 1 when a parity threshold is crossed. Reads the `export:` section of
-    --config; flags override it.
+    --output-dir; exits with 1 when a parity threshold is crossed. --ollama NAME also registers the
+    first GGUF with a running Ollama. Reads the `export:` section of --config; flags override it.
 
     \b
     Example:
       mdlite export-gguf runs/train/adapter -q Q4_K_M -q Q8_0 --output-dir runs/export
+      mdlite export-gguf runs/train/adapter --ollama my-student
     """
     import sys
 
@@ -399,6 +424,10 @@ def export_gguf(config: Path | None, overrides: dict[str, Any], adapter_or_model
     for quant_type, path in result.files.items():
         click.echo(f"{quant_type:>8}  {path}  ({path.stat().st_size / 1e6:.1f} MB)")
     click.echo(f"wrote {result.modelfile} (ollama create NAME -f {result.modelfile}) and {result.run_json}")
+    if result.ollama:
+        click.echo(f"registered with Ollama at {result.ollama['host']} as {result.ollama['name']} "
+                   f"({'uploaded' if result.ollama['uploaded'] else 'blob already there'}): "
+                   f"ollama run {result.ollama['name']} \"QUESTION\"")
     if result.parity is not None:
         summary = ", ".join(f"{k} {v}" for k, v in result.parity["summary"].items())
         click.echo(f"parity: {summary}")
@@ -473,6 +502,43 @@ def solve(config: Path | None, overrides: dict[str, Any], question: str | None, 
                     click.echo(f"[program: {path.program_error or 'ok'}{'; printed: ' + output if output else ''}]")
         if len(questions) > 1:
             click.echo("")
+
+
+# ---- serve --------------------------------------------------------------------------------------
+
+
+@cli.command("serve", context_settings=CONTEXT)
+@config_options(ServeConfig)
+def serve(config: Path | None, overrides: dict[str, Any]) -> None:
+    """Serve voted CoT + PoT answers from a GGUF over an OpenAI-compatible API.
+
+    POST /v1/chat/completions (the question: the last user message) and /v1/completions (`prompt`),
+    GET /v1/models and /health. The reply's content is the voted answer with its winning rationale; its
+    `mdlite` field has every path and the vote. Requests may set `paths`, `mode`, `temperature`, `seed`
+    and `max_tokens` within the server's limits; requests that arrive together share engine batches.
+    Ctrl-C / SIGTERM finishes the requests in flight, then stops. Reads the `serve:` section of
+    --config; flags override it.
+
+    \b
+    Example:
+      mdlite serve --model runs/export/student-Q4_K_M.gguf --port 8000 --paths 10
+    """
+    import os
+    import sys
+
+    from mdlite.config import load_config
+    from mdlite.serve import run
+
+    cfg = load_config(ServeConfig, config, overrides, section="serve" if config else None)
+    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not (cfg.api_key or os.environ.get("MDLITE_API_KEY")):
+        click.echo(f"mdlite: warning: serving on {cfg.host} without --api-key: anyone who can reach it may use it",
+                   err=True)
+    try:
+        run(cfg, on_ready=lambda url: click.echo(f"serving {cfg.model} at {url} (Ctrl-C to stop)", err=True))
+    except KeyboardInterrupt:
+        click.echo("mdlite: stopped", err=True)
+        sys.exit(130)
+    click.echo("mdlite: stopped", err=True)
 
 
 # ---- distill ------------------------------------------------------------------------------------

@@ -43,8 +43,8 @@ OPTIMIZERS = (
 
 def knob(default: Any, help: str, **kwargs: Any) -> Any:
     """A config field with its docstring (`help`)."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **kwargs})
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kwargs})
     return field(default=default, metadata={"help": help, **kwargs})
 
 
@@ -56,6 +56,8 @@ class TrainConfig:
 
     rationales: str = knob("runs/teach/rationales.jsonl",
                            "Rationales JSONL written by `mdlite teach` (its kept records are used).")
+    styles: list[str] = knob(["cot", "pot"], "Rationale styles to train on: cot and pot (Mixed Distillation), "
+                                             "or one of them (the single-path baselines).")
     model: str = knob("gemma-3-270m", "Base model: registry name, Hugging Face id, local HF folder or .gguf file.")
     output_dir: str = knob("runs/train", "Folder for checkpoint-N/, adapter/, trainer_log.jsonl, loss.png, run.json.")
     quantization: str = knob("nf4", "nf4 (QLoRA: 4-bit NF4 base, double quant) or none (plain LoRA).")
@@ -91,6 +93,8 @@ class TrainConfig:
         found = []
         if self.quantization not in ("nf4", "none"):
             found.append(f"quantization must be nf4 or none, not {self.quantization!r} (flag --quantization)")
+        if not self.styles or len(set(self.styles)) < len(self.styles) or not set(self.styles) <= {"cot", "pot"}:
+            found.append(f"styles must be cot, pot or both, not {','.join(self.styles)!r} (flag --styles)")
         positive = ("lora_r", "lora_alpha", "max_per_style", "per_device_train_batch_size",
                     "gradient_accumulation_steps", "logging_steps", "save_steps", "eval_steps", "save_total_limit")
         found += [f"{name} must be >= 1 (flag --{name.replace('_', '-')})"
@@ -193,19 +197,22 @@ class EvalConfig:
                                                               "pooled), hybrid (PoT; CoT if every program failed).")
     paths: int = knob(16, "Sampled paths per problem and style; maj@k for k = 1, 2, 4, ... up to it; 0: greedy only.")
     greedy: bool = knob(True, "Also decode one greedy path per style (greedy single-path accuracy).")
-    prompt_style: str = knob("student", "GGUF prompts: student (the distilled template) or few-shot (base and "
-                                        "instruct models); teachers always get the few-shot prompts.")
+    prompt_style: str = knob("auto", "student (the distilled template, also sent raw to a served student: openai:, "
+                                     "ollama:), few-shot (teacher prompts, for base and instruct models) or auto "
+                                     "(student for a GGUF, few-shot for a served model).")
     temperature: float = knob(0.7, "Sampling temperature of the sampled paths.")
     top_p: float = knob(0.95, "Nucleus sampling threshold of the sampled paths (1: off).")
     max_tokens: int = knob(256, "Max new tokens per path.")
     seed: int = knob(0, "Base seed; each path's seed is derived from (seed, problem id, style, path).")
     batch_paths: int = knob(16, "Paths decoded together: problems are taken a few at a time, up to this many "
                                 "paths of one style per engine batch (teachers: requests issued together).")
-    n_gpu_layers: int = knob(0, "GGUF: layers offloaded to the GPU (-1: all) when llama.cpp has GPU support.")
+    n_gpu_layers: int = knob(-1, "GGUF: layers offloaded to the GPU; -1: all when llama.cpp was built with GPU "
+                                 "offload, else none; 0: CPU only (batch-invariant paths, see mdlite/engine.py).")
     n_threads: int = knob(0, "GGUF and llamacpp teachers: CPU threads; 0: the physical cores.")
     prefix_cache: int = knob(2, "GGUF: prompts whose KV cells the engine keeps, so a shared prefix (the few-shot "
                                 "exemplars) is evaluated once; 0: off.")
-    endpoints: list[str] = knob([], "Teachers: hosts / base URLs of the same teacher to spread requests over.")
+    endpoints: list[str] = knob([], "Served models: base URLs / hosts serving the same model to spread requests "
+                                    "over (repeat the flag or comma-separate); empty: the spec's own URL.")
     concurrency: int = knob(1, "Teachers: requests in flight per endpoint.")
     num_ctx: int = knob(2048, "Teachers: context window in tokens (Ollama num_ctx, llamacpp n_ctx).")
     program_timeout_s: float = knob(2.0, "Wall-clock limit per PoT program in the sandbox.")
@@ -213,6 +220,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         self.mode = [m.strip() for item in self.mode for m in item.split(",") if m.strip()]  # --mode cot,pot
+        self.endpoints = [e.strip() for item in self.endpoints for e in item.split(",") if e.strip()]
 
     def problems(self) -> list[str]:
         found = [] if self.model else ["no model given; set --model to a .gguf file, a registry name or a "
@@ -220,8 +228,9 @@ class EvalConfig:
         unknown = [m for m in self.mode if m not in ("cot", "pot", "mixed", "hybrid")]
         if unknown or not self.mode:
             found.append(f"mode must be a list of cot, pot, mixed, hybrid, not {','.join(self.mode)!r} (flag --mode)")
-        if self.prompt_style not in ("student", "few-shot"):
-            found.append(f"prompt_style must be student or few-shot, not {self.prompt_style!r} (flag --prompt-style)")
+        if self.prompt_style not in ("auto", "student", "few-shot"):
+            found.append(f"prompt_style must be auto, student or few-shot, not {self.prompt_style!r} "
+                         "(flag --prompt-style)")
         positive = ("max_tokens", "batch_paths", "concurrency", "num_ctx", "program_memory_mb")
         found += [f"{name} must be >= 1 (flag --{name.replace('_', '-')})"
                   for name in positive if getattr(self, name) < 1]
@@ -252,6 +261,8 @@ class ExportConfig:
                                   short="-q")
     num_ctx: int = knob(2048, "Context window: the Modelfile's PARAMETER num_ctx and the parity check's n_ctx.")
     n_threads: int = knob(0, "CPU threads for quantizing and the parity check; 0: the physical cores.")
+    n_gpu_layers: int = knob(-1, "Parity check: layers offloaded to the GPU; -1: all when llama.cpp was built "
+                                 "with GPU offload, else none; 0: CPU only.")
     parity: bool = knob(True, "Check the GGUF files against the merged model (parity.json); exit 1 when a "
                               "threshold below is crossed.")
     parity_data: str = knob("", "Parity problems: a JSONL file or NAME[:SPLIT] (read from $MDLITE_DATA); "
@@ -267,6 +278,10 @@ class ExportConfig:
     min_stop_rate: float = knob(0.5, "Share of each GGUF's answers that must end with EOS or a stop string "
                                      "within parity_max_tokens.")
     seed: int = knob(0, "Seed of the synthetic parity problems and of llama.cpp.")
+    ollama: str = knob("", "After the export, register the first GGUF with a running Ollama under this name "
+                           "(NAME[:TAG]; blob upload + create, same template, stop strings, num_ctx and temperature "
+                           "as the Modelfile); empty: off.")
+    ollama_host: str = knob("", "Ollama server for --ollama; empty: $OLLAMA_HOST, else http://127.0.0.1:11434.")
 
     def __post_init__(self) -> None:
         self.quant_types = list(dict.fromkeys(q.strip().upper() for q in self.quant_types if q.strip()))
@@ -292,6 +307,9 @@ class ExportConfig:
                   if not 0 <= getattr(self, name) <= 1]
         if self.tie_margin < 0:
             found.append("tie_margin must be >= 0 (flag --tie-margin)")
+        if self.ollama and not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)*(:[\w][\w.-]{0,127})?", self.ollama):
+            found.append(f"ollama must be an Ollama model name such as my-student or me/student:q4, not "
+                         f"{self.ollama!r} (flag --ollama)")
         return found
 
 
@@ -317,7 +335,8 @@ class SolveConfig:
     batch_paths: int = knob(16, "Paths decoded together: questions are batched up to this many paths per step.")
     num_ctx: int = knob(0, "KV cache cells per path (its prompt + max_tokens); 0: sized automatically.",
                         deprecated="--n-ctx")
-    n_gpu_layers: int = knob(0, "Layers offloaded to the GPU (-1: all) when llama.cpp was built with GPU support.")
+    n_gpu_layers: int = knob(-1, "Layers offloaded to the GPU; -1: all when llama.cpp was built with GPU offload, "
+                                 "else none; 0: CPU only (batch-invariant paths, see mdlite/engine.py).")
     n_threads: int = knob(0, "CPU threads; 0: the physical cores (with OMP_WAIT_POLICY=PASSIVE).")
     prefix_cache: int = knob(2, "Prompts whose KV cells the engine keeps, so a shared prefix (the few-shot "
                                 "exemplars) is evaluated once; 0: off.")
@@ -346,6 +365,76 @@ class SolveConfig:
 
 
 @dataclass
+class ServeConfig:
+    """`mdlite serve`: an OpenAI-compatible server whose replies are voted CoT + PoT answers (serve.py)."""
+
+    model: str = knob("", "GGUF file or registry name (e.g. a student from `mdlite export-gguf`).")
+    host: str = knob("127.0.0.1", "Address to listen on; 0.0.0.0 exposes the server to the network.")
+    port: int = knob(8000, "TCP port; 0: any free port (logged).")
+    api_key: str = knob("", "Require `Authorization: Bearer KEY` on /v1/*; empty: $MDLITE_API_KEY, else no key.")
+    mode: str = knob("mixed", "Default vote: cot, pot, mixed or hybrid (a request's `mode` overrides it).")
+    paths: int = knob(10, "Default paths per question (a request's `paths` overrides it, up to max_paths).")
+    max_paths: int = knob(32, "Most paths a request may ask for.")
+    prompt_style: str = knob("student", "student (the distilled template) or few-shot (teacher prompts, for base "
+                                        "and instruct models).")
+    temperature: float = knob(0.7, "Default sampling temperature (a request's `temperature` overrides it, 0-2).")
+    top_p: float = knob(0.95, "Default nucleus sampling threshold (1: off).")
+    top_k: int = knob(0, "Default top-k filter (0: off).")
+    max_tokens: int = knob(256, "Max new tokens per path; a request's `max_tokens` may lower it.")
+    seed: int = knob(0, "Default base seed; the same seed gives the answers `mdlite solve` gives.")
+    early_stop: bool = knob(False, "Sample two paths first (mixed: one CoT, one PoT); stop there when they agree.")
+    cot_weight: float = knob(1.0, "Vote weight of a CoT path (mixed mode; weighted voting).")
+    pot_weight: float = knob(1.0, "Vote weight of a PoT path (mixed mode; weighted voting).")
+    batch_paths: int = knob(64, "Most paths decoded together: the requests waiting when the engine is free join "
+                                "one batch up to this many paths (>= max_paths).")
+    batch_wait_ms: float = knob(10.0, "How long the engine waits for more requests before a batch while they keep "
+                                      "arriving (ms).")
+    queue_size: int = knob(64, "Requests admitted at once (waiting or being solved); more get 503 + Retry-After.")
+    max_prompt_chars: int = knob(4000, "Longest question (characters) a request may send; longer ones get 400.")
+    shutdown_timeout_s: float = knob(30.0, "On Ctrl-C / SIGTERM: seconds to finish requests in flight before they "
+                                           "are cancelled.")
+    num_ctx: int = knob(0, "KV cache cells per path (its prompt + max_tokens); 0: sized automatically.")
+    n_gpu_layers: int = knob(-1, "Layers offloaded to the GPU; -1: all when llama.cpp was built with GPU offload, "
+                                 "else none; 0: CPU only (batch-invariant paths, see mdlite/engine.py).")
+    n_threads: int = knob(0, "CPU threads; 0: the physical cores (with OMP_WAIT_POLICY=PASSIVE).")
+    prefix_cache: int = knob(2, "Prompts whose KV cells the engine keeps, so a shared prefix (the few-shot "
+                                "exemplars) is evaluated once; 0: off.")
+    program_timeout_s: float = knob(2.0, "Wall-clock limit per PoT program in the sandbox.")
+    program_memory_mb: int = knob(256, "Memory a PoT program may use in the sandbox.")
+
+    def problems(self) -> list[str]:
+        found = [] if self.model else ["no model given; set --model to a .gguf file or a registry name"]
+        if self.mode not in ("cot", "pot", "mixed", "hybrid"):
+            found.append(f"mode must be cot, pot, mixed or hybrid, not {self.mode!r} (flag --mode)")
+        if self.prompt_style not in ("student", "few-shot"):
+            found.append(f"prompt_style must be student or few-shot, not {self.prompt_style!r} (flag --prompt-style)")
+        if not self.host:
+            found.append("host must not be empty; 127.0.0.1 serves this machine only (flag --host)")
+        if not 0 <= self.port <= 65535:
+            found.append("port must be in [0, 65535] (flag --port)")
+        found += [f"{name} must be >= 1 (flag --{name.replace('_', '-')})"
+                  for name in ("paths", "max_paths", "max_tokens", "batch_paths", "queue_size", "max_prompt_chars",
+                               "program_memory_mb") if getattr(self, name) < 1]
+        found += [f"{name} must be >= 0 (flag --{name.replace('_', '-')})"
+                  for name in ("top_k", "num_ctx", "n_threads", "prefix_cache", "batch_wait_ms", "shutdown_timeout_s")
+                  if getattr(self, name) < 0]
+        if self.paths > self.max_paths:
+            found.append(f"paths {self.paths} exceeds max_paths {self.max_paths} (flags --paths, --max-paths)")
+        if self.batch_paths < self.max_paths:
+            found.append(f"batch_paths {self.batch_paths} must be >= max_paths {self.max_paths}, so that one "
+                         "request fits a batch (flags --batch-paths, --max-paths)")
+        if not 0 <= self.temperature <= 2:
+            found.append("temperature must be in [0, 2] (flag --temperature)")
+        if not 0 < self.top_p <= 1:
+            found.append("top_p must be in (0, 1] (flag --top-p)")
+        if min(self.cot_weight, self.pot_weight) < 0 or self.cot_weight + self.pot_weight == 0:
+            found.append("cot_weight and pot_weight must be >= 0 and not both 0 (flags --cot-weight, --pot-weight)")
+        if self.program_timeout_s <= 0:
+            found.append("program_timeout_s must be > 0 (flag --program-timeout-s)")
+        return found
+
+
+@dataclass
 class DistillConfig:
     """`mdlite distill`: teach -> train -> export-gguf -> eval from one file (its `distill:` section; the
     `teach:`, `train:`, `export:` and `eval:` sections configure the stages) (distill.py)."""
@@ -356,12 +445,40 @@ class DistillConfig:
     data_dir: str = knob("", "Folder with <name>/<split>.jsonl; empty: $MDLITE_DATA, else ~/.cache/mdlite/data.")
     teacher: str = knob("llamacpp:qwen2.5-coder-0.5b-instruct", "Teacher spec (see `mdlite teach --help`).")
     student: str = knob("qwen2.5-coder-0.5b-instruct", "Student base: registry name, HF id, HF folder or .gguf.")
-    base_eval: bool = knob(True, "Evaluate the untrained student first, for the before/after table.")
+    base_eval: list[str] = knob(["student"], "Evaluate the untrained student with these prompt styles (student, "
+                                             "few-shot), the rows before training; []: none.")
+    teacher_eval: bool = knob(False, "Evaluate the teacher itself (few-shot) on the test split, a row of the table.")
+    base_paths: int = knob(-1, "Sampled paths per style for the untrained student's rows; -1: eval.paths.")
+    variants: dict = knob({}, "Named students that share the teach stage, each a mapping of section changes, e.g. "
+                              "{mixed: {}, cot-only: {train: {styles: [cot]}}}; {}: one student.")
+
+    def __post_init__(self) -> None:
+        self.output_dir = str(Path(self.output_dir).expanduser())
+
+    def problems(self) -> list[str]:
+        found = [f"base_eval: {style!r} is not a prompt style; use student, few-shot"
+                 for style in self.base_eval if style not in ("student", "few-shot")]
+        if self.base_paths < -1:
+            found.append("base_paths must be >= 0, or -1 for eval.paths")
+        if not isinstance(self.variants, dict):
+            return [*found, f"variants must be a mapping of name: changes, not {self.variants!r}"]
+        for name, changes in self.variants.items():
+            if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", str(name)) or name in ("teacher", "student") or \
+                    name.startswith("base"):
+                found.append(f"variants: {name!r} is not a usable name (lowercase letters, digits, - _ .; "
+                              "not teacher, student or base...)")
+            elif not isinstance(changes or {}, dict) or any(
+                    section not in VARIANT_SECTIONS or not isinstance(keys or {}, dict)
+                    for section, keys in (changes or {}).items()):
+                found.append(f"variants.{name}: expected a mapping of {', '.join(VARIANT_SECTIONS)} to config keys, "
+                             f"got {changes!r}")
+        return found
 
 
 # ---- loading and validation ---------------------------------------------------------------------
 
-SECTIONS = ("distill", "teach", "train", "export", "eval", "solve")  # a config file's top-level keys
+SECTIONS = ("distill", "teach", "train", "export", "eval", "solve", "serve")  # a config file's top-level keys
+VARIANT_SECTIONS = ("train", "export", "eval")  # the sections a distill variant may change
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[str, Any] | None = None,

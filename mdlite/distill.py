@@ -3,21 +3,31 @@
     mdlite distill configs/demo.yaml [--output-dir runs/demo] [--force STAGE]
     mdlite distill -c configs/demo.yaml --dry-run    # checks every input, prints the plan; runs nothing
 
-Stages, each in its own folder under `output_dir`:
+Stages, each in its own folder under `output_dir`, in this order:
 
-    teach/          rationales from the teacher on `train_data`            (rationales.run)
-    train/          QLoRA / LoRA student on the kept rationales            (train.run)
-    export/         merged, converted, quantized student GGUF + parity     (export.run)
-    eval-base/      the untrained student on `test_data`                   (evaluate.run)
-    eval-student/   the distilled student GGUF on `test_data`              (evaluate.run)
+    teach/              rationales from the teacher on `train_data`              (rationales.run)
+    eval-teacher/       the teacher itself, few-shot, on `test_data` (teacher_eval)  (evaluate.run)
+    export-base/        an HF student's untrained base as GGUF (when it has none)  (export.run)
+    eval-base/          the untrained student, student prompt (base_eval)        (evaluate.run)
+    eval-base-fewshot/  the untrained student, few-shot prompts (base_eval)      (evaluate.run)
+    train/              QLoRA / LoRA student on the kept rationales              (train.run)
+    export/             merged, converted, quantized student GGUF + parity       (export.run)
+    eval-student/       the distilled student GGUF on `test_data`                (evaluate.run)
+
+With `variants` (named students sharing the one teach stage, e.g. the paper's ablation: `mixed: {}`,
+`cot-only: {train: {styles: [cot]}}`), each variant NAME gets train-NAME/, export-NAME/ and eval-NAME/
+instead of the last three, configured by the `train:`, `export:` and `eval:` sections with the variant's
+changes on top. Every eval stage reads the same data/test.jsonl.
 
 The config file has a `distill:` section (this module's DistillConfig) and one section per stage
 (`teach:`, `train:`, `export:`, `eval:`); distill fills in the paths that link the stages. A stage is
 skipped when it finished before with the same fingerprint (its resolved config plus the completion
 stamps of the stages it reads); a stage that was interrupted resumes (each stage resumes on its own);
 a stage whose fingerprint changed starts over and so do the stages after it. `pipeline.json` keeps
-the stamps and timings; `summary.md` is the before/after report. A key that distill sets in a stage
-section (`teach.teacher`, `train.model`, `eval.data`, any `output_dir`, ...) is ignored, with a warning.
+the stamps and timings; `summary.md` is the report: teacher yield, losses, one accuracy table with a row
+per evaluated model (greedy CoT / PoT, maj@k per voting mode, time), and accuracy.png (accuracy vs k).
+A key that distill sets in a stage section (`teach.teacher`, `train.model`, `eval.data`, any `output_dir`,
+...) is ignored, with a warning.
 
 `--dry-run` checks what the run would need without downloading or writing anything (data sources load,
 student and teacher resolve, test differs from train, output folder writable) and prints each stage's
@@ -47,8 +57,9 @@ log = logging.getLogger(__name__)
 
 STATE = "pipeline.json"
 SUMMARY = "summary.md"
-UPSTREAM = {"train": ["teach"], "export": ["train"], "eval-base": ["export-base"], "eval-student": ["export"]}
-DATA_FILE = {"teach": "train.jsonl", "eval-base": "test.jsonl", "eval-student": "test.jsonl"}
+PLOT = "accuracy.png"
+DATA_FILE = {"teach": "train.jsonl", "eval": "test.jsonl"}  # by stage kind: the split file a stage reads
+MODES = ("cot", "pot", "mixed", "hybrid")
 SET_INSTEAD = {"teacher": "distill.teacher", "model": "distill.student", "data": "distill.train_data / test_data",
                "output_dir": "distill.output_dir"}
 
@@ -68,9 +79,14 @@ def plan(config_path: Path, overrides: dict[str, Any], *, force: tuple[str, ...]
             problems.append(f"{where}{error}")
             return None
 
-    def load(cls: type, section: str, links: dict[str, Any]) -> Any:
+    def load(cls: type, section: str, links: dict[str, Any], changes: dict[str, Any] | None = None,
+             where: str = "") -> Any:
         linked.setdefault(section, []).append(links)
-        return attempt(lambda: load_config(cls, config_path, links, section=section))
+        clash = sorted(set(changes or {}) & set(links))
+        if clash:
+            problems.append(f"{where}{section}.{clash[0]}: distill sets it")
+            return None
+        return attempt(lambda: load_config(cls, config_path, (changes or {}) | links, section=section), where)
 
     cfg = attempt(lambda: load_config(DistillConfig, config_path, overrides, section="distill"))
     if cfg is None:
@@ -81,28 +97,43 @@ def plan(config_path: Path, overrides: dict[str, Any], *, force: tuple[str, ...]
                "student": attempt(lambda: _describe_student(cfg.student), "distill.student: ")}
     student = attempt(lambda: _student_gguf(cfg.student, download=download))
     train_file, test_file = out / "data" / "train.jsonl", out / "data" / "test.jsonl"
-    stages = {
-        "teach": load(TeachConfig, "teach", {"data": str(train_file),
-                                              "teacher": cfg.teacher, "output_dir": str(out / "teach")}),
-        "train": load(TrainConfig, "train", {"rationales": str(out / "teach" / "rationales.jsonl"),
-                                              "model": cfg.student, "output_dir": str(out / "train")}),
-        "export": load(ExportConfig, "export", {"input_dir": str(out / "train" / "adapter"),
-                                                "output_dir": str(out / "export")}),
-    }
-    eval_links = {"data": str(test_file), "prompt_style": "student"}
-    if cfg.base_eval:
-        if student is None:  # an HF model (folder, registry name, hub id): export the untrained base alike
-            stages["export-base"] = load(ExportConfig, "export", {
-                "input_dir": cfg.student, "output_dir": str(out / "export-base"),
-                "name": "base", "parity": False})
-        stages["eval-base"] = load(EvalConfig, "eval", eval_links | {
-            "model": str(student) if student else "(export-base)", "output_dir": str(out / "eval-base")})
-    stages["eval-student"] = load(EvalConfig, "eval", eval_links | {
-        "model": "(export)", "output_dir": str(out / "eval-student")})
+    stages = {"teach": load(TeachConfig, "teach", {"data": str(train_file), "teacher": cfg.teacher,
+                                                    "output_dir": str(out / "teach")})}
+    upstream: dict[str, list[str]] = {"teach": []}
+    if cfg.teacher_eval:
+        stages["eval-teacher"] = load(EvalConfig, "eval", {"data": str(test_file), "model": cfg.teacher,
+                                                           "prompt_style": "few-shot",
+                                                           "output_dir": str(out / "eval-teacher")})
+        upstream["eval-teacher"] = []
+    if cfg.base_eval and student is None:  # an HF model (folder, registry name, hub id): export the base alike
+        stages["export-base"] = load(ExportConfig, "export", {"input_dir": cfg.student, "name": "base",
+                                                              "output_dir": str(out / "export-base"), "parity": False})
+        upstream["export-base"] = []
+    for style in dict.fromkeys(cfg.base_eval):
+        name = "eval-base" + ("-fewshot" if style == "few-shot" else "")
+        stages[name] = load(EvalConfig, "eval", {
+            "data": str(test_file), "prompt_style": style, "output_dir": str(out / name),
+            "model": str(student) if student else "(export-base)"},
+            {"paths": cfg.base_paths} if cfg.base_paths >= 0 else {})
+        upstream[name] = [] if student else ["export-base"]
+    for variant, changes in (cfg.variants or {"": {}}).items():
+        changes, where = changes or {}, f"variants.{variant}: " if variant else ""
+        train, export, evaluate = (f"train-{variant}", f"export-{variant}", f"eval-{variant}") if variant else \
+            ("train", "export", "eval-student")
+        stages[train] = load(TrainConfig, "train", {"rationales": str(out / "teach" / "rationales.jsonl"),
+                                                    "model": cfg.student, "output_dir": str(out / train)},
+                             changes.get("train"), where)
+        stages[export] = load(ExportConfig, "export", {"input_dir": str(out / train / "adapter"),
+                                                       "output_dir": str(out / export)}, changes.get("export"), where)
+        stages[evaluate] = load(EvalConfig, "eval", {"data": str(test_file), "prompt_style": "student",
+                                                     "model": f"({export})", "output_dir": str(out / evaluate)},
+                                changes.get("eval"), where)
+        upstream |= {train: ["teach"], export: [train], evaluate: [export]}
     attempt(lambda: _check_force(force, stages))
     if problems:
         raise MdliteError("; ".join(problems))
-    return {"distill": cfg, "stages": stages, "sources": sources, "warnings": _overridden(config_path, linked)}
+    return {"distill": cfg, "stages": stages, "upstream": upstream, "sources": sources,
+            "warnings": _overridden(config_path, linked)}
 
 
 def run(config_path: Path, overrides: dict[str, Any], *, force: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -110,22 +141,21 @@ def run(config_path: Path, overrides: dict[str, Any], *, force: tuple[str, ...] 
     resolved = plan(config_path, overrides, force=force)
     cfg: DistillConfig = resolved["distill"]
     stages: dict[str, Any] = resolved["stages"]
+    upstream: dict[str, list[str]] = resolved["upstream"]
     for warning in resolved["warnings"]:
         log.warning(warning)
     out = Path(cfg.output_dir)
     write_splits(cfg, out / "data")  # creates out/ once the data loaded
     state = _read_state(out / STATE)
     results: dict[str, Any] = {}
-    runners: dict[str, Callable[[Any], Any]] = {
-        "teach": _teach, "train": _train, "export": _export, "export-base": _export,
-        "eval-base": _evaluate, "eval-student": _evaluate,
-    }
+    runners: dict[str, Callable[[Any], Any]] = {"teach": _teach, "train": _train, "export": _export,
+                                                "eval": _evaluate}
     for name, stage_cfg in stages.items():
-        if name in ("eval-base", "eval-student") and UPSTREAM[name][0] in results:
-            stage_cfg.model = str(results[UPSTREAM[name][0]]["gguf"])
-        data_hash = hashlib.sha256((out / "data" / DATA_FILE[name]).read_bytes()).hexdigest() \
-            if name in DATA_FILE else None
-        fingerprint = _stage_fingerprint(name, stage_cfg, stages, state, data_hash)
+        if _kind(name) == "eval" and upstream[name]:
+            stage_cfg.model = str(results[upstream[name][0]]["gguf"])
+        data_file = DATA_FILE.get(_kind(name))
+        data_hash = hashlib.sha256((out / "data" / data_file).read_bytes()).hexdigest() if data_file else None
+        fingerprint = _stage_fingerprint(stage_cfg, upstream[name], state, data_hash)
         status = _status(name, stage_cfg, state.get(name, {}), fingerprint, force)
         if status == "up to date":
             log.info("%s: up to date, skipped", name)
@@ -137,12 +167,13 @@ def run(config_path: Path, overrides: dict[str, Any], *, force: tuple[str, ...] 
         write_json(out / STATE, state)
         started = time.time()
         log.info("%s: running (%s)", name, status)
-        results[name] = runners[name](stage_cfg)
+        results[name] = runners[_kind(name)](stage_cfg)
         state[name] |= {"stamp": f"{name}@{time.time():.6f}", "seconds": round(time.time() - started, 1),
                         "result": results[name]}
         write_json(out / STATE, state)
     summary = summarize(out, stages, state)
     (out / SUMMARY).write_text(summary, encoding="utf-8")
+    plot_rows(out, stages, out / PLOT)
     return {"summary": summary, "state": state, "output_dir": out}
 
 
@@ -152,23 +183,25 @@ def dry_run(config_path: Path, overrides: dict[str, Any], *, force: tuple[str, .
     resolved = plan(config_path, overrides, force=force, download=False)
     cfg: DistillConfig = resolved["distill"]
     stages: dict[str, Any] = resolved["stages"]
+    upstream: dict[str, list[str]] = resolved["upstream"]
     data = split_data(cfg, download=False)
     state = _read_state(Path(cfg.output_dir) / STATE)
     hashes = {file: _problems_sha256(data[split]) if data[split] is not None else None
               for file, split in (("train.jsonl", "train"), ("test.jsonl", "test"))}
     fates: dict[str, str] = {}
     for name, stage_cfg in stages.items():
-        rerun = [u for u in UPSTREAM.get(name, []) if u in stages and fates[u] != "up to date"]
+        rerun = [u for u in upstream[name] if fates[u] != "up to date"]
+        data_file = DATA_FILE.get(_kind(name))
         if name in force:
             fates[name] = "forced"
-        elif name in DATA_FILE and hashes[DATA_FILE[name]] is None:
+        elif data_file and hashes[data_file] is None:
             fates[name] = "data not local yet"
         elif rerun:
             fates[name] = f"{rerun[0]} reruns" if name in state else "never ran"
         else:
-            if name in ("eval-base", "eval-student") and UPSTREAM[name][0] in stages:
-                stage_cfg.model = str(state[UPSTREAM[name][0]]["result"]["gguf"])
-            fingerprint = _stage_fingerprint(name, stage_cfg, stages, state, hashes.get(DATA_FILE.get(name, "")))
+            if _kind(name) == "eval" and upstream[name]:
+                stage_cfg.model = str(state[upstream[name][0]]["result"]["gguf"])
+            fingerprint = _stage_fingerprint(stage_cfg, upstream[name], state, hashes.get(data_file or ""))
             fates[name] = _status(name, stage_cfg, state.get(name, {}), fingerprint, force)
     return resolved | {"config": str(config_path), "data": data, "fates": fates}
 
@@ -192,7 +225,7 @@ def format_dry_run(report: dict[str, Any]) -> str:
     for number, (name, stage_cfg) in enumerate(stages.items(), 1):
         fate = report["fates"][name]
         action = {"up to date": "skip", "interrupted": "resume"}.get(fate, "run")
-        lines.append(f"  {number}. {name:<13} {f'{action} ({fate})':<25} {_stage_detail(name, stage_cfg, data)}")
+        lines.append(f"  {number:>2}. {name:<17} {f'{action} ({fate})':<25} {_stage_detail(name, stage_cfg, data)}")
     to_run = sum(fate != "up to date" for fate in report["fates"].values())
     lines.append(f"{to_run} of {len(stages)} stages would run")
     return "\n".join(lines)
@@ -232,7 +265,8 @@ def split_data(cfg: DistillConfig, *, download: bool = True) -> dict[str, Any]:
 
 
 def summarize(out: Path, stages: dict[str, Any], state: dict[str, Any]) -> str:
-    """summary.md: teacher yield, training loss, GGUF sizes and parity, accuracy before vs after, time."""
+    """summary.md: teacher yield, training losses, GGUF sizes and parity, one accuracy table (a row per
+    evaluated model, the paper's shape) and the time of every stage."""
     lines = [f"# mdlite distill: {out}", ""]
     stats = _read_json(out / "teach" / "teach_stats.json")
     lines += ["## Teacher", "", "| style | samples | kept | teacher accuracy | problems with a kept rationale |",
@@ -240,29 +274,63 @@ def summarize(out: Path, stages: dict[str, Any], state: dict[str, Any]) -> str:
     for style, numbers in stats.get("styles", {}).items():
         lines.append(f"| {style} | {numbers['samples']} | {numbers['kept']} | "
                      f"{_percent(numbers['teacher_accuracy'])} | {numbers['problems_with_kept']} |")
-    log_lines = [json.loads(line) for line in _lines(out / "train" / "trainer_log.jsonl")]
-    losses = [(r["step"], r["loss"]) for r in log_lines if r.get("loss") is not None]
     lines += ["", "## Training", ""]
-    if losses:
-        lines.append(f"loss {losses[0][1]:.3f} (step {losses[0][0]}) -> {losses[-1][1]:.3f} "
-                     f"(step {losses[-1][0]}); curve: train/loss.png")
-    parity = _read_json(out / "export" / "parity.json")
-    lines += ["", "## Export", "", "| file | size |", "| --- | --- |"]
-    for path in sorted((out / "export").glob("*.gguf")):
-        lines.append(f"| {path.name} | {path.stat().st_size / 1e6:.1f} MB |")
-    if parity:
-        lines.append(f"\nparity check: {'passed' if parity.get('passed') else 'FAILED'} (export/parity.json)")
-    before, after = _read_json(out / "eval-base" / "report.json"), _read_json(out / "eval-student" / "report.json")
-    lines += ["", "## Student accuracy on the test split", "", "| mode | before | after |", "| --- | --- | --- |"]
-    for style in ("cot", "pot"):
-        lines.append(f"| greedy {style} | {_percent(before.get('greedy_accuracy', {}).get(style))} | "
-                     f"{_percent(after.get('greedy_accuracy', {}).get(style))} |")
-    for mode in after.get("accuracy", {}):
-        lines.append(f"| {mode} ({after.get('paths')} paths) | {_percent(before.get('accuracy', {}).get(mode))} | "
-                     f"{_percent(after['accuracy'][mode])} |")
+    for name in (n for n in stages if _kind(n) == "train"):
+        log_lines = [json.loads(line) for line in _lines(out / name / "trainer_log.jsonl")]
+        losses = [(r["step"], r["loss"]) for r in log_lines if r.get("loss") is not None]
+        if losses:
+            lines.append(f"- {name} ({', '.join(stages[name].styles)}): loss {losses[0][1]:.3f} (step "
+                         f"{losses[0][0]}) -> {losses[-1][1]:.3f} (step {losses[-1][0]}); curve: {name}/loss.png")
+    lines += ["", "## Export", "", "| file | size | parity check |", "| --- | --- | --- |"]
+    for name in (n for n in stages if _kind(n) == "export"):
+        parity = _read_json(out / name / "parity.json")
+        verdict = ("passed" if parity.get("passed") else "FAILED") if parity else "-"
+        lines += [f"| {name}/{path.name} | {path.stat().st_size / 1e6:.1f} MB | {verdict} |"
+                  for path in sorted((out / name).glob("*.gguf"))]
+    rows = _rows(out, stages)
+    problems = {report["problems"] for report in rows.values()}
+    lines += ["", f"## Accuracy on the test split ({', '.join(map(str, sorted(problems))) or 0} problems)", "",
+              "k: sampled paths per style; maj@k is the exact expected accuracy of `mdlite solve`'s vote over k "
+              "paths (mixed: ceil(k/2) PoT + the rest CoT). Curves: accuracy.png.", "",
+              "| model | greedy CoT | greedy PoT | k | maj@k CoT | maj@k PoT | maj@k mixed | maj@k hybrid "
+              "| eval time |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, report in rows.items():
+        greedy, voted = report.get("greedy_accuracy", {}), report.get("accuracy", {})
+        cells = [_percent(greedy.get("cot")), _percent(greedy.get("pot")), str(report.get("paths") or "-")]
+        cells += [_percent(voted.get(mode)) for mode in MODES]
+        lines.append(f"| {_label(name, stages)} | " + " | ".join(cells) +
+                     f" | {state.get(name, {}).get('seconds', '-')} s |")
     lines += ["", "## Time", "", "| stage | seconds |", "| --- | --- |"]
     lines += [f"| {name} | {state.get(name, {}).get('seconds', '-')} |" for name in stages]
     return "\n".join(lines) + "\n"
+
+
+def plot_rows(out: Path, stages: dict[str, Any], path: Path) -> None:
+    """accuracy.png: maj@k against k, one panel per voting mode and one line per evaluated model."""
+    rows = {name: report for name, report in _rows(out, stages).items() if report.get("maj_at_k")}
+    modes = [mode for mode in MODES if any(mode in report["maj_at_k"] for report in rows.values())]
+    if not modes:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(modes), figsize=(3.6 * len(modes), 3.6), dpi=120, squeeze=False)
+    for axis, mode in zip(axes[0], modes, strict=True):
+        for name, report in rows.items():
+            by_k = report["maj_at_k"].get(mode)
+            if by_k:
+                axis.plot([int(k) for k in by_k], [100 * v for v in by_k.values()], marker="o",
+                          label=_label(name, stages))
+        axis.set_xscale("log", base=2)
+        axis.set(title=mode, xlabel="k", ylim=(0, 100))
+    axes[0][0].set_ylabel("accuracy (%)")
+    axes[0][-1].legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
 
 
 # ---- stage runners (each returns JSON-able facts that later stages and the summary read) --------
@@ -351,11 +419,12 @@ def _stage_detail(name: str, cfg: Any, data: dict[str, Any]) -> str:
         count = _count(data["train"], cfg.limit)
         total = "?" if count == "?" else count * (cfg.n_cot + cfg.n_pot)
         return f"{count} problems x ({cfg.n_cot} CoT + {cfg.n_pot} PoT) = {total} teacher samples"
-    if name == "train":
-        return _train_estimate(cfg)
-    if name.startswith("export"):
+    if _kind(name) == "train":
+        return f"styles {','.join(cfg.styles)}; " + _train_estimate(cfg)
+    if _kind(name) == "export":
         return ", ".join(cfg.quant_types) + (" + parity check" if cfg.parity else "")
-    paths = ("greedy + " if cfg.greedy else "") + f"{cfg.paths} sampled paths per style"
+    paths = "greedy only" if not cfg.paths else ("greedy + " if cfg.greedy else "") + f"{cfg.paths} sampled " \
+        "paths per style"
     return f"{_count(data['test'], cfg.limit)} problems, modes {','.join(cfg.mode)}, {paths}"
 
 
@@ -411,11 +480,13 @@ def _check_writable(folder: Path) -> None:
         raise MdliteError(f"{folder}: {existing} is not writable; pick another distill.output_dir (flag --output-dir)")
 
 
-def _stage_fingerprint(name: str, cfg: Any, stages: dict[str, Any], state: dict[str, Any],
-                       data_hash: str | None) -> str:
-    """The stage's resolved config, the stamps of the stages it reads, and its data file's hash."""
-    stamps = [state.get(u, {}).get("stamp") for u in UPSTREAM.get(name, []) if u in stages]
-    return _fingerprint({"config": to_dict(cfg), "upstream": stamps, "data": data_hash})
+def _stage_fingerprint(cfg: Any, upstream: list[str], state: dict[str, Any], data_hash: str | None) -> str:
+    """The stage's resolved config (the keys off their default: a new knob reruns nothing), the stamps of
+    the stages it reads, and its data file's hash."""
+    defaults = to_dict(type(cfg)())
+    config = {key: value for key, value in to_dict(cfg).items() if value != defaults[key]}
+    stamps = [state.get(u, {}).get("stamp") for u in upstream]
+    return _fingerprint({"config": config, "upstream": stamps, "data": data_hash})
 
 
 def _status(name: str, cfg: Any, record: dict[str, Any], fingerprint: str, force: tuple[str, ...]) -> str:
@@ -435,10 +506,9 @@ def _status(name: str, cfg: Any, record: dict[str, Any], fingerprint: str, force
 def _outputs_exist(name: str, cfg: Any) -> bool:
     folder = Path(cfg.output_dir)
     needed = {"teach": ["rationales.jsonl", "teach_stats.json"], "train": ["adapter/adapter_config.json"],
-              "export": ["run.json"], "export-base": ["run.json"], "eval-base": ["report.json"],
-              "eval-student": ["report.json"]}[name]
+              "export": ["run.json"], "eval": ["report.json"]}[_kind(name)]
     return all((folder / item).exists() for item in needed) and (
-        not name.startswith("export") or any(folder.glob("*.gguf")))
+        _kind(name) != "export" or any(folder.glob("*.gguf")))
 
 
 def _clear(name: str, cfg: Any) -> None:
@@ -446,6 +516,26 @@ def _clear(name: str, cfg: Any) -> None:
     if name != "teach" and folder.exists():  # teach invalidates only what changed, on its own
         log.info("%s: inputs changed, starting over in %s", name, folder)
         shutil.rmtree(folder)
+
+
+def _kind(name: str) -> str:
+    """A stage's kind from its name: teach, train, export or eval (train-cot-only is a train stage)."""
+    return name.split("-")[0]
+
+
+def _rows(out: Path, stages: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The report.json of every eval stage that finished, by stage name, in run order."""
+    reports = {name: _read_json(out / name / "report.json") for name in stages if _kind(name) == "eval"}
+    return {name: report for name, report in reports.items() if report}
+
+
+def _label(name: str, stages: dict[str, Any]) -> str:
+    """A table row's name: the teacher, the untrained student (with its prompt style), or a student."""
+    if name == "eval-teacher":
+        return f"teacher {stages[name].model} (few-shot)"
+    if name.startswith("eval-base"):
+        return f"base student ({stages[name].prompt_style} prompt)"
+    return "student" if name == "eval-student" else f"student {name.removeprefix('eval-')}"
 
 
 def _fingerprint(value: Any) -> str:

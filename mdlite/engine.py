@@ -34,10 +34,18 @@ for many query rows and a split-KV kernel for one); weight repacking is off and 
 same alone and in batches of other shapes. The same holds for the prefix cache: a prompt evaluated in
 two parts (cached prefix + suffix) gives the same cells and logits as in one part, because every
 row's computation is independent of the other rows of its batch and flash attention skips masked
-cells, so what was cached before never changes a path's text (tested). Guaranteed: the same model
-file, prompt, seed and settings give the same text on the same machine and llama.cpp build, whatever
-else shares the call or was cached. Not guaranteed: equality across llama.cpp versions, CPU
-instruction sets or thread counts, and GPU backends give no such guarantee at all.
+cells, so what was cached before never changes a path's text (tested). Guaranteed on CPU: the same
+model file, prompt, seed and settings give the same text on the same machine and llama.cpp build,
+whatever else shares the call or was cached. Not guaranteed: equality across llama.cpp versions, CPU
+instruction sets or thread counts.
+
+GPU: `n_gpu_layers` -1 (the default everywhere in mdlite) offloads every layer when llama.cpp was built
+with GPU offload (CUDA, Metal, Vulkan, ...; `llama_supports_gpu_offload()`) and keeps all on the CPU
+otherwise (`gpu_layers()` resolves it; 0 forces the CPU). With layers on a GPU the batch invariance
+above is not guaranteed: GPU kernels pick their tiling and reduction order by the batch's shape, so a
+path's text may change with what else shares its batch or was cached (sampled answers stay draws of the
+same model; greedy paths can flip at near-ties). Runs stay repeatable only as far as the backend is
+deterministic for the same batches. Set n_gpu_layers 0 for the CPU guarantee.
 
 Seeds: path j of prompt p is drawn with the sampler seed `derive_seed(seed_p, first_path + j)`, where
 seed_p is `derive_seed(seed, p)` (or the caller's own per-prompt seed). A path's text therefore does
@@ -114,15 +122,25 @@ def llama_cpp_module() -> ModuleType:
     return llama_cpp
 
 
+def gpu_layers(n_gpu_layers: int = -1) -> int:
+    """The layer count to give llama.cpp: a negative `n_gpu_layers` (mdlite's default, -1) means every layer
+    when llama.cpp was built with GPU offload, else 0 (llama.cpp reads a negative count as "all"); 0 and
+    N >= 1 as given."""
+    if n_gpu_layers >= 0:
+        return n_gpu_layers
+    return -1 if llama_cpp_module().llama_supports_gpu_offload() else 0
+
+
 class Engine:
     """A GGUF loaded once for batched multi-path sampling.
 
     `n_ctx` is each sequence's KV cache size in cells (its prompt plus max_tokens); 0 sizes it per
-    call, growing as needed. `n_threads` 0 uses the physical cores. `prefix_cache`: prompts whose KV
+    call, growing as needed. `n_gpu_layers` -1: all layers on the GPU when llama.cpp has GPU offload,
+    else 0 (see `gpu_layers()`). `n_threads` 0 uses the physical cores. `prefix_cache`: prompts whose KV
     cells are kept for reuse (0: off; see the module docstring).
     """
 
-    def __init__(self, model: str | Path, *, n_ctx: int = 0, n_gpu_layers: int = 0, n_threads: int = 0,
+    def __init__(self, model: str | Path, *, n_ctx: int = 0, n_gpu_layers: int = -1, n_threads: int = 0,
                  n_batch: int = 512, prefix_cache: int = 2) -> None:
         from mdlite.models import model_path
 
@@ -135,7 +153,7 @@ class Engine:
         _forward_llama_log(llama)
         llama.llama_backend_init()
         params = llama.llama_model_default_params()
-        params.n_gpu_layers = n_gpu_layers
+        params.n_gpu_layers = self.n_gpu_layers = gpu_layers(n_gpu_layers)
         params.use_extra_bufts = False  # repacked weights change kernels with the batch's row count
         _LOG["error"] = ""
         self._model = llama.llama_model_load_from_file(str(self.path).encode(), params)
@@ -148,7 +166,7 @@ class Engine:
         self._ctx_cells = self._ctx_seqs = 0  # KV cells per sequence; sequences
         self._piece = ctypes.create_string_buffer(256)
         self._eog: list[int] | None = None  # end-of-generation tokens, listed on first use
-        log.info("loaded %s (%d threads)", self.path, self.n_threads)
+        log.info("loaded %s (%d threads, n_gpu_layers %d)", self.path, self.n_threads, self.n_gpu_layers)
 
     def __enter__(self) -> Engine:
         return self

@@ -3,12 +3,18 @@
     mdlite eval --model runs/export/student-Q4_K_M.gguf --data svamp:test --paths 16 --output-dir runs/eval
     mdlite eval --model qwen2.5-coder-0.5b-instruct --prompt-style few-shot --paths 0 --output-dir runs/base
     mdlite eval --model ollama:qwen2.5:32b --data svamp:test --paths 8 --output-dir runs/teacher
+    mdlite eval --model openai:http://127.0.0.1:8080/v1 --prompt-style student --endpoints URL1,URL2 --paths 8
     mdlite eval compare runs/base runs/eval runs/teacher
 
 The model is a GGUF (path or registry name), run by `mdlite solve`'s own code (mdlite.solve.solve_questions:
-batched engine, student template or `--prompt-style few-shot`, sandboxed programs), or a teacher spec
-(`ollama:`, `openai:`, `openai-chat:`, `llamacpp:`) run through the teacher backends with the few-shot
-prompts and scored the same way: one harness measures base model, student and teacher.
+batched engine, student template or `--prompt-style few-shot`, sandboxed programs), or a served model, given
+as a teacher spec (`ollama:`, `openai:`, `openai-chat:`, `llamacpp:`) and run through the teacher backends
+(mdlite.teacher: one request per path, spread over `endpoints`), scored the same way: one harness measures
+base model, student and teacher. Prompts (`prompt_style`): auto is student for a GGUF, few-shot for a served
+model; `--prompt-style student` evaluates a served student (llama.cpp's server, vLLM, Ollama, `mdlite serve`).
+A served student gets the student prompt as raw text (/v1/completions, Ollama's raw /api/generate), not as
+chat messages: the server adds BOS as the GGUF says, so the tokens are the ones training saw, whatever chat
+template (or none) the server applies; `openai-chat:` is refused with student prompts for that reason.
 
 Per problem it decodes one greedy path per style (`greedy`) and samples `paths` paths of each style the
 modes need; every mode is voted from these same samples (paired comparison), as mdlite.vote votes:
@@ -224,7 +230,7 @@ def build_report(problems: list[Problem], done: dict[str, list[dict[str, Any]]],
     tokens = sum(r["tokens"] for r in records)
     return {
         "model": cfg.model, "data": cfg.data, "problems": len(solved), "paths": cfg.paths,
-        "prompt_style": "few-shot" if is_teacher_spec(cfg.model) else cfg.prompt_style, "modes": list(cfg.mode),
+        "prompt_style": prompt_style(cfg), "modes": list(cfg.mode),
         "greedy_accuracy": greedy,
         "accuracy": {mode: by_k[str(cfg.paths)] for mode, by_k in maj.items()},
         "maj_at_k": maj,
@@ -371,6 +377,18 @@ def is_teacher_spec(model: str) -> bool:
     return model.partition(":")[0] in BACKENDS and not Path(model).exists()
 
 
+def prompt_style(cfg: EvalConfig) -> str:
+    """The prompts `cfg.model` gets: `cfg.prompt_style`, where auto is student for a GGUF and few-shot for a
+    served model. MdliteError for student prompts through a chat endpoint (openai-chat:)."""
+    served = is_teacher_spec(cfg.model)
+    style = cfg.prompt_style if cfg.prompt_style != "auto" else "few-shot" if served else "student"
+    if served and style == "student" and cfg.model.startswith("openai-chat:"):
+        raise MdliteError(f"{cfg.model}: student prompts go to /v1/completions as raw text, so that the tokens are "
+                          "the ones training saw; use openai:" + cfg.model.removeprefix("openai-chat:") +
+                          " (flag --model)")
+    return style
+
+
 def _solve_chunk(chunk: list[Problem], plan: dict[tuple[str, bool], int], solve: Solver) -> list[list[dict[str, Any]]]:
     """Every planned path of the problems in `chunk`, as sample records, per problem."""
     records: dict[str, list[dict[str, Any]]] = {p.id: [] for p in chunk}
@@ -400,7 +418,7 @@ def _engine_solver(cfg: EvalConfig) -> tuple[Solver, Callable[[], None], str | N
     def solve(chunk: list[Problem], style: str, *, greedy: bool, n: int) -> list[list[Any]]:
         solutions = solve_questions(
             engine, [p.question for p in chunk], ids=[p.id for p in chunk], mode=style, paths=n,
-            prompt_style=cfg.prompt_style, temperature=0.0 if greedy else cfg.temperature, top_p=cfg.top_p,
+            prompt_style=prompt_style(cfg), temperature=0.0 if greedy else cfg.temperature, top_p=cfg.top_p,
             max_tokens=cfg.max_tokens, seed=cfg.seed, batch_paths=cfg.batch_paths,
             program_timeout=cfg.program_timeout_s, program_memory_mb=cfg.program_memory_mb)
         return [list(solution.paths) for solution in solutions]
@@ -409,14 +427,16 @@ def _engine_solver(cfg: EvalConfig) -> tuple[Solver, Callable[[], None], str | N
 
 
 def _teacher_solver(cfg: EvalConfig) -> tuple[Solver, Callable[[], None], str | None]:
-    """(solve, close, model digest) for a teacher spec: the few-shot prompts, one request per path (the
-    pool keeps up to its slots in flight), seeds and scoring as `mdlite solve` has them."""
+    """(solve, close, model digest) for a served model (teacher spec): its prompts (`prompt_style`), one request
+    per path (the pool keeps up to its slots in flight on each endpoint), seeds and scoring as `mdlite solve`
+    has them."""
     import asyncio
 
     from mdlite.engine import derive_seed
     from mdlite.solve import prompt_for
     from mdlite.teacher import Completion, TeacherError, make_pool
 
+    prompts = prompt_style(cfg)
     pool = make_pool(cfg.model, endpoints=cfg.endpoints, concurrency=cfg.concurrency, num_ctx=cfg.num_ctx,
                      n_threads=cfg.n_threads)
     loop = asyncio.new_event_loop()
@@ -432,14 +452,14 @@ def _teacher_solver(cfg: EvalConfig) -> tuple[Solver, Callable[[], None], str | 
         raise
 
     async def one(problem: Problem, style: str, greedy: bool, path: int) -> Completion:
-        prompt, stop = prompt_for(problem.question, style, prompt_style="few-shot")
+        prompt, stop = prompt_for(problem.question, style, prompt_style=prompts)
         seed = derive_seed(derive_seed(cfg.seed, problem.id, style), path)
         try:
             [completion] = await pool.complete(prompt, n=1, temperature=0.0 if greedy else cfg.temperature,
                                                max_tokens=cfg.max_tokens, stop=stop, seed=seed,
                                                stop_after=STOP_AFTER[style])
         except TeacherError as error:
-            raise MdliteError(f"teacher {cfg.model}: {error}; finished problems are saved, run the same command "
+            raise MdliteError(f"{cfg.model}: {error}; finished problems are saved, run the same command "
                               "again to resume") from None
         return completion
 
@@ -574,9 +594,9 @@ def _run_record(cfg: EvalConfig, problems: list[Problem]) -> dict[str, Any]:
         from mdlite.teacher import parse_teacher_spec
 
         parse_teacher_spec(cfg.model)
-        model = {"spec": cfg.model, "kind": "teacher", "prompts": "few-shot"}
+        model = {"spec": cfg.model, "kind": "served", "prompts": prompt_style(cfg), "endpoints": cfg.endpoints}
     else:
-        model = {"spec": cfg.model, "kind": "gguf", "prompts": cfg.prompt_style} | _gguf_identity(cfg.model)
+        model = {"spec": cfg.model, "kind": "gguf", "prompts": prompt_style(cfg)} | _gguf_identity(cfg.model)
     prompts = ("teacher_cot", "teacher_pot") if model["prompts"] == "few-shot" else ("student",)
     prompt_sha = hashlib.sha256("".join(prompt_text(name) for name in prompts).encode()).hexdigest()[:12]
     plan = {f"{style} {'greedy' if greedy else 'sampled'}": n for (style, greedy), n in sampling_plan(cfg).items()}

@@ -4,6 +4,7 @@ converter, quantize, write an Ollama Modelfile, and check that the GGUF files be
     mdlite export-gguf runs/train/adapter -q Q4_K_M -q Q8_0 --output-dir runs/export
     mdlite export-gguf path/to/hf-model-folder -q F16 --no-parity     # a full model folder is converted as is
     mdlite export-gguf runs/demo/train/adapter -c configs/demo.yaml    # knobs from its `export:` section
+    mdlite export-gguf runs/train/adapter --ollama my-student          # and register it with a running Ollama
 
 Merge: the adapter (train's `adapter/`, whose mdlite.json names the base) goes into a freshly loaded
 full-precision base (bf16/fp16 on a GPU, fp32 on CPU; never the 4-bit one, whose logits drift 0.15-0.22), saved
@@ -20,6 +21,9 @@ ends with EOS or a stop string within the budget. Thresholds are config knobs; c
 Outputs in `output_dir`: merged/ (adapter input only), <name>-<TYPE>.gguf per quant type (F16 only when asked
 for), Modelfile (for the first type), parity.json and run.json. Everything is built in `.export.partial/` and
 renamed into place at the end, so an interrupted or failed export leaves no partial file under a final name.
+`--ollama NAME` then registers the first GGUF with a running Ollama (checked before any work starts) the way
+`ollama create NAME -f Modelfile` would: blob upload (skipped when the server has it) and /api/create with the
+Modelfile's template, system message and parameters; not when the parity check failed.
 """
 
 from __future__ import annotations
@@ -91,6 +95,7 @@ class ExportResult:
     modelfile: Path
     run_json: Path
     parity: dict[str, Any] | None = field(default=None)
+    ollama: dict[str, Any] | None = field(default=None)  # what register_ollama did (--ollama)
 
     @property
     def passed(self) -> bool:
@@ -100,6 +105,8 @@ class ExportResult:
 def run(cfg: ExportConfig) -> ExportResult:
     """Merge, convert, quantize, write the Modelfile, check parity; see the module docstring."""
     started = time.monotonic()
+    if cfg.ollama:
+        ollama_client(cfg.ollama_host)  # not running: say so now, not after minutes of work
     output_dir = Path(cfg.output_dir)
     quants = cfg.quant_types
     source = resolve_source(Path(cfg.input_dir))
@@ -169,7 +176,12 @@ def run(cfg: ExportConfig) -> ExportResult:
             target.unlink()
     shutil.rmtree(staging)
     log.info("exported %s to %s in %.0f s", ", ".join(quants), output_dir, time.monotonic() - started)
-    return ExportResult(output_dir, finals, output_dir / "Modelfile", output_dir / "run.json", report)
+    registered = None
+    if cfg.ollama and (report is None or report["passed"]):
+        registered = register_ollama(finals[quants[0]], cfg.ollama, num_ctx=cfg.num_ctx, host=cfg.ollama_host)
+    elif cfg.ollama:
+        log.warning("parity check failed: %s is not registered with Ollama", finals[quants[0]].name)
+    return ExportResult(output_dir, finals, output_dir / "Modelfile", output_dir / "run.json", report, registered)
 
 
 # ---- inputs and up-front checks -----------------------------------------------------------------------------
@@ -446,20 +458,88 @@ def quantize(source: Path, output: Path, quant: str, *, n_threads: int = 0) -> P
 
 def modelfile_text(gguf_name: str, *, num_ctx: int) -> str:
     """An Ollama Modelfile for `gguf_name` that prompts exactly like training and stops where the student stops."""
+    settings = ollama_settings(num_ctx=num_ctx)
+    lines = [
+        "# mdlite student. Create it with: ollama create NAME -f Modelfile (or: mdlite export-gguf ... --ollama NAME)",
+        "# The system message is the answer style; the default asks for CoT. For a program (PoT), set it to:",
+        f"#   {STUDENT_DIRECTIVES['pot']}",
+        "# temperature 0: greedy, as mdlite's single-path figures; voting needs `mdlite solve` or `mdlite serve`.",
+        f"FROM ./{gguf_name}",
+        f"TEMPLATE {_ollama_quote(settings['template'])}",
+        f"SYSTEM {_ollama_quote(settings['system'])}",
+        *[f"PARAMETER stop {_ollama_quote(stop)}" for stop in settings["parameters"]["stop"]],
+        *[f"PARAMETER {name} {value}" for name, value in settings["parameters"].items() if name != "stop"],
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def ollama_settings(*, num_ctx: int) -> dict[str, Any]:
+    """The Modelfile's TEMPLATE, SYSTEM and PARAMETERs (also sent by `--ollama`): the student template in Go
+    template syntax (the system message is the style directive), its stop strings, num_ctx, temperature 0."""
     fields = {"question": "{{ .Prompt }}", "directive": "{{ .System }}"}
     template = "".join(literal + (fields[name] if name else "")
                        for literal, name, _, _ in string.Formatter().parse(prompt_text("student")))
-    lines = [
-        "# mdlite student. Create it with: ollama create NAME -f Modelfile",
-        "# The system message is the answer style; the default asks for CoT. For a program (PoT), set it to:",
-        f"#   {STUDENT_DIRECTIVES['pot']}",
-        f"FROM ./{gguf_name}",
-        f"TEMPLATE {_ollama_quote(template + '{{ .Response }}')}",
-        f"SYSTEM {_ollama_quote(STUDENT_DIRECTIVES['cot'])}",
-        *[f"PARAMETER stop {_ollama_quote(stop)}" for stop in STUDENT_STOP],
-        f"PARAMETER num_ctx {num_ctx}",
-    ]
-    return "\n".join(lines) + "\n"
+    return {"template": template + "{{ .Response }}", "system": STUDENT_DIRECTIVES["cot"],
+            "parameters": {"stop": list(STUDENT_STOP), "num_ctx": num_ctx, "temperature": 0}}
+
+
+# ---- Ollama ---------------------------------------------------------------------------------------------------
+
+
+def ollama_client(host: str = "") -> Any:
+    """An `ollama.Client` for `host` (empty: $OLLAMA_HOST, else 127.0.0.1:11434), after checking that the server
+    answers; MdliteError naming the flags when it does not."""
+    import httpx
+    import ollama
+
+    where = host or os.environ.get("OLLAMA_HOST") or "http://127.0.0.1:11434"
+    client = ollama.Client(host=where, timeout=httpx.Timeout(None, connect=10.0))
+    try:
+        client.list()
+    except Exception as error:  # noqa: BLE001 - any failure here means the server is not usable
+        reason = "nothing answers there" if isinstance(error, ConnectionError) else \
+            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".rstrip(": ")
+        raise MdliteError(f"cannot reach Ollama at {where} ({reason}); start it with `ollama serve`, or point "
+                          "--ollama-host / $OLLAMA_HOST at it, or drop --ollama and run `ollama create NAME -f "
+                          "Modelfile` later") from None
+    return client
+
+
+def register_ollama(gguf: Path, name: str, *, num_ctx: int, host: str = "") -> dict[str, Any]:
+    """Register `gguf` with a running Ollama as model `name`, as `ollama create name -f Modelfile` does: upload
+    the file as a blob (POST /api/blobs/sha256:..., skipped when HEAD finds it there), then POST /api/create
+    with `files`, the Modelfile's template, system and parameters. Returns {name, digest, uploaded, host}."""
+    import httpx
+    import ollama
+
+    client = ollama_client(host)
+    digest = "sha256:" + file_sha256(gguf)
+    try:
+        # The client has no public HEAD (create_blob always uploads); its httpx client asks whether the blob is
+        # there. Ollama answers a POST of a blob it has without reading the body, which breaks a large upload.
+        head = client._client.head(f"/api/blobs/{digest}")
+        if head.status_code not in (200, 404):
+            raise ollama.ResponseError(head.text or "HEAD /api/blobs failed", head.status_code)
+        present = head.status_code == 200
+        if not present:
+            log.info("uploading %s (%.1f MB) to Ollama", gguf.name, gguf.stat().st_size / 1e6)
+            uploaded = client.create_blob(gguf)
+            if uploaded != digest:
+                raise MdliteError(f"{gguf}: changed while it was uploaded to Ollama; run the export again")
+        settings = ollama_settings(num_ctx=num_ctx)
+        reply = client.create(model=name, files={gguf.name: digest}, template=settings["template"],
+                              system=settings["system"], parameters=settings["parameters"], stream=False)
+    except ollama.ResponseError as error:
+        raise MdliteError(f"Ollama refused to create {name!r} from {gguf.name} (HTTP {error.status_code}: "
+                          f"{error.error}); fix the name (flag --ollama) if it is the problem, else see the "
+                          "Ollama server's log") from None
+    except (ConnectionError, OSError, httpx.HTTPError) as error:
+        raise MdliteError(f"lost the connection to Ollama while registering {name!r} ({error}); run the export "
+                          "again, or `ollama create NAME -f Modelfile`") from None
+    if getattr(reply, "status", None) != "success":
+        raise MdliteError(f"Ollama did not confirm creating {name!r} (status {getattr(reply, 'status', None)!r})")
+    log.info("registered %s with Ollama as %s", gguf.name, name)
+    return {"name": name, "digest": digest, "uploaded": not present, "host": str(client._client.base_url)}
 
 
 # ---- parity ---------------------------------------------------------------------------------------------------
@@ -470,7 +550,7 @@ def check_parity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fil
     """Compare the GGUF files with the merged model on the student prompts of `cfg.parity_problems` problems."""
     from tqdm import tqdm
 
-    from mdlite.engine import llama_cpp_module, physical_cores
+    from mdlite.engine import gpu_layers, llama_cpp_module, physical_cores
 
     Llama = llama_cpp_module().Llama
 
@@ -489,7 +569,7 @@ def check_parity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fil
                               "max_tokens": cfg.parity_max_tokens}
     for quant, path in files.items():
         llm = Llama(str(path), n_ctx=cfg.num_ctx, n_threads=cfg.n_threads or physical_cores(), seed=cfg.seed,
-                    verbose=False)
+                    n_gpu_layers=gpu_layers(cfg.n_gpu_layers), verbose=False)
         try:
             if quant == "F16":
                 report["chat_template"] = _check_chat_template(llm, tokenizer, problems, add_bos=add_bos)

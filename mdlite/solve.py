@@ -16,8 +16,10 @@ and one PoT); when their answers agree the question is done and the other paths 
 Path j of a question's style is drawn with seed derive_seed(derive_seed(seed, id, style), j), the
 scheme `mdlite eval` uses (id: the question's id, by default its text).
 
-`run(cfg, questions)` writes solutions.jsonl (one `Solution` per line) and run.json to output_dir
-when it is set.
+`solve_questions` runs its steps, which `mdlite serve` shares: `Question` (a question's paths so far),
+`next_round` (what it lacks), `sample_round` (one engine call for many questions' rounds) and
+`finish` (the vote). `run(cfg, questions)` writes solutions.jsonl (one `Solution` per line) and
+run.json to output_dir when it is set.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -134,32 +136,105 @@ def solve_questions(engine: Engine, questions: Sequence[str], *, mode: str, path
     if temperature <= 0 and max(plan.values()) > 1:
         log.warning("temperature 0: the %d paths of a style are one greedy path repeated; sample with "
                     "--temperature > 0, or use --paths 2 (mixed) for one greedy path per style", max(plan.values()))
-    sampler = _Sampler(engine, questions, ids, prompt_style=prompt_style, temperature=temperature, top_p=top_p,
-                       top_k=top_k, max_tokens=max_tokens, seed=seed, program_timeout=program_timeout,
-                       program_memory_mb=program_memory_mb)
+    states = [Question(question, key, seed) for question, key in zip(questions, ids, strict=True)]
+    options = {"prompt_style": prompt_style, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+               "max_tokens": max_tokens, "program_timeout": program_timeout, "program_memory_mb": program_memory_mb}
     per_call = max(1, batch_paths // paths)
     solutions = []
     with tqdm(total=len(questions), desc="solve", unit="question", disable=not progress) as bar:
-        for start in range(0, len(questions), per_call):
-            group = list(range(start, min(start + per_call, len(questions))))
-            pending = group
-            if early_stop and paths > 2:
-                sampler.top_up(pending, _plan(mode, 2))
-                pending = [i for i in pending if not agree([p.answer for p in sampler.found[i]])]
-            sampler.top_up(pending, plan)
-            if mode == "hybrid":
-                sampler.top_up([i for i in group if all(p.answer is None for p in sampler.found[i])], {"cot": paths})
-            for i in group:
-                results = sampler.found.pop(i)
-                cot = [p.answer for p in results if p.style == "cot"]
-                pot = [p.answer for p in results if p.style == "pot"]
-                result = vote(mode, cot=cot, pot=pot, cot_weight=cot_weight, pot_weight=pot_weight)
-                saved = paths - len(pot) if mode == "hybrid" else paths - len(results)
-                solutions.append(Solution(id=ids[i], question=questions[i], answer=result.answer, vote=result,
-                                          paths=tuple(results), paths_saved=saved,
-                                          tokens=sum(p.tokens for p in results)))
+        for start in range(0, len(states), per_call):
+            group = states[start:start + per_call]
+            while todo := [(state, targets) for state in group
+                           if (targets := next_round(state.found, mode=mode, paths=paths, early_stop=early_stop))]:
+                sample_round(engine, todo, **options)
+            solutions += [finish(state, mode=mode, paths=paths, cot_weight=cot_weight, pot_weight=pot_weight)
+                          for state in group]
             bar.update(len(group))
     return solutions
+
+
+@dataclass
+class Question:
+    """A question being solved: its text, the id and base seed its paths are seeded with, its paths so far."""
+
+    question: str
+    id: str
+    seed: int = 0
+    found: list[PathResult] = field(default_factory=list)
+
+
+def next_round(found: Sequence[PathResult], *, mode: str, paths: int,
+               early_stop: bool = False) -> dict[str, int] | None:
+    """The paths per style a question should have after its next round, given the paths `found` so far;
+    None when it is done (the rounds of the module docstring: early stop, then all paths, then hybrid's
+    CoT fallback)."""
+    have = {style: sum(p.style == style for p in found) for style in ("cot", "pot")}
+    if early_stop and paths > 2:
+        first = _plan(mode, 2)
+        if any(have[style] < count for style, count in first.items()):
+            return first
+        if len(found) == sum(first.values()) and agree([p.answer for p in found]):
+            return None
+    plan = _plan(mode, paths)
+    if any(have[style] < count for style, count in plan.items()):
+        return plan
+    if mode == "hybrid" and have["cot"] < paths and all(p.answer is None for p in found if p.style == "pot"):
+        return {"cot": paths}
+    return None
+
+
+def sample_round(engine: Engine, rounds: Sequence[tuple[Question, dict[str, int]]], *, prompt_style: str,
+                 temperature: float, top_p: float, top_k: int, max_tokens: int, program_timeout: float,
+                 program_memory_mb: int) -> None:
+    """Sample, in one engine call, what each question lacks of its target paths per style (path j of a
+    style seeded as the module docstring says, whatever else shares the call); then extract the new CoT
+    answers and run the new PoT programs, appending the new paths to each question's `found`."""
+    from mdlite.sandbox import run_programs
+
+    calls = []  # (question, style, new paths, index of the first new path)
+    for state, targets in rounds:
+        for style, target in targets.items():
+            done = sum(p.style == style for p in state.found)
+            if target > done:
+                calls.append((state, style, target - done, done))
+    if not calls:
+        return
+    prompts = [prompt_for(state.question, style, prompt_style=prompt_style) for state, style, _, _ in calls]
+    generations = engine.sample(
+        [prompt for prompt, _ in prompts], n=[count for _, _, count, _ in calls],
+        temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
+        stop=[stop for _, stop in prompts], stop_after=[STOP_AFTER[style] for _, style, _, _ in calls],
+        first_path=[first for *_, first in calls],
+        seed=[derive_seed(state.seed, state.id, style) for state, style, _, _ in calls])
+    programs = []  # (question, position in its found)
+    for (state, style, _, first), paths in zip(calls, generations, strict=True):
+        for j, generation in enumerate(paths):
+            path = PathResult(style=style, index=first + j, text=generation.text, tokens=generation.tokens,
+                              finish_reason=generation.finish_reason, answer=None)
+            if style == "cot":
+                answer = extract_answer(generation.text, style="cot", strict=generation.finish_reason == "length")
+                path = dataclasses.replace(path, answer=answer)
+            else:
+                program = extract_program(generation.text)
+                path = dataclasses.replace(path, program=program, program_error=None if program else "no program")
+                if program:
+                    programs.append((state, len(state.found)))
+            state.found.append(path)
+    codes = [state.found[at].program or "" for state, at in programs]
+    results = run_programs(codes, timeout=program_timeout, memory_mb=program_memory_mb) if codes else []
+    for (state, at), result in zip(programs, results, strict=True):
+        state.found[at] = dataclasses.replace(state.found[at], answer=result.value if result.ok else None,
+                                              program_error=result.error, program_stdout=result.stdout)
+
+
+def finish(state: Question, *, mode: str, paths: int, cot_weight: float = 1.0, pot_weight: float = 1.0) -> Solution:
+    """The question's Solution: the vote of `mode` over its paths' answers."""
+    cot = [p.answer for p in state.found if p.style == "cot"]
+    pot = [p.answer for p in state.found if p.style == "pot"]
+    result = vote(mode, cot=cot, pot=pot, cot_weight=cot_weight, pot_weight=pot_weight)
+    saved = paths - len(pot) if mode == "hybrid" else paths - len(state.found)
+    return Solution(id=state.id, question=state.question, answer=result.answer, vote=result,
+                    paths=tuple(state.found), paths_saved=saved, tokens=sum(p.tokens for p in state.found))
 
 
 def prompt_for(question: str, style: str, *, prompt_style: str) -> tuple[str, list[str]]:
@@ -174,52 +249,3 @@ def _plan(mode: str, paths: int) -> dict[str, int]:
     if mode == "mixed":
         return {"cot": paths // 2, "pot": paths - paths // 2}
     return {"cot": paths} if mode == "cot" else {"pot": paths}
-
-
-class _Sampler:
-    """Samples paths for questions by index, in rounds, and keeps every path's result in `found`."""
-
-    def __init__(self, engine: Engine, questions: Sequence[str], ids: list[str], **options: Any) -> None:
-        self.engine, self.questions, self.ids, self.options = engine, questions, ids, options
-        self.found: dict[int, list[PathResult]] = {}
-
-    def top_up(self, keys: list[int], targets: dict[str, int]) -> None:
-        """Sample, in one engine call, what questions `keys` lack of `targets` paths per style; then
-        extract the CoT answers and run the PoT programs of the new paths."""
-        from mdlite.sandbox import run_programs
-
-        o = self.options
-        calls = []  # (question index, style, new paths, index of the first new path)
-        for key in keys:
-            for style, target in targets.items():
-                done = sum(p.style == style for p in self.found.setdefault(key, []))
-                if target > done:
-                    calls.append((key, style, target - done, done))
-        if not calls:
-            return
-        prompts = [prompt_for(self.questions[key], style, prompt_style=o["prompt_style"]) for key, style, _, _ in calls]
-        generations = self.engine.sample(
-            [prompt for prompt, _ in prompts], n=[count for _, _, count, _ in calls],
-            temperature=o["temperature"], top_p=o["top_p"], top_k=o["top_k"], max_tokens=o["max_tokens"],
-            stop=[stop for _, stop in prompts], stop_after=[STOP_AFTER[style] for _, style, _, _ in calls],
-            first_path=[first for *_, first in calls],
-            seed=[derive_seed(o["seed"], self.ids[key], style) for key, style, _, _ in calls])
-        programs = []  # (question index, position in found[question index])
-        for (key, style, _, first), paths in zip(calls, generations, strict=True):
-            for j, generation in enumerate(paths):
-                path = PathResult(style=style, index=first + j, text=generation.text, tokens=generation.tokens,
-                                  finish_reason=generation.finish_reason, answer=None)
-                if style == "cot":
-                    answer = extract_answer(generation.text, style="cot", strict=generation.finish_reason == "length")
-                    path = dataclasses.replace(path, answer=answer)
-                else:
-                    program = extract_program(generation.text)
-                    path = dataclasses.replace(path, program=program, program_error=None if program else "no program")
-                    if program:
-                        programs.append((key, len(self.found[key])))
-                self.found[key].append(path)
-        codes = [self.found[key][at].program or "" for key, at in programs]
-        results = run_programs(codes, timeout=o["program_timeout"], memory_mb=o["program_memory_mb"]) if codes else []
-        for (key, at), result in zip(programs, results, strict=True):
-            self.found[key][at] = dataclasses.replace(self.found[key][at], answer=result.value if result.ok else None,
-                                                      program_error=result.error, program_stdout=result.stdout)

@@ -14,7 +14,8 @@ Teacher specs (`parse_teacher_spec`):
 - `llamacpp:PATH_OR_REGISTRY_NAME` - a GGUF loaded in this process on mdlite's batched engine
   (mdlite.engine, prefix cache included): requests in flight together (up to `batch_paths`, whatever
   `concurrency` says) are sampled in one engine call, in a worker thread. Sampling: top_k 40,
-  top_p 0.95 (llama.cpp's defaults); a request's seed gives the same text whatever it is batched with.
+  top_p 0.95 (llama.cpp's defaults); a request's seed gives the same text whatever it is batched with
+  (on CPU; with layers on a GPU, the default when llama.cpp has GPU offload, see mdlite/engine.py).
 
 `make_teacher(spec, endpoint=...)` builds one endpoint's backend; `TeacherPool` spreads requests over
 several endpoints of one teacher with a bounded number in flight per endpoint, and retries timeouts,
@@ -312,8 +313,9 @@ class OpenAITeacher:
 
 
 class LlamaCppTeacher:
-    """A GGUF in this process on mdlite's batched engine: the requests waiting when the engine is free
-    (up to `batch_paths`, with one temperature and max_tokens) are sampled in one call, in a worker thread."""
+    """A GGUF in this process on mdlite's batched engine (every layer on the GPU when llama.cpp was built
+    with GPU offload, as the engine's default): the requests waiting when the engine is free (up to
+    `batch_paths`, with one temperature and max_tokens) are sampled in one call, in a worker thread."""
 
     max_concurrency = None
 

@@ -3,11 +3,13 @@
     mdlite train -c configs/svamp-llama2-7b.yaml --dry-run   # config, data counts, GPU memory estimate
     mdlite train -c configs/svamp-llama2-7b.yaml             # resumes from the last checkpoint
     mdlite train --rationales runs/rationales.jsonl --model gemma-3-270m --output-dir runs/train --overwrite
+    accelerate launch --num_processes 2 -m mdlite train -c CONFIG  # DDP: one process per GPU, main one writes
 
 Data: every kept record of rationales.jsonl becomes `student_prompt(question, style=style)` + `text` + EOS,
 with the loss on the completion tokens only, weighted per style (`cot_loss_weight`, `pot_loss_weight`: the
 multi-task loss). Per problem, CoT and PoT get the same number of examples when both exist (at most
-`max_per_style` each); a `val_fraction` of the problems (by id) is held out for validation loss.
+`max_per_style` each); a `val_fraction` of the problems (by id) is held out for validation loss. `styles`
+keeps one style only (the single-path baselines of Mixed Distillation's ablation).
 
 Model: a registry name (its GGUF when it has one, else its hub id), a Hugging Face id, a local HF folder or
 a .gguf file. A GGUF is dequantized once by transformers and cached as an HF folder under
@@ -25,11 +27,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 import shutil
 import time
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -43,9 +47,11 @@ from mdlite.runinfo import file_sha256, package_versions, write_json
 
 if TYPE_CHECKING:
     import torch
+    from accelerate import PartialState
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
 log = logging.getLogger(__name__)
+BATCH_LOG_ENV = "MDLITE_BATCH_LOG"  # a folder: each process logs its micro-batches' token hashes there (DDP tests)
 RECORDED_PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes")  # versions written to run.json
 
 OUTPUT_FILES = ("adapter", "trainer_log.jsonl", "loss.png", "run.json")
@@ -121,16 +127,19 @@ def run(cfg: TrainConfig, *, overwrite: bool = False) -> TrainResult:
     resolve_base_model(cfg.model, fetch=False)  # a bad --model fails before anything is written
     check_output_dir(output_dir, "--output-dir")
     rationales_hash = file_sha256(Path(cfg.rationales))
-    if overwrite:
+    ranks = _ranks()  # one process, or one per GPU under `accelerate launch`: only the main one writes files
+    if overwrite and ranks.is_main_process:
         _clear_outputs(output_dir)
+    ranks.wait_for_everyone()
     previous = _previous_run(output_dir, cfg, rationales_hash)
     if previous is not None:
         log.info("%s already holds a finished run with this config; --overwrite to train again", output_dir)
         return previous
 
     split = split_examples(records, max_per_style=cfg.max_per_style, val_fraction=cfg.val_fraction,
-                           seed=cfg.seed)
-    base = resolve_base_model(cfg.model)
+                           seed=cfg.seed, styles=cfg.styles)
+    with ranks.main_process_first():  # a GGUF is dequantized into the cache once, by the main process
+        base = resolve_base_model(cfg.model)
     cuda = torch.cuda.is_available()
     transformers.set_seed(cfg.seed)
     tokenizer = load_tokenizer(base)
@@ -144,19 +153,23 @@ def run(cfg: TrainConfig, *, overwrite: bool = False) -> TrainResult:
     preflight_tokenizer(tokenizer, model, base)
     model = add_lora(model, cfg, base)
 
-    resume = _last_checkpoint(output_dir)
-    _truncate_log(output_dir / "trainer_log.jsonl", resume)
+    with ranks.main_process_first():  # the main process removes incomplete checkpoints before the others look
+        resume = _last_checkpoint(output_dir)
+    if ranks.is_main_process:
+        _truncate_log(output_dir / "trainer_log.jsonl", resume)
     counts = {**split.counts, "train_examples_kept": len(train_data), "val_examples_kept": len(val_data),
               "dropped_too_long": dropped + val_dropped}
     run_record = {
         "stage": "train", "status": "running", "config": to_dict(cfg), "seed": cfg.seed,
-        "versions": package_versions(RECORDED_PACKAGES), "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "versions": package_versions(RECORDED_PACKAGES), "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "processes": ranks.num_processes,
         "inputs": {"rationales": {"path": str(cfg.rationales), "sha256": rationales_hash},
                    "base_model": _base_record(base)},
         "data": counts, "add_bos": add_bos, "resumed_from": resume.name if resume else None,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
-    write_json(output_dir / "run.json", run_record)
+    if ranks.is_main_process:
+        write_json(output_dir / "run.json", run_record)
     log.info("training on %d examples (%d validation), %d trainable parameters", len(train_data),
              len(val_data), run_record["trainable_parameters"])
 
@@ -169,16 +182,18 @@ def run(cfg: TrainConfig, *, overwrite: bool = False) -> TrainResult:
     eval_loss = evals[-1]["eval_loss"] if val_data else None
 
     adapter_dir = output_dir / "adapter"
-    save_adapter(trainer.model, tokenizer, adapter_dir, base=base, cfg=cfg, add_bos=add_bos,
-                 global_step=trainer.state.global_step)
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     result = TrainResult(adapter_dir, output_dir / "run.json", trainer.state.global_step,
                          losses[-1] if losses else None, eval_loss)
-    plot_losses(output_dir / "trainer_log.jsonl", output_dir / "loss.png")
-    run_record.update(status="done", global_step=result.global_step, train_loss=result.train_loss,
-                      eval_loss=eval_loss, runtime_s=round(time.monotonic() - started, 1),
-                      adapter=str(adapter_dir))
-    write_json(output_dir / "run.json", run_record)
+    if ranks.is_main_process:
+        save_adapter(trainer.model, tokenizer, adapter_dir, base=base, cfg=cfg, add_bos=add_bos,
+                     global_step=trainer.state.global_step)
+        plot_losses(output_dir / "trainer_log.jsonl", output_dir / "loss.png")
+        run_record.update(status="done", global_step=result.global_step, train_loss=result.train_loss,
+                          eval_loss=eval_loss, runtime_s=round(time.monotonic() - started, 1),
+                          adapter=str(adapter_dir))
+        write_json(output_dir / "run.json", run_record)
+    ranks.wait_for_everyone()  # every process returns once the adapter is complete
     return result
 
 
@@ -189,7 +204,7 @@ def dry_run(cfg: TrainConfig) -> dict[str, Any]:
     path = Path(cfg.rationales)
     if path.exists():
         split = split_examples(read_rationales(path), max_per_style=cfg.max_per_style,
-                               val_fraction=cfg.val_fraction, seed=cfg.seed)
+                               val_fraction=cfg.val_fraction, seed=cfg.seed, styles=cfg.styles)
         report["data"] = split.counts
         tokenizer_path = _local_tokenizer(cfg.model)
         if tokenizer_path is not None:
@@ -252,12 +267,13 @@ def read_rationales(path: Path) -> list[dict[str, Any]]:
 
 
 def split_examples(records: list[dict[str, Any]], *, max_per_style: int, val_fraction: float,
-                   seed: int) -> Split:
-    """Examples balanced per problem (equal CoT and PoT counts where both exist, at most `max_per_style`
-    each) and split by problem id into training and validation problems."""
-    by_problem: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: {s: [] for s in STYLES})
+                   seed: int, styles: Sequence[str] = STYLES) -> Split:
+    """Examples of `styles` balanced per problem (equal CoT and PoT counts where both exist, at most
+    `max_per_style` each) and split by problem id into training and validation problems."""
+    by_problem: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: {s: [] for s in styles})
     for record in records:
-        by_problem[str(record["problem_id"])][record["style"]].append(record)
+        if record["style"] in styles:
+            by_problem[str(record["problem_id"])][record["style"]].append(record)
     ids = sorted(by_problem)
     random.Random(seed).shuffle(ids)
     n_val = round(len(ids) * val_fraction) if len(ids) > 1 else 0
@@ -266,10 +282,9 @@ def split_examples(records: list[dict[str, Any]], *, max_per_style: int, val_fra
     train: list[Example] = []
     val: list[Example] = []
     for problem_id in sorted(by_problem):
-        styles = by_problem[problem_id]
-        present = [len(rows) for rows in styles.values() if rows]
-        take = min(min(present), max_per_style) if len(present) == len(STYLES) else max_per_style
-        for style, rows in styles.items():
+        present = [len(rows) for rows in by_problem[problem_id].values() if rows]
+        take = min(min(present), max_per_style) if len(present) == len(styles) else max_per_style
+        for style, rows in by_problem[problem_id].items():
             for record in sorted(rows, key=lambda r: r.get("sample", 0))[:take]:
                 example = Example(problem_id, style, int(record.get("sample", 0)),
                                   student_prompt(record["question"], style=style), record["text"])
@@ -279,7 +294,9 @@ def split_examples(records: list[dict[str, Any]], *, max_per_style: int, val_fra
     for name, examples in (("train", train), ("val", val)):
         per_style = Counter(e.style for e in examples)
         counts.update({f"{name}_{style}": per_style[style] for style in STYLES})
-    counts["unused_by_balance"] = len(records) - len(train) - len(val)
+    chosen = sum(record["style"] in styles for record in records)
+    counts["other_styles"] = len(records) - chosen
+    counts["unused_by_balance"] = chosen - len(train) - len(val)
     return Split(train, val, counts)
 
 
@@ -454,15 +471,17 @@ def preflight_tokenizer(tokenizer: PreTrainedTokenizerBase, model: PreTrainedMod
 
 
 def load_model(base: BaseModel, cfg: TrainConfig, *, cuda: bool) -> PreTrainedModel:
-    """The base model, 4-bit NF4 (QLoRA) or full precision (plain LoRA), on the GPU when there is one."""
+    """The base model, 4-bit NF4 (QLoRA) or full precision (plain LoRA), on this process's GPU when there is one
+    (`local_device`: one GPU per process under `accelerate launch`)."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     if cuda:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        torch.cuda.set_device(local_device())
     else:
         dtype = torch.float32
-    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": torch.cuda.current_device() if cuda else "cpu"}}
+    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": local_device() if cuda else "cpu"}}
     if cfg.quantization == "nf4":
         require_bitsandbytes()
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -478,6 +497,24 @@ def load_model(base: BaseModel, cfg: TrainConfig, *, cuda: bool) -> PreTrainedMo
     if cfg.padding_free:
         use_packed_attention(model)
     return model
+
+
+def local_device() -> int:
+    """This process's GPU: LOCAL_RANK under `accelerate launch` or torchrun (one GPU per process), else the
+    current device."""
+    import torch
+
+    local_rank = os.environ.get("LOCAL_RANK")
+    return int(local_rank) if local_rank is not None else torch.cuda.current_device()
+
+
+def _ranks() -> PartialState:
+    """accelerate's PartialState: one process, or the DDP processes of `accelerate launch` (it sets up the
+    process group the Trainer then uses); `is_main_process` writes the files, `wait_for_everyone` syncs."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 PACKED_ATTENTION = "mdlite_packed"
@@ -565,7 +602,7 @@ def save_adapter(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ada
     write_json(adapter_dir / "mdlite.json", {
         "base_model": base.spec, "base_model_path": base.path, "base_gguf": base.gguf, "registry_name": base.card,
         "quantization": cfg.quantization, "add_bos": add_bos, "eos_token": tokenizer.eos_token,
-        "student_template": prompt_text("student"), "styles": list(STYLES), "stop": STUDENT_STOP,
+        "student_template": prompt_text("student"), "styles": list(cfg.styles), "stop": STUDENT_STOP,
         "global_step": global_step, "mdlite_version": __version__,
     })
 
@@ -600,6 +637,7 @@ def build_trainer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tr
         eval_on_start=eval_on_start and bool(val_data),
         train_sampling_strategy="random" if cfg.padding_free else "group_by_length",
         remove_unused_columns=False, prediction_loss_only=True, report_to="none", dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # DDP: every LoRA weight gets a gradient each step
     )
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=train_data, eval_dataset=val_data or None,
@@ -643,13 +681,30 @@ def _trainer_class() -> type[Trainer]:
             if num_items_in_batch is None:
                 scale = self.current_gradient_accumulation_steps if model.training else 1
                 num_items_in_batch = targets.numel() * scale
+            elif self.args.average_tokens_across_devices and self.args.world_size > 1:
+                # DDP: the count is summed over all processes and DDP averages their gradients (as Trainer does)
+                num_items_in_batch = num_items_in_batch / self.args.world_size
             loss = total / num_items_in_batch
             if model.training:
                 mask = inputs.get("attention_mask")
                 self.effective_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+                if os.environ.get(BATCH_LOG_ENV):
+                    _log_batch(Path(os.environ[BATCH_LOG_ENV]), self.args.process_index, self.state.global_step,
+                               inputs["input_ids"])
             return (loss, outputs) if return_outputs else loss
 
     return _MultiTaskTrainer
+
+
+def _log_batch(folder: Path, rank: int, step: int, input_ids: torch.Tensor) -> None:
+    """Debugging DDP ($MDLITE_BATCH_LOG=DIR): one line per micro-batch in DIR/batches-rank<N>.jsonl with the
+    step and a hash of the token ids, so that tests can check that the processes saw different batches."""
+    import hashlib
+
+    folder.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256(input_ids.cpu().numpy().tobytes()).hexdigest()[:16]
+    with (folder / f"batches-rank{rank}.jsonl").open("a", encoding="utf-8") as out:
+        out.write(json.dumps({"rank": rank, "step": step, "sha256": digest, "tokens": input_ids.numel()}) + "\n")
 
 
 def _progress_callback(trainer: Any, log_path: Path) -> Any:
@@ -660,8 +715,10 @@ def _progress_callback(trainer: Any, log_path: Path) -> Any:
         """A progress bar with loss and ETA, and trainer_log.jsonl (step, loss, lr, tokens/s, elapsed, remaining)."""
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step")
-            log_path.parent.mkdir(parents=True, exist_ok=True)
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
+                            disable=not state.is_world_process_zero)
+            if state.is_world_process_zero:
+                log_path.parent.mkdir(parents=True, exist_ok=True)
             self.start, self.start_step = time.monotonic(), state.global_step
             self.last_time, self.last_tokens, self.postfix = self.start, 0, {}
 
@@ -670,6 +727,8 @@ def _progress_callback(trainer: Any, log_path: Path) -> Any:
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
             logs = logs or {}
+            if not state.is_world_process_zero:  # under DDP every process logs; the main one writes
+                return
             now = time.monotonic()
             elapsed = now - self.start
             done = state.global_step - self.start_step

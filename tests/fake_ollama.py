@@ -8,14 +8,25 @@ nanoseconds), GET /api/tags, POST /api/show, GET /api/version and GET / ("Ollama
 404 for an unknown model. It has `parallel` slots (like OLLAMA_NUM_PARALLEL) and answers 503 when all
 are busy, waits `latency_s` per request, and gives scripted answers.
 
+Model import, as Ollama's server does it (server/routes.go, server/create.go): HEAD /api/blobs/DIGEST (200
+when the blob is there, else 404), POST /api/blobs/DIGEST (the body's sha256 must equal DIGEST, else 400
+"digest mismatch"; 201 when stored, 200 without reading the body when already there), both 400 for a digest
+that is not sha256:<64 hex>; POST /api/create with `model`, `files` ({file name: digest}, relative names, each
+an uploaded blob that is a GGUF file), `template`, `system`, `parameters` (400 for an invalid name, a missing
+blob, a file that is not GGUF, neither `from` nor `files`); NDJSON progress ending in {"status": "success"},
+or one JSON object with "stream": false. A created model is listed, shown (its template, system and
+parameters) and answers like the scripted one. `blobs`, `created` and `requests` (every generate/chat/create
+body) are there for tests to inspect.
+
     python tests/fake_ollama.py --port 11434 --model qwen2.5:32b --parallel 8 --latency 0.1 --script s.json
 
 prints "listening on http://127.0.0.1:PORT" once it accepts connections (`--port 0`: a free port).
 
 Scripted answers: `script` is {"cot": {question: [responses]}, "pot": {question: [responses]}}. The
 question is the prompt's last "Question: ..." line and the style is "pot" when the prompt ends inside a
-```python fence; a request with options.seed s gets responses[s % len(responses)], so the same request
-always gets the same answer. A response "!error CODE" makes the server answer HTTP CODE instead.
+```python fence or its last line asks for a Python program (the student prompt); a request with options.seed
+s gets responses[s % len(responses)], so the same request always gets the same answer. A response
+"!error CODE" makes the server answer HTTP CODE instead.
 Unscripted prompts get "The answer is 0.". Stop strings and num_predict (one token per word) apply.
 """
 
@@ -33,6 +44,8 @@ from pathlib import Path
 from typing import Any
 
 _QUESTION = re.compile(r"Question: (.*)\n")
+_DIGEST = re.compile(r"sha256[:-][0-9a-fA-F]{64}")
+_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)*(:[\w][\w.-]{0,127})?")  # model/name.go, roughly
 
 
 class FakeOllama:
@@ -46,6 +59,9 @@ class FakeOllama:
         self._slots = threading.BoundedSemaphore(parallel)
         self._lock = threading.Lock()
         self.stats = {"requests": 0, "served": 0, "busy_503": 0, "in_flight": 0, "max_in_flight": 0}
+        self.blobs: dict[str, dict[str, Any]] = {}  # "sha256:..." -> {"size": bytes, "magic": first 4 bytes}
+        self.created: dict[str, dict[str, Any]] = {}  # model name -> its /api/create request
+        self.requests: list[dict[str, Any]] = []  # every generate / chat / create request body, in order
         self.httpd = ThreadingHTTPServer((host, port), _handler(self))
         self.httpd.daemon_threads = True
         self.url = f"http://{host}:{self.httpd.server_address[1]}"
@@ -62,7 +78,8 @@ class FakeOllama:
 
     def answer(self, prompt: str, options: dict[str, Any]) -> str:
         """The scripted response to `prompt` (see the module docstring)."""
-        style = "pot" if prompt.rstrip(" ").endswith("```python\n") else "cot"
+        last = prompt.rstrip("\n").rpartition("\n")[2]
+        style = "pot" if prompt.rstrip(" ").endswith("```python\n") or "Python program" in last else "cot"
         questions = _QUESTION.findall(prompt + "\n")
         responses = self.script.get(style, {}).get(questions[-1].strip() if questions else "", [])
         if not responses:
@@ -87,6 +104,40 @@ class FakeOllama:
         return {"name": self.model, "model": self.model, "modified_at": _now(), "size": 1 << 20,
                 "digest": self.digest, "details": _DETAILS}
 
+    def known(self, name: str | None) -> str | None:
+        """The full name (NAME:TAG) of the scripted or a created model called `name`, else None."""
+        full = name if name and ":" in name else f"{name}:latest"
+        return full if full == self.model or full in self.created else None
+
+    def create(self, body: dict[str, Any]) -> tuple[int, str | None]:
+        """(status, error) of an /api/create request, checked as Ollama checks it; a valid one is kept."""
+        name = body.get("model") or body.get("name") or ""
+        files = body.get("files") or {}
+        if not _NAME.fullmatch(name):
+            return 400, "invalid model name"
+        if not files and not body.get("from"):
+            return 400, "neither 'from' or 'files' was specified"
+        for file, digest in files.items():
+            if file.startswith("/") or ".." in file.split("/"):
+                return 400, "file path must be relative"
+            if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+                return 400, "invalid digest format"
+            if digest.replace("-", ":", 1) not in self.blobs:
+                return 400, f"open blobs/{digest.replace(':', '-', 1)}: no such file or directory"
+            if self.blobs[digest.replace("-", ":", 1)]["magic"] != b"GGUF":
+                return 400, "supplied file was not in GGUF format"
+        full = name if ":" in name else f"{name}:latest"
+        with self._lock:
+            self.created[full] = body
+        return 200, None
+
+    def created_entry(self, name: str) -> dict[str, Any]:
+        body = self.created[name]
+        digest = next(iter((body.get("files") or {}).values()), "sha256:" + "0" * 64)
+        return {"name": name, "model": name, "modified_at": _now(), "size": self.blobs.get(digest, {}).get("size", 0),
+                "digest": hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest(),
+                "details": {**_DETAILS, "family": "llama", "families": ["llama"]}}
+
 
 _DETAILS = {"parent_model": "", "format": "gguf", "family": "fake", "families": ["fake"],
             "parameter_size": "0.5B", "quantization_level": "Q4_K_M"}
@@ -110,24 +161,113 @@ def _handler(server: FakeOllama) -> type[BaseHTTPRequestHandler]:
             elif self.path == "/api/version":
                 self._send(200, {"version": "0.6.3-fake"})
             elif self.path == "/api/tags":
-                self._send(200, {"models": [server.model_entry()]})
+                self._send(200, {"models": [server.model_entry(), *map(server.created_entry, list(server.created))]})
             elif self.path == "/fake/stats":
                 self._send(200, server.stats)
             else:
                 self._send(404, {"error": "not found"})
 
+        def do_HEAD(self) -> None:
+            digest = self.path.removeprefix("/api/blobs/")
+            if self.path == "/":
+                self._send(200, "", content_type="text/plain")
+            elif digest == self.path:
+                self._send(404, "")
+            elif not _DIGEST.fullmatch(digest):
+                self._send(400, "")
+            else:
+                self._send(200 if digest.replace("-", ":", 1) in server.blobs else 404, "")
+
         def do_POST(self) -> None:
+            if self.path.startswith("/api/blobs/"):
+                self._blob(self.path.removeprefix("/api/blobs/"))
+                return
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-            if self.path not in ("/api/generate", "/api/chat", "/api/show"):
+            if self.path in ("/api/generate", "/api/chat", "/api/create"):
+                with server._lock:
+                    server.requests.append({"path": self.path, **body})
+            if self.path == "/api/create":
+                self._create(body)
+            elif self.path not in ("/api/generate", "/api/chat", "/api/show"):
                 self._send(404, {"error": "not found"})
-            elif body.get("model") not in (server.model, server.model.removesuffix(":latest")):
+            elif server.known(body.get("model")) is None:
                 self._send(404, {"error": f"model '{body.get('model')}' not found"})
             elif self.path == "/api/show":
+                self._show(server.known(body.get("model")) or "")
+            else:
+                self._generate(body, chat=self.path == "/api/chat")
+
+        def _blob(self, digest: str) -> None:
+            """POST /api/blobs/DIGEST: store the body's size and magic when its sha256 is DIGEST."""
+            if not _DIGEST.fullmatch(digest):
+                self._discard_body()
+                self._send(400, {"error": "invalid digest format"})
+                return
+            digest = digest.replace("-", ":", 1)
+            if digest in server.blobs:  # Ollama answers before reading the body; the fake reads it to stay alive
+                self._discard_body()
+                self._send(200, "")
+                return
+            sha, size, magic = hashlib.sha256(), 0, b""
+            for chunk in self._body_chunks():
+                sha.update(chunk)
+                magic = (magic + chunk[:4])[:4] if len(magic) < 4 else magic
+                size += len(chunk)
+            if f"sha256:{sha.hexdigest()}" != digest:
+                self._send(400, {"error": f"digest mismatch, expected \"{digest}\", got \"sha256:{sha.hexdigest()}\""})
+                return
+            with server._lock:
+                server.blobs[digest] = {"size": size, "magic": magic}
+            self._send(201, "")
+
+        def _create(self, body: dict[str, Any]) -> None:
+            status, error = server.create(body)
+            if error is not None:
+                self._send(status, {"error": error})
+                return
+            digests = list((body.get("files") or {}).values())
+            steps = [{"status": "parsing GGUF"}, *[{"status": f"using existing layer {d}"} for d in digests],
+                     {"status": "writing manifest"}, {"status": "success"}]
+            if body.get("stream", True):
+                self._stream(steps)
+            else:
+                self._send(200, steps[-1])
+
+        def _show(self, name: str) -> None:
+            body = server.created.get(name)
+            if body is None:
                 self._send(200, {"modelfile": f"FROM {server.model}", "parameters": "", "template": "{{ .Prompt }}",
                                  "details": _DETAILS, "model_info": {"general.architecture": "fake"},
                                  "capabilities": ["completion"], "modified_at": _now()})
-            else:
-                self._generate(body, chat=self.path == "/api/chat")
+                return
+            parameters = [f"{key:<30} {json.dumps(value)}" for key, values in (body.get("parameters") or {}).items()
+                          for value in (values if isinstance(values, list) else [values])]
+            self._send(200, {"modelfile": f"FROM {next(iter(body['files'].values()))}",
+                             "template": body.get("template", ""), "system": body.get("system", ""),
+                             "parameters": "\n".join(parameters),
+                             "details": server.created_entry(name)["details"],
+                             "model_info": {"general.architecture": "llama"}, "capabilities": ["completion"],
+                             "modified_at": _now()})
+
+        def _body_chunks(self) -> Any:
+            """The request body in pieces: Content-Length or chunked transfer encoding."""
+            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+                    yield self.rfile.read(size)
+                    self.rfile.readline()
+                self.rfile.readline()
+                return
+            left = int(self.headers.get("Content-Length", 0))
+            while left > 0:
+                chunk = self.rfile.read(min(left, 1 << 20))
+                if not chunk:
+                    return
+                left -= len(chunk)
+                yield chunk
+
+        def _discard_body(self) -> None:
+            for _ in self._body_chunks():
+                pass
 
         def _generate(self, body: dict[str, Any], *, chat: bool) -> None:
             with server._lock:

@@ -22,14 +22,15 @@ from mdlite.cli import cli
 from mdlite.distill import plan, run
 from mdlite.models import make_tiny_model
 
-STAGES = ["teach", "train", "export-base", "eval-base", "export", "eval-student"]
+STAGES = ["teach", "eval-teacher", "eval-base", "eval-base-fewshot", "train", "export", "eval-student"]
 
 
 def _config(folder: Path, student: Path) -> Path:
     loose = {"min_token_match": 0.0, "min_greedy_match": 0.0, "min_answer_agreement": 0.0, "min_stop_rate": 0.0}
     config = {
         "distill": {"output_dir": str(folder / "out"), "train_data": "synth:4:11", "test_data": "synth:3:12",
-                    "teacher": "llamacpp:qwen2.5-coder-0.5b-instruct", "student": str(student)},
+                    "teacher": "llamacpp:qwen2.5-coder-0.5b-instruct", "student": str(student),
+                    "teacher_eval": True, "base_eval": ["student", "few-shot"]},
         "teach": {"n_cot": 1, "n_pot": 1, "temperature": 0.5, "max_tokens": 96, "n_threads": 2},
         "train": {"quantization": "none", "max_steps": 6, "save_steps": 2, "eval_steps": 3, "logging_steps": 1,
                   "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "val_fraction": 0.0,
@@ -67,23 +68,27 @@ def test_every_stage_ran_and_outputs_agree(pipeline: dict) -> None:
     assert gguf.exists() and gguf.parent == out / "export"
     assert json.loads((out / "eval-student" / "run.json").read_text())["model"]["path"] == str(gguf)
     test_ids = [json.loads(line)["id"] for line in (out / "data" / "test.jsonl").read_text().splitlines()]
-    for name in ("eval-base", "eval-student"):
-        report = json.loads((out / name / "report.json").read_text())
-        assert report["problems"] == len(test_ids) == 3
+    for name in ("eval-teacher", "eval-base", "eval-base-fewshot", "eval-student"):  # every row: the same problems
+        samples = [json.loads(line) for line in (out / name / "samples.jsonl").read_text().splitlines()]
+        assert sorted({s["id"] for s in samples}) == sorted(test_ids) and len(test_ids) == 3
+        assert json.loads((out / name / "report.json").read_text())["problems"] == 3
     summary = (out / "summary.md").read_text()
     assert summary == pipeline["result"]["summary"]
-    for part in ("## Teacher", "| cot |", "## Training", "student-F16.gguf", "| greedy pot |", "| teach |"):
+    for part in ("## Teacher", "| cot |", "## Training", "student-F16.gguf", "| teacher llamacpp:", "| teach |",
+                 "| base student (few-shot prompt) |", "| student |"):
         assert part in summary
+    assert (out / "accuracy.png").exists()
 
 
 @pytest.mark.slow
 def test_second_run_does_no_work(pipeline: dict) -> None:
     out = pipeline["out"]
-    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "summary.md"}
+    redone = (out / "summary.md", out / "accuracy.png")  # the report, rewritten by every run
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p not in redone}
     stamps = {name: record["stamp"] for name, record in _state(out).items()}
     run(pipeline["config"], {})
     assert {name: record["stamp"] for name, record in _state(out).items()} == stamps
-    after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "summary.md"}
+    after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p not in redone}
     changed = [str(p) for p in after if before.get(p) != after[p] and p.name != "pipeline.json"]
     assert changed == []
 
@@ -126,7 +131,7 @@ def test_kill_during_training_then_rerun_finishes(pipeline: dict, tmp_path: Path
 @pytest.mark.slow
 def test_dry_run_and_config_errors(pipeline: dict, tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["distill", str(pipeline["config"]), "--dry-run"])
-    assert result.exit_code == 0 and "0 of 6 stages would run" in result.output, result.output
+    assert result.exit_code == 0 and "0 of 8 stages would run" in result.output, result.output
     bad = yaml.safe_load(pipeline["config"].read_text())
     bad["train"]["lora_r"] = 0
     bad["eval"]["mode"] = ["vote"]
@@ -146,7 +151,7 @@ def test_dry_run_and_config_errors(pipeline: dict, tmp_path: Path) -> None:
 # ---- fast: dry run, flags and bad input, offline -------------------------------------------------
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-RUN_ORDER = ["teach", "train", "export", "export-base", "eval-base", "eval-student"]
+RUN_ORDER = ["teach", "export-base", "eval-base", "train", "export", "eval-student"]
 
 
 @pytest.fixture
@@ -182,7 +187,7 @@ def test_dry_run_of_the_demo_prints_the_plan_offline(home: Path, tmp_path: Path)
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     stage_lines = [line.split()[1] for line in lines if line.strip()[:2].rstrip(".").isdigit()]
-    assert stage_lines == ["teach", "train", "export", "eval-base", "eval-student"]  # the student has a GGUF
+    assert stage_lines == ["teach", "eval-base-fewshot", "train", "export", "eval-student"]  # student has a GGUF
     assert "48 problems x (1 CoT + 2 PoT) = 144 teacher samples" in result.output
     assert "run (never ran)" in result.output and "GiB (fits" in result.output
     assert "not cached: the run fetches 491 MB" in result.output
@@ -196,8 +201,8 @@ def test_dry_run_warns_about_keys_that_distill_sets(home: Path, tmp_path: Path) 
     result = CliRunner().invoke(cli, ["distill", "-c", str(config), "--dry-run"])
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.output.splitlines() if line.startswith("warning: ")]
-    assert [w.split()[1] for w in warnings] == ["teach.output_dir", "teach.teacher", "train.model", "eval.data"]
-    assert "set distill.teacher instead" in warnings[1] and "set distill.student instead" in warnings[2]
+    assert [w.split()[1] for w in warnings] == ["teach.output_dir", "teach.teacher", "eval.data", "train.model"]
+    assert "set distill.teacher instead" in warnings[1] and "set distill.student instead" in warnings[3]
 
 
 def test_config_flag_and_positional(home: Path, tmp_path: Path) -> None:
@@ -287,4 +292,91 @@ def test_dry_run_reads_pipeline_json_as_the_run_does(home: Path, tmp_path: Path,
                      "export-base": "skip (up", "eval-base": "skip (up", "eval-student": "run (export"}
     (tmp_path / "out" / "eval-base" / "report.json").unlink()
     result = runner.invoke(cli, ["distill", str(changed), "--dry-run"])
-    assert "eval-base     run (outputs missing)" in result.output
+    assert "eval-base         run (outputs missing)" in result.output
+
+
+# ---- variants and baseline rows (fake stage runners: what distill links, not what the stages compute) ----
+
+VARIANTS = {"mixed": {}, "cot-only": {"train": {"styles": ["cot"]}}, "pot-only": {"train": {"styles": ["pot"]},
+                                                                                   "eval": {"mode": ["pot"]}}}
+
+
+def _recording_runners(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any]]:
+    """Fake runners (see _fake_runners) that also record (kind, config) of every stage that ran."""
+    import mdlite.distill as distill
+
+    _fake_runners(monkeypatch)
+    calls: list[tuple[str, Any]] = []
+    for kind in ("teach", "train", "export", "evaluate"):
+        inner = getattr(distill, f"_{kind}")
+        monkeypatch.setattr(distill, f"_{kind}", lambda cfg, inner=inner, kind=kind: calls.append((kind, cfg))
+                            or inner(cfg))
+    return calls
+
+
+def test_variants_share_one_teach_stage_and_the_test_problems(home: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _recording_runners(monkeypatch)
+    config = _small_config(tmp_path, distill={"variants": VARIANTS, "teacher_eval": True,
+                                              "base_eval": ["student", "few-shot"], "base_paths": 2})
+    run(config, {})
+    out = tmp_path / "out"
+    assert [kind for kind, _ in calls].count("teach") == 1
+    trains = {Path(cfg.output_dir).name: cfg for kind, cfg in calls if kind == "train"}
+    assert {name: cfg.styles for name, cfg in trains.items()} == {
+        "train-mixed": ["cot", "pot"], "train-cot-only": ["cot"], "train-pot-only": ["pot"]}
+    assert {cfg.rationales for cfg in trains.values()} == {str(out / "teach" / "rationales.jsonl")}
+    evals = {Path(cfg.output_dir).name: cfg for kind, cfg in calls if kind == "evaluate"}
+    assert list(evals) == ["eval-teacher", "eval-base", "eval-base-fewshot",  # then the variants in file order
+                           "eval-cot-only", "eval-mixed", "eval-pot-only"]  # (safe_dump sorts them)
+    assert {cfg.data for cfg in evals.values()} == {str(out / "data" / "test.jsonl")}
+    assert evals["eval-teacher"].model == "ollama:qwen2.5:0.5b"
+    assert evals["eval-base-fewshot"].prompt_style == "few-shot"
+    assert evals["eval-mixed"].model == str(out / "export-mixed" / "x.gguf")
+    assert [cfg.paths for cfg in evals.values()] == [0, 2, 2, 0, 0, 0] and evals["eval-pot-only"].mode == ["pot"]
+
+
+def test_changing_one_variant_reruns_only_that_variant(home: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _recording_runners(monkeypatch)
+    run(_small_config(tmp_path, distill={"variants": VARIANTS}), {})
+    calls.clear()
+    changed = {**VARIANTS, "cot-only": {"train": {"styles": ["cot"], "max_steps": 9}}}
+    run(_small_config(tmp_path, distill={"variants": changed}), {})
+    assert [Path(cfg.output_dir).name for _, cfg in calls] == ["train-cot-only", "export-cot-only", "eval-cot-only"]
+
+
+@pytest.mark.parametrize(("variants", "needle"), [
+    ({"base": {}}, "'base' is not a usable name"),
+    ({"Mixed Run": {}}, "'Mixed Run' is not a usable name"),
+    ({"a": {"teach": {"n_cot": 1}}}, "variants.a: expected a mapping of train, export, eval"),
+    ({"a": {"train": {"output_dir": "x"}}}, "variants.a: train.output_dir: distill sets it"),
+    ({"a": {"train": {"styles": ["prose"]}}}, "variants.a: "),
+])
+def test_bad_variants_are_one_line(home: Path, tmp_path: Path, variants: dict, needle: str) -> None:
+    config = _small_config(tmp_path, distill={"variants": variants})
+    _one_line_error(CliRunner().invoke(cli, ["distill", str(config), "--dry-run"]), needle)
+
+
+def test_summary_has_a_row_per_model_and_the_plot(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mdlite.distill as distill
+
+    _fake_runners(monkeypatch)
+
+    def evaluate(cfg: Any) -> dict:
+        folder = Path(cfg.output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        accuracy = 0.5 if "teacher" in folder.name else 0.75
+        report = {"problems": 5, "paths": 2, "greedy_accuracy": {"cot": 0.25, "pot": accuracy},
+                  "accuracy": {"mixed": accuracy}, "maj_at_k": {"mixed": {"1": 0.4, "2": accuracy}}}
+        (folder / "report.json").write_text(json.dumps(report))
+        return {}
+
+    monkeypatch.setattr(distill, "_evaluate", evaluate)
+    result = run(_small_config(tmp_path, distill={"variants": {"mixed": {}}, "teacher_eval": True}), {})
+    rows = [line for line in result["summary"].splitlines() if line.startswith(("| teacher", "| base", "| student"))]
+    assert [row.split("|")[1].strip() for row in rows] == [
+        "teacher ollama:qwen2.5:0.5b (few-shot)", "base student (student prompt)", "student mixed"]
+    assert rows[0].split("|")[2:9] == [" 25.0% ", " 50.0% ", " 2 ", " - ", " - ", " 50.0% ", " - "]
+    assert "## Accuracy on the test split (5 problems)" in result["summary"]
+    assert (tmp_path / "out" / "accuracy.png").stat().st_size > 1000

@@ -5,7 +5,16 @@ import os
 import pytest
 
 from mdlite import MdliteError
-from mdlite.engine import Engine, _common_prefix, _Path, _per_prompt, derive_seed, physical_cores
+from mdlite.engine import (
+    Engine,
+    _common_prefix,
+    _Path,
+    _per_prompt,
+    derive_seed,
+    gpu_layers,
+    llama_cpp_module,
+    physical_cores,
+)
 from mdlite.prompts import STOP_AFTER, STUDENT_STOP, TEACHER_STOP, student_prompt, teacher_prompt
 
 MODEL = "qwen2.5-coder-0.5b-instruct"
@@ -95,6 +104,15 @@ def test_pot_paths_end_after_the_closing_fence():
 
 def test_physical_cores_is_a_sane_count():
     assert 1 <= physical_cores() <= (os.cpu_count() or 1)
+
+
+def test_default_gpu_layers_are_all_with_gpu_offload_and_none_without(monkeypatch):
+    llama = llama_cpp_module()
+    assert gpu_layers(0) == 0 and gpu_layers(7) == 7  # given counts are kept
+    monkeypatch.setattr(llama, "llama_supports_gpu_offload", lambda: False)
+    assert gpu_layers() == gpu_layers(-1) == 0  # a CPU build: exactly what n_gpu_layers 0 did before
+    monkeypatch.setattr(llama, "llama_supports_gpu_offload", lambda: True)
+    assert gpu_layers(-1) == -1  # llama.cpp reads a negative count as every layer
 
 
 def test_stop_is_shared_or_per_prompt():

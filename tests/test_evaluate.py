@@ -1,6 +1,7 @@
-"""mdlite eval: the maj@k estimator against brute force, the report files, resume, compare, errors; an
-eval through the real Ollama client (fake server) and, marked slow, evals of the real Qwen2.5-Coder
-0.5B GGUF (files and numbers, kill -9 and resume)."""
+"""mdlite eval: the maj@k estimator against brute force, the report files, resume, compare, errors; evals
+through the real Ollama client (fake server: a teacher, and a served student across two endpoints) and,
+marked slow, evals of the real Qwen2.5-Coder 0.5B GGUF (files and numbers, kill -9 and resume) and of a tiny
+trained student served by two real `llama_cpp.server`s and by `mdlite serve`."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,6 +30,7 @@ from mdlite.cli import cli
 from mdlite.config import EvalConfig, load_config
 from mdlite.data import load_problems, write_problems
 from mdlite.evaluate import compare_reports, hybrid_at_k, k_values, load_samples, majority_at_k, mode_at_k, vote_at_k
+from mdlite.prompts import STUDENT_STOP, student_prompt
 from mdlite.vote import vote
 
 REPORT_FILES = ("samples.jsonl", "report.json", "report.md", "accuracy.png", "run.json")
@@ -192,7 +197,8 @@ def test_eval_of_a_teacher_writes_reports_with_exact_numbers(tmp_path: Path, pro
     assert report["maj_at_k"]["mixed"] == pytest.approx({"1": 0.0, "2": 2 / 3, "4": 2 / 3})
     assert report["accuracy"] == pytest.approx({"cot": 2 / 3, "pot": 0.0, "mixed": 2 / 3, "hybrid": 2 / 3})
     run = json.loads((out / "run.json").read_text())
-    assert run["model"]["kind"] == "teacher" and run["model"]["digest"] == server.digest
+    assert run["model"]["kind"] == "served" and run["model"]["digest"] == server.digest
+    assert run["model"]["prompts"] == report["prompt_style"] == "few-shot"  # auto: few-shot for a served model
     assert run["inputs"]["problems"] == 3 and len(run["inputs"]["problems_sha256"]) == 64
     table = (out / "report.md").read_text()
     assert "| cot | 66.7% | 66.7% | 66.7% | 66.7% |" in table and "| pot | 0.0% |" in table
@@ -238,6 +244,43 @@ def test_samples_of_one_file_are_not_reused_for_another_with_the_same_ids(
         (other[0].id, 42.0, True), (other[1].id, other[1].answer, False), (other[2].id, other[2].answer, True)}
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["greedy_accuracy"] == {"cot": pytest.approx(2 / 3)}
+
+
+def _student_script(problems: list) -> dict:
+    """A served student: CoT right on every problem, PoT programs that return the gold answer but for the last."""
+    cot = {p.question: [f"Some steps. The answer is {format_number(p.answer)}."] for p in problems}
+    pot = {p.question: [f"```python\ndef solution():\n    return {format_number(p.answer + (i == len(problems) - 1))}"
+                        "\n```"] for i, p in enumerate(problems)}
+    return {"cot": cot, "pot": pot}
+
+
+def test_eval_of_a_served_student_sends_the_raw_student_prompt_across_endpoints(tmp_path: Path,
+                                                                                problems_file: Path) -> None:
+    problems = load_problems(problems_file)
+    script = _student_script(problems)
+    out = tmp_path / "student"
+    with FakeOllama(model="student", parallel=2, script=script) as one, \
+            FakeOllama(model="student", parallel=2, script=script) as two:
+        _eval(["--model", "ollama:student", "--prompt-style", "student", "--endpoints", f"{one.url},{two.url}",
+               "--concurrency", "2", "--data", str(problems_file), "--paths", "2", "--output-dir", str(out)])
+    requests = one.requests + two.requests
+    assert len(requests) == 3 * (2 + 2 + 2) and one.requests and two.requests  # spread over both servers
+    expected = {(student_prompt(p.question, style=style), style) for p in problems for style in ("cot", "pot")}
+    assert {(r["prompt"], "pot" if "program" in r["prompt"] else "cot") for r in requests} == expected
+    assert all(r["raw"] and r["options"]["stop"] == STUDENT_STOP for r in requests)  # no template of the server's
+    report = json.loads((out / "report.json").read_text())
+    assert report["prompt_style"] == "student"
+    assert report["greedy_accuracy"] == {"cot": 1.0, "pot": pytest.approx(2 / 3)}
+    run = json.loads((out / "run.json").read_text())
+    assert run["model"] == {"spec": "ollama:student", "kind": "served", "prompts": "student",
+                            "endpoints": [one.url, two.url], "digest": one.digest}
+
+
+def test_student_prompts_through_a_chat_endpoint_are_refused(tmp_path: Path, problems_file: Path) -> None:
+    result = CliRunner().invoke(cli, ["eval", "--model", "openai-chat:http://127.0.0.1:9/v1", "--prompt-style",
+                                      "student", "--data", str(problems_file), "--output-dir", str(tmp_path / "o")])
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert "use openai:http://127.0.0.1:9/v1 (flag --model)" in result.output
 
 
 def test_help() -> None:
@@ -352,3 +395,90 @@ def test_eval_resumes_after_kill_9(tmp_path: Path, shared_data: Path) -> None:
     assert len({r["id"] for r in records}) == 5
     report = json.loads((out / "report.json").read_text())
     assert report["problems"] == 5 and report["paths_decoded"] == 30
+
+
+# ---- a served student: two real llama.cpp servers, and `mdlite serve` -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_student(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny LLaMA of test_export.py with an adapter that learned to answer its PROBLEMS, exported to F16 GGUF
+    (student template as chat template), and those problems as a JSONL file."""
+    from test_export import PROBLEMS, train_adapter
+
+    from mdlite.config import ExportConfig
+    from mdlite.export import run as export
+    from mdlite.models import make_tiny_model
+
+    root = tmp_path_factory.mktemp("student")
+    adapter = train_adapter(make_tiny_model(root / "base", seed=0), root / "adapter")
+    result = export(load_config(ExportConfig, overrides={"input_dir": str(adapter), "output_dir": str(root / "export"),
+                                                         "quant_types": ["F16"], "parity": False, "n_threads": 1}))
+    write_problems(PROBLEMS, root / "problems.jsonl")
+    return {"gguf": result.files["F16"], "problems": root / "problems.jsonl"}
+
+
+@contextmanager
+def _server(command: list[str], log: Path) -> Iterator[str]:
+    """Run `command` (a server taking --port) on a free loopback port, its output in `log`; its /v1 base URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    with log.open("w") as sink:
+        server = subprocess.Popen([*command, "--port", str(port)], stdout=sink, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.3)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def _greedy(out: Path) -> dict[tuple[str, str], tuple]:
+    """(id, style) -> (answer, correct) of the greedy paths in an eval's samples.jsonl."""
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    return {(r["id"], r["style"]): (r["answer"], r["correct"]) for r in samples if r["greedy"]}
+
+
+@pytest.mark.slow
+def test_eval_of_a_student_served_by_two_llama_cpp_servers(tiny_student: dict[str, Path], tmp_path: Path) -> None:
+    """`python -m llama_cpp.server` x 2 with the student GGUF; the eval sends the raw student prompt to
+    /v1/completions on both and scores what the engine scores in-process."""
+    common = ["--data", str(tiny_student["problems"]), "--paths", "2", "--max-tokens", "40"]
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(tiny_student["gguf"]), "--host", "127.0.0.1",
+               "--n_ctx", "512", "--n_threads", "1"]
+    with _server(command, tmp_path / "a.log") as one, _server(command, tmp_path / "b.log") as two:
+        _eval(["--model", f"openai:{one}", "--endpoints", f"{one},{two}", "--prompt-style", "student", *common,
+               "--output-dir", str(tmp_path / "served")])
+    _eval(["--model", str(tiny_student["gguf"]), "--n-threads", "1", *common, "--output-dir", str(tmp_path / "local")])
+    served = json.loads((tmp_path / "served" / "report.json").read_text())
+    local = json.loads((tmp_path / "local" / "report.json").read_text())
+    assert served["prompt_style"] == local["prompt_style"] == "student"
+    assert served["greedy_accuracy"] == local["greedy_accuracy"] == {"cot": 1.0, "pot": 1.0}
+    assert _greedy(tmp_path / "served") == _greedy(tmp_path / "local")
+    requests = [(tmp_path / name).read_text().count("POST /v1/completions") for name in ("a.log", "b.log")]
+    assert sum(requests) == 3 * (2 + 2 + 2) and min(requests) > 0, requests  # both servers answered
+
+
+@pytest.mark.slow
+def test_eval_of_a_student_behind_mdlite_serve(tiny_student: dict[str, Path], tmp_path: Path) -> None:
+    """`mdlite serve` reads the student prompt back to its question and style; one greedy path per request
+    gives the engine's greedy answers."""
+    common = ["--data", str(tiny_student["problems"]), "--paths", "0", "--max-tokens", "40"]
+    command = [str(Path(sys.executable).parent / "mdlite"), "serve", "--model", str(tiny_student["gguf"]),
+               "--paths", "1", "--max-tokens", "40", "--n-threads", "1"]
+    with _server(command, tmp_path / "serve.log") as url:
+        _eval(["--model", f"openai:{url}", "--prompt-style", "student", *common, "--output-dir", str(tmp_path / "s")])
+    _eval(["--model", str(tiny_student["gguf"]), "--n-threads", "1", *common, "--output-dir", str(tmp_path / "l")])
+    report = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert report["greedy_accuracy"] == {"cot": 1.0, "pot": 1.0} and report["paths_decoded"] == 3 * 2
+    assert _greedy(tmp_path / "s") == _greedy(tmp_path / "l")
+

