@@ -438,7 +438,8 @@ def _train_estimate(cfg: TrainConfig) -> str:
     """Steps and the GPU memory estimate of `mdlite train --dry-run`, when it needs no download."""
     from mdlite.train import HUB_ID, dry_run, fits
 
-    steps = f"{cfg.max_steps} steps" if cfg.max_steps > 0 else f"{cfg.num_train_epochs:g} epochs"
+    epochs = f"{cfg.num_train_epochs:g} epoch{'' if cfg.num_train_epochs == 1 else 's'}"
+    steps = f"{cfg.max_steps} steps" if cfg.max_steps > 0 else epochs
     if HUB_ID.fullmatch(cfg.model) and not Path(cfg.model).exists():
         return f"{steps}; memory estimate: `mdlite train --dry-run` (reads the hub config)"
     try:
