@@ -29,6 +29,12 @@ per evaluated model (greedy CoT / PoT, maj@k per voting mode, time), and accurac
 A key that distill sets in a stage section (`teach.teacher`, `train.model`, `eval.data`, any `output_dir`,
 ...) is ignored, with a warning.
 
+`distill.teach_from: RUN` (another distill run's folder, or its teach/) copies that run's finished teach/
+(and eval-teacher/, with `teacher_eval`) instead of asking the teacher again: accepted only when its
+pipeline.json has the stage's completion stamp and the fingerprint this config's own stage would have
+(teacher, data file hash, teach or eval settings) and its run.json the current prompts; otherwise a one-line
+error names what differs. The copy's fingerprint is the source's stamp, so a rerun source reruns what follows.
+
 `--dry-run` checks what the run would need without downloading or writing anything (data sources load,
 student and teacher resolve, test differs from train, output folder writable) and prints each stage's
 fate from `pipeline.json` as the run decides it, problem and teacher-sample counts and the training
@@ -37,6 +43,7 @@ memory estimate.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -60,6 +67,7 @@ SUMMARY = "summary.md"
 PLOT = "accuracy.png"
 DATA_FILE = {"teach": "train.jsonl", "eval": "test.jsonl"}  # by stage kind: the split file a stage reads
 MODES = ("cot", "pot", "mixed", "hybrid")
+REUSABLE = ("teach", "eval-teacher")  # the stages `teach_from` copies from another run (they read no other stage)
 SET_INSTEAD = {"teacher": "distill.teacher", "model": "distill.student", "data": "distill.train_data / test_data",
                "output_dir": "distill.output_dir"}
 
@@ -93,7 +101,9 @@ def plan(config_path: Path, overrides: dict[str, Any], *, force: tuple[str, ...]
         raise MdliteError("; ".join(problems))
     out = Path(cfg.output_dir)
     attempt(lambda: _check_writable(out))
-    sources = {"teacher": attempt(lambda: _describe_teacher(cfg.teacher), "distill.teacher: "),
+    source = attempt(lambda: _teach_source(cfg.teach_from, out)) if cfg.teach_from else None
+    sources = {"teacher": f"not run here: its stages are copied from {source}" if source else
+               attempt(lambda: _describe_teacher(cfg.teacher), "distill.teacher: "),
                "student": attempt(lambda: _describe_student(cfg.student), "distill.student: ")}
     student = attempt(lambda: _student_gguf(cfg.student, download=download))
     train_file, test_file = out / "data" / "train.jsonl", out / "data" / "test.jsonl"
@@ -132,7 +142,8 @@ def plan(config_path: Path, overrides: dict[str, Any], *, force: tuple[str, ...]
     attempt(lambda: _check_force(force, stages))
     if problems:
         raise MdliteError("; ".join(problems))
-    return {"distill": cfg, "stages": stages, "upstream": upstream, "sources": sources,
+    reused = {name: source / name for name in REUSABLE if source and name in stages}
+    return {"distill": cfg, "stages": stages, "upstream": upstream, "sources": sources, "reused": reused,
             "warnings": _overridden(config_path, linked)}
 
 
@@ -142,20 +153,23 @@ def run(config_path: Path, overrides: dict[str, Any], *, force: tuple[str, ...] 
     cfg: DistillConfig = resolved["distill"]
     stages: dict[str, Any] = resolved["stages"]
     upstream: dict[str, list[str]] = resolved["upstream"]
+    reused: dict[str, Path] = resolved["reused"]
     for warning in resolved["warnings"]:
         log.warning(warning)
     out = Path(cfg.output_dir)
     write_splits(cfg, out / "data")  # creates out/ once the data loaded
     state = _read_state(out / STATE)
+    copies = {name: _reused_fingerprint(name, stages[name], source, _data_hash(out, name))  # all checked first
+              for name, source in reused.items()}
     results: dict[str, Any] = {}
     runners: dict[str, Callable[[Any], Any]] = {"teach": _teach, "train": _train, "export": _export,
                                                 "eval": _evaluate}
     for name, stage_cfg in stages.items():
         if _kind(name) == "eval" and upstream[name]:
             stage_cfg.model = str(results[upstream[name][0]]["gguf"])
-        data_file = DATA_FILE.get(_kind(name))
-        data_hash = hashlib.sha256((out / "data" / data_file).read_bytes()).hexdigest() if data_file else None
-        fingerprint = _stage_fingerprint(stage_cfg, upstream[name], state, data_hash)
+        source = reused.get(name)
+        fingerprint = copies[name] if source else \
+            _stage_fingerprint(stage_cfg, upstream[name], state, _data_hash(out, name))
         status = _status(name, stage_cfg, state.get(name, {}), fingerprint, force)
         if status == "up to date":
             log.info("%s: up to date, skipped", name)
@@ -166,10 +180,13 @@ def run(config_path: Path, overrides: dict[str, Any], *, force: tuple[str, ...] 
         state[name] = {"fingerprint": fingerprint, "started": time.time()}
         write_json(out / STATE, state)
         started = time.time()
-        log.info("%s: running (%s)", name, status)
-        results[name] = runners[_kind(name)](stage_cfg)
+        log.info("%s: %s (%s)", name, f"copying {source}" if source else "running", status)
+        results[name] = _copy_stage(source, stage_cfg) if source else runners[_kind(name)](stage_cfg)
         state[name] |= {"stamp": f"{name}@{time.time():.6f}", "seconds": round(time.time() - started, 1),
                         "result": results[name]}
+        if source:
+            state[name]["reused_from"] = {"folder": str(source), "seconds": _read_state(source.parent / STATE)[
+                name].get("seconds")}
         write_json(out / STATE, state)
     summary = summarize(out, stages, state)
     (out / SUMMARY).write_text(summary, encoding="utf-8")
@@ -184,6 +201,7 @@ def dry_run(config_path: Path, overrides: dict[str, Any], *, force: tuple[str, .
     cfg: DistillConfig = resolved["distill"]
     stages: dict[str, Any] = resolved["stages"]
     upstream: dict[str, list[str]] = resolved["upstream"]
+    reused: dict[str, Path] = resolved["reused"]
     data = split_data(cfg, download=False)
     state = _read_state(Path(cfg.output_dir) / STATE)
     hashes = {file: _problems_sha256(data[split]) if data[split] is not None else None
@@ -192,17 +210,22 @@ def dry_run(config_path: Path, overrides: dict[str, Any], *, force: tuple[str, .
     for name, stage_cfg in stages.items():
         rerun = [u for u in upstream[name] if fates[u] != "up to date"]
         data_file = DATA_FILE.get(_kind(name))
+        data_hash = hashes.get(data_file or "")
+        if name in reused and data_hash:  # checked even when forced: the copy must be usable
+            fingerprint = _reused_fingerprint(name, stage_cfg, reused[name], data_hash)
         if name in force:
             fates[name] = "forced"
-        elif data_file and hashes[data_file] is None:
+        elif data_file and data_hash is None:
             fates[name] = "data not local yet"
         elif rerun:
             fates[name] = f"{rerun[0]} reruns" if name in state else "never ran"
         else:
             if _kind(name) == "eval" and upstream[name]:
                 stage_cfg.model = str(state[upstream[name][0]]["result"]["gguf"])
-            fingerprint = _stage_fingerprint(stage_cfg, upstream[name], state, hashes.get(data_file or ""))
-            fates[name] = _status(name, stage_cfg, state.get(name, {}), fingerprint, force)
+            if name not in reused:
+                fingerprint = _stage_fingerprint(stage_cfg, upstream[name], state, data_hash)
+            status = _status(name, stage_cfg, state.get(name, {}), fingerprint, force)
+            fates[name] = f"reused from {reused[name]}" if name in reused and status != "up to date" else status
     return resolved | {"config": str(config_path), "data": data, "fates": fates}
 
 
@@ -224,8 +247,10 @@ def format_dry_run(report: dict[str, Any]) -> str:
     lines.append("stages, in order:")
     for number, (name, stage_cfg) in enumerate(stages.items(), 1):
         fate = report["fates"][name]
-        action = {"up to date": "skip", "interrupted": "resume"}.get(fate, "run")
-        lines.append(f"  {number:>2}. {name:<17} {f'{action} ({fate})':<25} {_stage_detail(name, stage_cfg, data)}")
+        copied = name in report["reused"]
+        action = {"up to date": "skip", "interrupted": "resume"}.get(fate, "copy" if copied else "run")
+        detail = _stage_detail(name, stage_cfg, data) + (", copied: no teacher calls" if copied else "")
+        lines.append(f"  {number:>2}. {name:<17} {f'{action} ({fate})':<25} {detail}")
     to_run = sum(fate != "up to date" for fate in report["fates"].values())
     lines.append(f"{to_run} of {len(stages)} stages would run")
     return "\n".join(lines)
@@ -302,7 +327,8 @@ def summarize(out: Path, stages: dict[str, Any], state: dict[str, Any]) -> str:
         lines.append(f"| {_label(name, stages)} | " + " | ".join(cells) +
                      f" | {state.get(name, {}).get('seconds', '-')} s |")
     lines += ["", "## Time", "", "| stage | seconds |", "| --- | --- |"]
-    lines += [f"| {name} | {state.get(name, {}).get('seconds', '-')} |" for name in stages]
+    lines += [f"| {name} | {state.get(name, {}).get('seconds', '-')}{_copied(state.get(name, {}))} |"
+              for name in stages]
     return "\n".join(lines) + "\n"
 
 
@@ -464,6 +490,81 @@ def _overridden(config_path: Path, linked: dict[str, list[dict[str, Any]]]) -> l
     return warnings
 
 
+def _teach_source(teach_from: str, out: Path) -> Path:
+    """The distill run folder that `teach_from` names (the folder itself, or its teach/)."""
+    folder = Path(teach_from)
+    if folder.name == "teach" and not (folder / STATE).exists():
+        folder = folder.parent
+    if not (folder / STATE).is_file():
+        raise MdliteError(f"distill.teach_from: {teach_from} is not a distill run folder (it has no {STATE}); point "
+                          "it at one, e.g. ~/mdlite-runs/svamp-small")
+    if folder.resolve() == out.resolve():
+        raise MdliteError(f"distill.teach_from: {teach_from} is this run's own output_dir; point it at another run "
+                          "or remove it")
+    return folder
+
+
+def _reused_fingerprint(name: str, cfg: Any, source: Path, data_hash: str | None) -> str:
+    """The fingerprint of stage `name` copied from `source` (that stage's folder in another run): its stamp
+    there. MdliteError naming what differs, and the fix, unless it finished with the inputs that this config's
+    own stage would have."""
+    record = _read_state(source.parent / STATE).get(name, {})
+    fix = "make this config's teach: section, distill.teacher and train_data equal to that run's, or remove " \
+        "distill.teach_from to teach here" if name == "teach" else \
+        "make this config's eval: section and distill.teacher equal to that run's, or set distill.teacher_eval: false"
+    if not record.get("stamp") or not _outputs_exist(name, dataclasses.replace(cfg, output_dir=str(source))):
+        raise MdliteError(f"distill.teach_from: {source} is not finished (no completion stamp in "
+                          f"{source.parent / STATE}); let that run finish it first"
+                          + (", or set distill.teacher_eval: false" if name != "teach" else ""))
+    ran = _read_json(source / "run.json")
+    theirs = ran.get("config", {})
+    as_there = dataclasses.replace(cfg, **{key: theirs[key] for key in ("data", "output_dir") if key in theirs})
+    differences = _differences(name, cfg, ran, source.parent / "data" / DATA_FILE[_kind(name)], data_hash)
+    if differences or _stage_fingerprint(as_there, [], {}, data_hash) != record.get("fingerprint"):
+        raise MdliteError(f"distill.teach_from: {source} was made with {'; '.join(differences[:3]) or 'another config'}"
+                          f" than this config's {name} stage; {fix}")
+    return _fingerprint({"reused": str(source), "stamp": record["stamp"]})
+
+
+def _differences(name: str, cfg: Any, ran: dict[str, Any], data_file: Path, data_hash: str | None) -> list[str]:
+    """What differs between stage `name` as this config has it and as another run's run.json records it:
+    settings, the data file, the prompts."""
+    from mdlite.evaluate import prompts_sha256
+    from mdlite.prompts import STYLES, prompt_hash
+
+    section = "teach" if name == "teach" else "eval"
+    theirs, mine = ran.get("config", {}), to_dict(cfg)
+    found = [f"{'distill.teacher' if key in ('teacher', 'model') else f'{section}.{key}'} {theirs[key]!r} "
+             f"(here {mine[key]!r})" for key in mine
+             if key in theirs and key not in ("data", "output_dir") and theirs[key] != mine[key]]
+    if data_hash and (not data_file.exists() or hashlib.sha256(data_file.read_bytes()).hexdigest() != data_hash):
+        found.append(f"other {'train' if name == 'teach' else 'test'} problems ({data_file} differs from this run's)")
+    prompts = ran.get("inputs", {}).get("prompt_hash") if name == "teach" else ran.get("sampling", {}).get(
+        "prompt_sha256")
+    now = {style: prompt_hash(style) for style in STYLES} if name == "teach" else prompts_sha256("few-shot")
+    if prompts != now:
+        found.append("other teacher prompts (mdlite's prompts changed since)")
+    return found
+
+
+def _copy_stage(source: Path, cfg: Any) -> dict[str, Any]:
+    """Copy a finished stage folder of another run into `cfg.output_dir` (no teacher calls); its result there."""
+    folder = Path(cfg.output_dir)
+    if folder.exists():
+        shutil.rmtree(folder)
+    shutil.copytree(source, folder, ignore=shutil.ignore_patterns(".*.lock"))
+    result = dict(_read_state(source.parent / STATE)[source.name].get("result", {}))
+    if "rationales" in result:
+        result["rationales"] = str(folder / "rationales.jsonl")
+    return result
+
+
+def _copied(record: dict[str, Any]) -> str:
+    """The Time table's note on a copied stage: where from, and how long it took there."""
+    source = record.get("reused_from")
+    return f" (copied from {source['folder']}, where it took {source['seconds']} s)" if source else ""
+
+
 def _check_force(force: tuple[str, ...], stages: dict[str, Any]) -> None:
     unknown = [name for name in force if name not in stages]
     if unknown:
@@ -517,6 +618,12 @@ def _clear(name: str, cfg: Any) -> None:
     if name != "teach" and folder.exists():  # teach invalidates only what changed, on its own
         log.info("%s: inputs changed, starting over in %s", name, folder)
         shutil.rmtree(folder)
+
+
+def _data_hash(out: Path, name: str) -> str | None:
+    """The sha256 of the data file that stage `name` reads (None: it reads none)."""
+    data_file = DATA_FILE.get(_kind(name))
+    return hashlib.sha256((out / "data" / data_file).read_bytes()).hexdigest() if data_file else None
 
 
 def _kind(name: str) -> str:

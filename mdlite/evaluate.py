@@ -597,8 +597,7 @@ def _run_record(cfg: EvalConfig, problems: list[Problem]) -> dict[str, Any]:
         model = {"spec": cfg.model, "kind": "served", "prompts": prompt_style(cfg), "endpoints": cfg.endpoints}
     else:
         model = {"spec": cfg.model, "kind": "gguf", "prompts": prompt_style(cfg)} | _gguf_identity(cfg.model)
-    prompts = ("teacher_cot", "teacher_pot") if model["prompts"] == "few-shot" else ("student",)
-    prompt_sha = hashlib.sha256("".join(prompt_text(name) for name in prompts).encode()).hexdigest()[:12]
+    prompt_sha = prompts_sha256(model["prompts"])
     plan = {f"{style} {'greedy' if greedy else 'sampled'}": n for (style, greedy), n in sampling_plan(cfg).items()}
     return {
         "stage": "eval", "config": to_dict(cfg), "seed": cfg.seed,
@@ -610,6 +609,12 @@ def _run_record(cfg: EvalConfig, problems: list[Problem]) -> dict[str, Any]:
                      "seed": cfg.seed},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def prompts_sha256(style: str) -> str:
+    """Short hash of the prompt texts a `style` (few-shot or student) eval sends (run.json "sampling")."""
+    prompts = ("teacher_cot", "teacher_pot") if style == "few-shot" else ("student",)
+    return hashlib.sha256("".join(prompt_text(name) for name in prompts).encode()).hexdigest()[:12]
 
 
 def _gguf_identity(model: str) -> dict[str, Any]:

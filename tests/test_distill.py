@@ -380,3 +380,127 @@ def test_summary_has_a_row_per_model_and_the_plot(home: Path, tmp_path: Path, mo
     assert rows[0].split("|")[2:9] == [" 25.0% ", " 50.0% ", " 2 ", " - ", " - ", " 50.0% ", " - "]
     assert "## Accuracy on the test split (5 problems)" in result["summary"]
     assert (tmp_path / "out" / "accuracy.png").stat().st_size > 1000
+
+
+# ---- teach_from: another run's finished teach stage (and teacher row), copied, never taught again ----------
+
+def _teach_from_config(folder: Path, source: Path | None = None, **sections: dict) -> Path:
+    """A config whose teach and eval-teacher stages talk to a fake Ollama teacher; `source`: teach_from."""
+    config = {"distill": {"teacher": "ollama:teacher", "teacher_eval": True, "base_eval": []}
+              | ({"teach_from": str(source)} if source else {})}
+    for name, values in sections.items():
+        config[name] = config.get(name, {}) | values
+    folder.mkdir(exist_ok=True)
+    return _small_config(folder, **config)
+
+
+@pytest.fixture
+def teacher_server(home: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A fake Ollama teacher ($OLLAMA_HOST); the teach and eval-teacher stages are real, train/export/eval fake."""
+    from fake_ollama import FakeOllama
+
+    import mdlite.distill as distill
+
+    real_teach, real_evaluate = distill._teach, distill._evaluate
+    _fake_runners(monkeypatch)
+    fake_evaluate = distill._evaluate
+    monkeypatch.setattr(distill, "_teach", real_teach)
+    monkeypatch.setattr(distill, "_evaluate", lambda cfg: (real_evaluate if cfg.model.startswith("ollama:")
+                                                           else fake_evaluate)(cfg))
+    with FakeOllama(model="teacher", parallel=2) as server:
+        monkeypatch.setenv("OLLAMA_HOST", server.url)
+        yield server
+
+
+def test_teach_from_copies_the_teach_stage_and_teacher_row_without_the_teacher(
+        teacher_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mdlite.distill as distill
+
+    source = tmp_path / "src" / "out"
+    run(_teach_from_config(tmp_path / "src"), {})
+    asked = len(teacher_server.requests)
+    assert asked == 6 * 3 + 5 * 2  # teach: 6 problems x (2 CoT + 1 PoT); eval-teacher: 5 x greedy CoT + PoT
+    config = _teach_from_config(tmp_path / "copy", source / "teach", distill={"student": "llama-2-7b"})
+    out = tmp_path / "copy" / "out"
+    plan_text = CliRunner().invoke(cli, ["distill", str(config), "--dry-run"]).output
+    assert f"teach             copy (reused from {source / 'teach'})" in plan_text, plan_text
+    assert f"eval-teacher      copy (reused from {source / 'eval-teacher'})" in plan_text
+    assert "not run here: its stages are copied from" in plan_text and "no teacher calls" in plan_text
+
+    calls = _recording_runners(monkeypatch)
+    monkeypatch.setattr("mdlite.teacher.make_pool", lambda *a, **k: pytest.fail("the teacher was started"))
+    result = run(config, {})
+    assert len(teacher_server.requests) == asked  # no request reached the teacher
+    assert [kind for kind, _ in calls] == ["train", "export", "evaluate"]  # only the new student's stages ran
+    for name in ("teach/rationales.jsonl", "teach/teach_stats.json", "eval-teacher/report.json"):
+        assert (out / name).read_bytes() == (source / name).read_bytes()
+    assert calls[0][1].rationales == str(out / "teach" / "rationales.jsonl")
+    state = _state(out)
+    assert state["teach"]["reused_from"]["folder"] == str(source / "teach")
+    assert "| teacher ollama:teacher (few-shot) |" in result["summary"]
+    assert f"(copied from {source / 'teach'}, where it took" in result["summary"]
+    assert "0 of 5 stages would run" in CliRunner().invoke(cli, ["distill", str(config), "--dry-run"]).output
+
+    calls.clear()  # the source teaches again (a new stamp): the copy and everything after it rerun
+    monkeypatch.setattr(distill, "_teach", lambda cfg: {"rationales": str(Path(cfg.output_dir) / "rationales.jsonl")})
+    run(_teach_from_config(tmp_path / "src"), {}, force=("teach",))
+    calls.clear()
+    run(config, {})
+    assert [Path(cfg.output_dir).name for _, cfg in calls] == ["train", "export", "eval-student"]
+    assert _state(out)["teach"]["stamp"] != state["teach"]["stamp"]
+
+
+@pytest.mark.parametrize(("changes", "needle"), [
+    ({"distill": {"teacher": "ollama:other"}}, "distill.teacher 'ollama:teacher' (here 'ollama:other')"),
+    ({"distill": {"train_data": "synth:6:3"}}, "other train problems"),
+    ({"teach": {"n_cot": 1}}, "teach.n_cot 2 (here 1)"),
+    ({"teach": {"temperature": 0.9}}, "teach.temperature"),
+    ({"teach": {"max_tokens": 99}}, "teach.max_tokens 256 (here 99)"),
+    ({"teach": {"seed": 1}}, "teach.seed 0 (here 1)"),
+    ({"teach": {"limit": 4}}, "teach.limit 0 (here 4)"),
+    ({"eval": {"paths": 2}}, "eval.paths 0 (here 2)"),
+    ({"eval": {"max_tokens": 64}}, "eval.max_tokens 256 (here 64)"),
+])
+def test_teach_from_is_refused_when_the_stage_would_differ(teacher_server: Any, tmp_path: Path, changes: dict,
+                                                            needle: str) -> None:
+    source = tmp_path / "src" / "out"
+    run(_teach_from_config(tmp_path / "src"), {})
+    config = _teach_from_config(tmp_path / "copy", source, **changes)
+    result = CliRunner().invoke(cli, ["distill", str(config), "--dry-run"])
+    _one_line_error(result, needle)
+    assert "distill.teach_from: " in result.output and "make this config's" in result.output
+    with pytest.raises(MdliteError, match="distill.teach_from: "):
+        run(config, {})
+    assert not (tmp_path / "copy" / "out" / "teach").exists() and len(teacher_server.requests) == 28
+
+
+def test_teach_from_is_refused_after_the_prompts_changed(teacher_server: Any, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import mdlite.prompts as prompts
+
+    source = tmp_path / "src" / "out"
+    run(_teach_from_config(tmp_path / "src"), {})
+    text = prompts.prompt_text
+    monkeypatch.setattr(prompts, "prompt_text", lambda name: text(name) + ("\n" if name == "teacher_pot" else ""))
+    result = CliRunner().invoke(cli, ["distill", str(_teach_from_config(tmp_path / "copy", source)), "--dry-run"])
+    _one_line_error(result, "other teacher prompts (mdlite's prompts changed since)")
+
+
+def test_teach_from_must_be_another_finished_run(teacher_server: Any, tmp_path: Path) -> None:
+    source = tmp_path / "src" / "out"
+    runner = CliRunner()
+    (tmp_path / "empty").mkdir()
+    config = _teach_from_config(tmp_path / "copy", tmp_path / "empty")
+    _one_line_error(runner.invoke(cli, ["distill", str(config), "--dry-run"]), "is not a distill run folder")
+    run(_teach_from_config(tmp_path / "src"), {})
+    state = _state(source)
+    del state["eval-teacher"]["stamp"]  # as while that run's eval-teacher is still going
+    (source / "pipeline.json").write_text(json.dumps(state))
+    config = _teach_from_config(tmp_path / "copy", source)
+    _one_line_error(runner.invoke(cli, ["distill", str(config), "--dry-run"]),
+                    f"{source / 'eval-teacher'} is not finished")
+    assert "or set distill.teacher_eval: false" in runner.invoke(cli, ["distill", str(config), "--dry-run"]).output
+    no_teacher_row = _teach_from_config(tmp_path / "copy", source, distill={"teacher_eval": False})
+    assert "copy (reused from" in runner.invoke(cli, ["distill", str(no_teacher_row), "--dry-run"]).output
+    itself = _teach_from_config(tmp_path / "src", source)
+    _one_line_error(runner.invoke(cli, ["distill", str(itself), "--dry-run"]), "is this run's own output_dir")
