@@ -466,6 +466,117 @@ def test_killed_export_leaves_no_final_file_and_a_rerun_completes(tiny: dict[str
                                                      "student-Q4_K_M.gguf"]
 
 
+# ---- another family: a tiny random Gemma 3 student, trained by `mdlite train`, exported with parity ------------
+
+TEACHER = "llamacpp:qwen2.5-coder-0.5b-instruct"  # the rationales' teacher: Qwen (ChatML, no BOS, EOS <|im_end|>)
+
+
+def make_tiny_gemma3(folder: Path) -> Path:
+    """A tiny random Gemma 3 HF folder: Gemma's special ids and names (pad 0 <pad>, eos 1 <eos>, bos 2 <bos>, unk 3,
+    where the tiny LLaMA has unk 0, bos 1, eos 2 and no pad), a SentencePiece tokenizer that adds BOS, tied
+    embeddings, a sliding-window layer and a global one."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GemmaTokenizer
+
+    folder.mkdir(parents=True)
+    lines = [student_prompt(p.question, style=style) for p in synth_problems(300, seed=0) for style in STYLES]
+    lines += [f"The answer is {format_number(p.answer)}. def solution():\n    return {p.equation}"
+              for p in synth_problems(300, seed=0)]
+    spm_model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([line for text in lines for line in text.splitlines() if line.strip()]),
+        model_writer=spm_model, model_type="bpe", vocab_size=999, byte_fallback=True, split_digits=True,
+        character_coverage=1.0, pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
+        bos_piece="<bos>", unk_piece="<unk>", normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=False, allow_whitespace_only_pieces=True, num_threads=1, minloglevel=2)
+    (folder / "tokenizer.model").write_bytes(spm_model.getvalue())
+    tokenizer = GemmaTokenizer.from_pretrained(folder, add_bos_token=True)
+    tokenizer.save_pretrained(folder)
+    config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=128, sliding_window=64,
+                              layer_types=["sliding_attention", "full_attention"], max_position_embeddings=2048,
+                              pad_token_id=0, eos_token_id=1, bos_token_id=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    Gemma3ForCausalLM(config).to(torch.float32).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """A tiny Gemma 3 trained by `mdlite train` on a Qwen teacher's (kept) rationales, exported by `export.run`."""
+    from mdlite.config import TrainConfig
+    from mdlite.train import run as train
+
+    root = tmp_path_factory.mktemp("gemma")
+    base = make_tiny_gemma3(root / "base")
+    records = [{"key": f"{p.id}/{style}/0", "problem_id": p.id, "style": style, "sample": 0, "question": p.question,
+                "gold": p.answer, "kept": True, "reason": None, "teacher": TEACHER,
+                "text": f"The answer is {format_number(p.answer)}." if style == "cot" else
+                f"def solution():\n    return {p.equation}\n"} for p in PROBLEMS for style in STYLES]
+    rationales = root / "rationales.jsonl"
+    rationales.write_text("".join(json.dumps(r) + "\n" for r in records))
+    train_cfg = load_config(TrainConfig, overrides={
+        "rationales": str(rationales), "model": str(base), "output_dir": str(root / "train"), "quantization": "none",
+        "max_steps": 60, "learning_rate": 3e-3, "warmup_steps": 0, "lr_scheduler_type": "constant",
+        "per_device_train_batch_size": 6, "gradient_accumulation_steps": 1, "val_fraction": 0.0, "lora_dropout": 0.0,
+        "gradient_checkpointing": False, "save_steps": 1000, "logging_steps": 20})
+    adapter = train(train_cfg).adapter_dir
+    export_cfg = load_config(ExportConfig, overrides={
+        "input_dir": str(adapter), "output_dir": str(root / "export"), "quant_types": ["Q8_0", "F16"],
+        "parity_problems": len(PROBLEMS), "parity_max_tokens": 40, "n_threads": 1, "seed": 0})
+    return {"base": base, "adapter": adapter, "train_cfg": train_cfg, "export": run(export_cfg)}
+
+
+def test_a_gemma3_student_of_a_qwen_teacher_trains_and_exports_through_the_same_path(gemma: dict) -> None:
+    meta = json.loads((gemma["adapter"] / "mdlite.json").read_text())
+    assert meta["add_bos"] is True and meta["eos_token"] == "<eos>"  # Gemma's, not the teacher's or LLaMA's
+    result = gemma["export"]
+    report = result.parity
+    assert report["passed"], report["failures"]
+    assert report["tokens"]["match_rate"] == 1.0 and report["chat_template"]["ok"]
+    assert report["greedy_f16"]["identical"] == 6 and report["files"]["F16"]["stop_rate"] == 1.0
+    assert report["files"]["F16"]["answers"] == [p.answer for p in PROBLEMS for _ in STYLES]  # it learned, and stops
+    llm = open_llama(result.files["Q8_0"], n_ctx=64, vocab_only=True)
+    try:
+        assert llm.metadata["general.architecture"] == "gemma3"
+        assert (llm.token_bos(), llm.token_eos(), int(llm.metadata["tokenizer.ggml.padding_token_id"])) == (2, 1, 0)
+    finally:
+        llm.close()
+
+
+def test_gemma3_student_is_asked_with_the_token_ids_it_trained_on(gemma: dict, tiny: dict[str, Path]) -> None:
+    """Training's prompt ids (BOS first) and EOS equal what solve / serve / eval send through the engine, and what
+    Ollama gets from the Modelfile's TEMPLATE; the tiny LLaMA's BOS and EOS ids are the other way round."""
+    from mdlite.engine import Engine
+    from mdlite.solve import prompt_for
+    from mdlite.train import Example, encode_examples
+
+    tokenizer = AutoTokenizer.from_pretrained(gemma["adapter"])
+    llama_tokenizer = AutoTokenizer.from_pretrained(tiny["base"])
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (2, 1, 0)
+    assert (llama_tokenizer.bos_token_id, llama_tokenizer.eos_token_id) == (1, 2)
+    template = dict(parse_modelfile(gemma["export"].modelfile.read_text()))["TEMPLATE"]
+    gguf = gemma["export"].files["Q8_0"]
+    llm = open_llama(gguf, n_ctx=64, vocab_only=True)
+    try:
+        with Engine(gguf, n_threads=1) as engine:
+            for problem in PROBLEMS:
+                for style in STYLES:
+                    prompt = prompt_for(problem.question, style, prompt_style="student")[0]
+                    [encoded], _ = encode_examples([Example(problem.id, style, 0, prompt, "The answer is 1.")],
+                                                   tokenizer, gemma["train_cfg"], add_bos=True)
+                    trained = encoded["input_ids"][:encoded["labels"].count(-100)]
+                    assert trained[0] == 2 and encoded["input_ids"][-1] == llm.token_eos() == 1
+                    assert engine.tokenize(prompt) == trained
+                    rendered = template.replace("{{ .Prompt }}", problem.question).replace(
+                        "{{ .System }}", STUDENT_DIRECTIVES[style]).replace("{{ .Response }}", "")
+                    assert llm.tokenize(rendered.encode(), add_bos=True, special=True) == trained
+    finally:
+        llm.close()
+
+
 # ---- a real pretrained model ----------------------------------------------------------------------------------
 
 
