@@ -521,8 +521,8 @@ def _reused_fingerprint(name: str, cfg: Any, source: Path, data_hash: str | None
     as_there = dataclasses.replace(cfg, **{key: theirs[key] for key in ("data", "output_dir") if key in theirs})
     differences = _differences(name, cfg, ran, source.parent / "data" / DATA_FILE[_kind(name)], data_hash)
     if differences or _stage_fingerprint(as_there, [], {}, data_hash) != record.get("fingerprint"):
-        raise MdliteError(f"distill.teach_from: {source} was made with {'; '.join(differences[:3]) or 'another config'}"
-                          f" than this config's {name} stage; {fix}")
+        raise MdliteError(f"distill.teach_from: {source} differs from this config's {name} stage "
+                          f"({'; '.join(differences[:3]) or 'another fingerprint'}); {fix}")
     return _fingerprint({"reused": str(source), "stamp": record["stamp"]})
 
 
@@ -534,16 +534,16 @@ def _differences(name: str, cfg: Any, ran: dict[str, Any], data_file: Path, data
 
     section = "teach" if name == "teach" else "eval"
     theirs, mine = ran.get("config", {}), to_dict(cfg)
-    found = [f"{'distill.teacher' if key in ('teacher', 'model') else f'{section}.{key}'} {theirs[key]!r} "
-             f"(here {mine[key]!r})" for key in mine
+    found = [f"{'distill.teacher' if key in ('teacher', 'model') else f'{section}.{key}'} {theirs[key]!r} there, "
+             f"{mine[key]!r} here" for key in mine
              if key in theirs and key not in ("data", "output_dir") and theirs[key] != mine[key]]
     if data_hash and (not data_file.exists() or hashlib.sha256(data_file.read_bytes()).hexdigest() != data_hash):
-        found.append(f"other {'train' if name == 'teach' else 'test'} problems ({data_file} differs from this run's)")
+        found.append(f"its {data_file} holds other problems")
     prompts = ran.get("inputs", {}).get("prompt_hash") if name == "teach" else ran.get("sampling", {}).get(
         "prompt_sha256")
     now = {style: prompt_hash(style) for style in STYLES} if name == "teach" else prompts_sha256("few-shot")
     if prompts != now:
-        found.append("other teacher prompts (mdlite's prompts changed since)")
+        found.append("mdlite's teacher prompts changed since")
     return found
 
 

@@ -451,15 +451,15 @@ def test_teach_from_copies_the_teach_stage_and_teacher_row_without_the_teacher(
 
 
 @pytest.mark.parametrize(("changes", "needle"), [
-    ({"distill": {"teacher": "ollama:other"}}, "distill.teacher 'ollama:teacher' (here 'ollama:other')"),
-    ({"distill": {"train_data": "synth:6:3"}}, "other train problems"),
-    ({"teach": {"n_cot": 1}}, "teach.n_cot 2 (here 1)"),
+    ({"distill": {"teacher": "ollama:other"}}, "distill.teacher 'ollama:teacher' there, 'ollama:other' here"),
+    ({"distill": {"train_data": "synth:6:3"}}, "data/train.jsonl holds other problems"),
+    ({"teach": {"n_cot": 1}}, "teach.n_cot 2 there, 1 here"),
     ({"teach": {"temperature": 0.9}}, "teach.temperature"),
-    ({"teach": {"max_tokens": 99}}, "teach.max_tokens 256 (here 99)"),
-    ({"teach": {"seed": 1}}, "teach.seed 0 (here 1)"),
-    ({"teach": {"limit": 4}}, "teach.limit 0 (here 4)"),
-    ({"eval": {"paths": 2}}, "eval.paths 0 (here 2)"),
-    ({"eval": {"max_tokens": 64}}, "eval.max_tokens 256 (here 64)"),
+    ({"teach": {"max_tokens": 99}}, "teach.max_tokens 256 there, 99 here"),
+    ({"teach": {"seed": 1}}, "teach.seed 0 there, 1 here"),
+    ({"teach": {"limit": 4}}, "teach.limit 0 there, 4 here"),
+    ({"eval": {"paths": 2}}, "eval.paths 0 there, 2 here"),
+    ({"eval": {"max_tokens": 64}}, "eval.max_tokens 256 there, 64 here"),
 ])
 def test_teach_from_is_refused_when_the_stage_would_differ(teacher_server: Any, tmp_path: Path, changes: dict,
                                                             needle: str) -> None:
@@ -483,7 +483,7 @@ def test_teach_from_is_refused_after_the_prompts_changed(teacher_server: Any, tm
     text = prompts.prompt_text
     monkeypatch.setattr(prompts, "prompt_text", lambda name: text(name) + ("\n" if name == "teacher_pot" else ""))
     result = CliRunner().invoke(cli, ["distill", str(_teach_from_config(tmp_path / "copy", source)), "--dry-run"])
-    _one_line_error(result, "other teacher prompts (mdlite's prompts changed since)")
+    _one_line_error(result, "mdlite's teacher prompts changed since")
 
 
 def test_teach_from_must_be_another_finished_run(teacher_server: Any, tmp_path: Path) -> None:
@@ -504,3 +504,23 @@ def test_teach_from_must_be_another_finished_run(teacher_server: Any, tmp_path: 
     assert "copy (reused from" in runner.invoke(cli, ["distill", str(no_teacher_row), "--dry-run"]).output
     itself = _teach_from_config(tmp_path / "src", source)
     _one_line_error(runner.invoke(cli, ["distill", str(itself), "--dry-run"]), "is this run's own output_dir")
+
+
+def test_the_gemma_config_would_reuse_svamp_smalls_teach_and_teacher_row(home: Path, tmp_path: Path) -> None:
+    """configs/svamp-gemma.yaml's teach and eval-teacher stages have svamp-small's fingerprints (paths aside)."""
+    import dataclasses
+
+    from mdlite.distill import _stage_fingerprint
+
+    configs = DEMO.parent
+    small = plan(configs / "svamp-small.yaml", {"output_dir": str(tmp_path / "small")}, download=False)
+    gemma = plan(configs / "svamp-gemma.yaml", {"output_dir": str(tmp_path / "gemma")}, download=False)
+    small_run = plan(configs / "svamp-small.yaml", {}, download=False)["distill"].output_dir
+    assert gemma["distill"].teach_from == small_run  # svamp-small's own run folder
+    for name in ("teach", "eval-teacher"):
+        theirs = small["stages"][name]
+        ours = dataclasses.replace(gemma["stages"][name], data=theirs.data, output_dir=theirs.output_dir)
+        assert _stage_fingerprint(ours, [], {}, "h") == _stage_fingerprint(theirs, [], {}, "h"), name
+    assert [gemma["distill"].train_data, gemma["distill"].test_data] == ["svamp:train", "svamp:test"]
+    assert gemma["distill"].student == "gemma-3-270m" and list(gemma["distill"].variants) == [
+        "mixed", "cot-only", "pot-only"]
