@@ -615,3 +615,40 @@ def test_export_of_the_gemma_demo_model_with_a_lora_adapter(tmp_path: Path) -> N
         assert llm.metadata["general.architecture"] == "gemma3"
     finally:
         llm.close()
+    _check_real_gemma_prompts(base, result)
+
+
+def _check_real_gemma_prompts(base: Path, result: object) -> None:
+    """The real Gemma student is asked (engine: solve / serve / eval; Ollama: the Modelfile) with the token ids
+    `mdlite train` gives it, BOS first, and stops on the EOS it learned; the Qwen teacher tokenizes otherwise."""
+    from mdlite.config import TrainConfig
+    from mdlite.engine import Engine
+    from mdlite.models import model_path, resolve_base_model
+    from mdlite.solve import prompt_for
+    from mdlite.train import Example, encode_examples, expected_bos
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    add_bos = expected_bos(tokenizer, resolve_base_model("gemma-3-270m"))
+    template = dict(parse_modelfile(result.modelfile.read_text()))["TEMPLATE"]
+    gguf = result.files["Q8_0"]
+    llm = open_llama(gguf, n_ctx=64, vocab_only=True)
+    teacher = open_llama(model_path("qwen2.5-coder-0.5b-instruct"), n_ctx=64, vocab_only=True)
+    try:
+        with Engine(gguf, n_threads=1) as engine:
+            for problem in synth_problems(2, seed=1):
+                for style in STYLES:
+                    prompt = prompt_for(problem.question, style, prompt_style="student")[0]
+                    [encoded], _ = encode_examples([Example(problem.id, style, 0, prompt, "The answer is 1.")],
+                                                   tokenizer, TrainConfig(), add_bos=add_bos)
+                    trained = encoded["input_ids"][:encoded["labels"].count(-100)]
+                    assert trained[0] == llm.token_bos() == tokenizer.bos_token_id == 2
+                    assert encoded["input_ids"][-1] == llm.token_eos() == tokenizer.eos_token_id == 1
+                    assert engine.tokenize(prompt) == trained
+                    rendered = template.replace("{{ .Prompt }}", problem.question).replace(
+                        "{{ .System }}", STUDENT_DIRECTIVES[style]).replace("{{ .Response }}", "")
+                    assert llm.tokenize(rendered.encode(), add_bos=True, special=True) == trained
+                    asked_teacher = teacher.tokenize(prompt.encode(), add_bos=True, special=True)
+                    assert asked_teacher[0] != teacher.token_bos() and teacher.token_eos() != 1  # no BOS, other EOS
+    finally:
+        llm.close()
+        teacher.close()
