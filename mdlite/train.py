@@ -51,7 +51,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
 log = logging.getLogger(__name__)
-BATCH_LOG_ENV = "MDLITE_BATCH_LOG"  # a folder: each process logs its micro-batches' token hashes there (DDP tests)
+BATCH_LOG_ENV = "MDLITE_BATCH_LOG"  # a folder: each process logs its micro-batches' token hashes and, at the end,
+# a hash of its LoRA weights there (DDP tests)
 RECORDED_PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes")  # versions written to run.json
 
 OUTPUT_FILES = ("adapter", "trainer_log.jsonl", "loss.png", "run.json")
@@ -138,8 +139,9 @@ def run(cfg: TrainConfig, *, overwrite: bool = False) -> TrainResult:
 
     split = split_examples(records, max_per_style=cfg.max_per_style, val_fraction=cfg.val_fraction,
                            seed=cfg.seed, styles=cfg.styles)
-    with ranks.main_process_first():  # a GGUF is dequantized into the cache once, by the main process
+    with ranks.main_process_first():  # a GGUF is dequantized, a hub model downloaded, once, by the main process
         base = resolve_base_model(cfg.model)
+        fetch_hub_model(base)
     cuda = torch.cuda.is_available()
     transformers.set_seed(cfg.seed)
     tokenizer = load_tokenizer(base)
@@ -193,6 +195,9 @@ def run(cfg: TrainConfig, *, overwrite: bool = False) -> TrainResult:
                           eval_loss=eval_loss, runtime_s=round(time.monotonic() - started, 1),
                           adapter=str(adapter_dir))
         write_json(output_dir / "run.json", run_record)
+    if os.environ.get(BATCH_LOG_ENV):  # DDP check: every process must end with the same LoRA weights
+        write_json(Path(os.environ[BATCH_LOG_ENV]) / f"lora-rank{ranks.process_index}.json",
+                   {"rank": ranks.process_index, "sha256": lora_sha256(trainer.model)})
     ranks.wait_for_everyone()  # every process returns once the adapter is complete
     return result
 
@@ -430,6 +435,21 @@ def hf_from_gguf(gguf: Path, *, sha256: str | None = None) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)
     return folder
+
+
+def fetch_hub_model(base: BaseModel) -> None:
+    """Download a hub model's config, safetensors weights and tokenizer files into the Hugging Face cache (nothing
+    for a local folder), so that DDP processes started after the main one find them there."""
+    if Path(base.path).is_dir():
+        return
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(base.path, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+    except Exception as error:  # hub errors have many types; all mean "not available"
+        raise MdliteError(f"{base.spec}: could not be downloaded ({str(error).splitlines()[0]}); check the "
+                          "network and `hf auth login` for a gated model, or give a local model folder (flag --model)"
+                          ) from None
 
 
 def load_tokenizer(base: BaseModel) -> PreTrainedTokenizerBase:
@@ -707,6 +727,18 @@ def _trainer_class() -> type[Trainer]:
             return (loss, outputs) if return_outputs else loss
 
     return _MultiTaskTrainer
+
+
+def lora_sha256(model: PreTrainedModel) -> str:
+    """sha256 of the trainable (LoRA) weights, by name and value: equal on every DDP process after training."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, parameter in sorted(model.named_parameters()):
+        if parameter.requires_grad:
+            digest.update(name.encode())
+            digest.update(parameter.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _log_batch(folder: Path, rank: int, step: int, input_ids: torch.Tensor) -> None:

@@ -545,7 +545,8 @@ def test_compute_dtype_does_not_count_emulated_bf16(monkeypatch: pytest.MonkeyPa
 def test_two_processes_train_one_adapter_on_different_batches(tiny_model: Path, rationales: Path,
                                                              tmp_path: Path) -> None:
     """`accelerate launch -m mdlite train` with 2 DDP processes on the CPU (gloo): QLoRA + DDP finishes, each
-    process trains on its own batches ($MDLITE_BATCH_LOG), the main process alone writes one adapter and logs."""
+    process trains on its own batches ($MDLITE_BATCH_LOG) and ends with the same LoRA weights (gradients were
+    synchronised), the main process alone writes one adapter and logs."""
     import socket
 
     config = tmp_path / "train.yaml"
@@ -570,6 +571,9 @@ def test_two_processes_train_one_adapter_on_different_batches(tiny_model: Path, 
     assert [len(batches[0]), len(batches[1])] == [6, 6]  # 6 steps of one micro-batch on each process
     hashes = [{b["sha256"] for b in batches[rank]} for rank in (0, 1)]
     assert len(hashes[0]) == len(hashes[1]) == 6 and not hashes[0] & hashes[1]
+    # different batches, yet the same LoRA weights at the end: DDP averaged the gradients of every step
+    weights = [json.loads((tmp_path / "batches" / f"lora-rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [w["rank"] for w in weights] == [0, 1] and weights[0]["sha256"] == weights[1]["sha256"]
 
     out = tmp_path / "out"
     record = json.loads((out / "run.json").read_text())
@@ -612,3 +616,27 @@ def test_two_qlora_steps_on_gemma_3_270m(tmp_path: Path) -> None:
     assert meta["base_gguf"].endswith("gemma-3-270m-q4_k_m.gguf") and meta["add_bos"] is True
     assert (cache / "config.json").exists() and "quantization_config" not in json.loads(
         (cache / "config.json").read_text())
+
+
+def test_lora_hash_changes_with_the_weights_and_hub_models_are_fetched_once(tiny_model: Path, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the DDP test compares, and the download the main process does before the others load."""
+    import huggingface_hub
+    import torch
+
+    from mdlite.train import BaseModel, add_lora, fetch_hub_model, load_model, lora_sha256
+
+    cfg = TrainConfig(model=str(tiny_model), quantization="none", lora_r=4)
+    base = BaseModel(str(tiny_model), str(tiny_model))
+    model = add_lora(load_model(base, cfg, cuda=False), cfg, base)
+    before = lora_sha256(model)
+    assert lora_sha256(model) == before and len(before) == 64
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.requires_grad).add_(1e-3)
+    assert lora_sha256(model) != before
+
+    fetched = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kwargs: fetched.append(repo))
+    fetch_hub_model(base)  # a local folder: nothing to fetch
+    fetch_hub_model(BaseModel("meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-7b-hf"))
+    assert fetched == ["meta-llama/Llama-2-7b-hf"]
