@@ -804,8 +804,13 @@ def _progress_callback(trainer: Any, log_path: Path) -> Any:
 
 
 def plot_losses(log_path: Path, image: Path) -> None:
-    """loss.png: training loss per logged step, and validation loss where measured."""
-    import matplotlib
+    """loss.png: training loss per logged step, and validation loss where measured (skipped, with a warning,
+    where matplotlib is missing: the adapter matters more than its plot)."""
+    try:
+        import matplotlib
+    except ImportError:
+        log.warning("%s not written: matplotlib is not installed (pip install 'mdlite[train]')", image)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

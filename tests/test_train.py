@@ -640,3 +640,16 @@ def test_lora_hash_changes_with_the_weights_and_hub_models_are_fetched_once(tiny
     fetch_hub_model(base)  # a local folder: nothing to fetch
     fetch_hub_model(BaseModel("meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-7b-hf"))
     assert fetched == ["meta-llama/Llama-2-7b-hf"]
+
+
+def test_a_missing_matplotlib_skips_only_the_plot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    from mdlite.train import plot_losses
+
+    log = tmp_path / "trainer_log.jsonl"
+    log.write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    plot_losses(log, tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    plot_losses(log, tmp_path / "again.png")
+    assert not (tmp_path / "again.png").exists() and "matplotlib is not installed" in caplog.text
