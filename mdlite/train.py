@@ -197,7 +197,8 @@ def run(cfg: TrainConfig, *, overwrite: bool = False) -> TrainResult:
         write_json(output_dir / "run.json", run_record)
     if os.environ.get(BATCH_LOG_ENV):  # DDP check: every process must end with the same LoRA weights
         write_json(Path(os.environ[BATCH_LOG_ENV]) / f"lora-rank{ranks.process_index}.json",
-                   {"rank": ranks.process_index, "sha256": lora_sha256(trainer.model)})
+                   {"rank": ranks.process_index, "sha256": lora_sha256(trainer.model),
+                    "wrapped_by": type(trainer.model_wrapped).__name__})
     ranks.wait_for_everyone()  # every process returns once the adapter is complete
     return result
 

@@ -574,6 +574,7 @@ def test_two_processes_train_one_adapter_on_different_batches(tiny_model: Path, 
     # different batches, yet the same LoRA weights at the end: DDP averaged the gradients of every step
     weights = [json.loads((tmp_path / "batches" / f"lora-rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [w["rank"] for w in weights] == [0, 1] and weights[0]["sha256"] == weights[1]["sha256"]
+    assert [w["wrapped_by"] for w in weights] == ["DistributedDataParallel"] * 2
 
     out = tmp_path / "out"
     record = json.loads((out / "run.json").read_text())
