@@ -89,25 +89,22 @@ def main() -> None:
                            cuda=cuda, tokens=args.probe_tokens)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        if args.json:
-            args.json.write_text(json.dumps(report, indent=2) + "\n")
+        _save(report, args.json)
         return
     if args.shape != "tiny" and not cuda:
         parser.error(f"--shape {args.shape} needs a CUDA GPU; use --shape tiny on the CPU")
     work = args.work or Path(tempfile.mkdtemp(prefix="mdlite-gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        report = check(args, work, cuda=cuda)
+        check(args, work, cuda=cuda)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def check(args: argparse.Namespace, work: Path, *, cuda: bool) -> dict[str, Any]:
-    """Build, train, merge; print and return the figures."""
+    """Build, train, merge; print and return the figures, and write them to `--json` after training and again
+    after the merge (a run stopped during the merge keeps the training figures)."""
     import torch
 
     from mdlite import train
@@ -164,6 +161,7 @@ def check(args: argparse.Namespace, work: Path, *, cuda: bool) -> dict[str, Any]
     print(f"tokens/s (training, median over steps 2..{result.global_step}): "
           f"{tokens_per_s:,.0f}" if tokens_per_s else "tokens/s: not enough steps logged")
     report["estimate_vs_measured"] = round(off, 3)
+    _save(report, args.json)
 
     if not args.no_merge:
         gc.collect()
@@ -175,7 +173,14 @@ def check(args: argparse.Namespace, work: Path, *, cuda: bool) -> dict[str, Any]
               f"{merge_report['seconds']:.0f} s; "
               + ", ".join(f"{k} {v:.2f} GiB" for k, v in merge_report["peak_gb"].items())
               + (f" ({left:.2f} GiB still allocated before it)" if cuda else ""))
+        _save(report, args.json)
     return report
+
+
+def _save(report: dict[str, Any], path: Path | None) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def build_model(folder: Path, shape: dict[str, int], *, cuda: bool) -> tuple[Path, int]:
@@ -306,9 +311,12 @@ def probe(shape: dict[str, int], cfg: TrainConfig, work: Path, *, cuda: bool, to
     if cuda:
         report["allocated_after_forward"] = {}
         for checkpointing in (False, True):
-            if checkpointing:
-                model.get_base_model().gradient_checkpointing_enable(
-                    gradient_checkpointing_kwargs={"use_reentrant": False})
+            if checkpointing:  # as the Trainer does (transformers 5 renamed it; the old name is deprecated)
+                hf_model = model.get_base_model()
+                if hasattr(hf_model, "activation_checkpointing_enable"):
+                    hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                else:
+                    hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             per_layer = _allocated_after_forward(inner, tokens) / tokens / arch["num_hidden_layers"]
             report["allocated_after_forward"]["checkpointing" if checkpointing else "plain"] = round(per_layer, 1)
             print(f"  allocated after a forward of {tokens} tokens, checkpointing {'on' if checkpointing else 'off'}: "

@@ -57,3 +57,18 @@ def test_probe_measures_the_estimates_layer_term_on_the_cpu(tmp_path: Path) -> N
                                                                             mask_bytes=4)
     assert set(report["layer_bytes_per_token"]) == {"float32", "bfloat16"}
     assert report["estimate_terms"]["checkpoint"] == 4 * report["shape"]["hidden_size"]
+
+
+def test_device_check_ships_the_pinned_wheels_and_parses() -> None:
+    """bench/device_check.sh: valid bash, and the wheels it carries to the GPU machine are pyproject's pins."""
+    import re
+
+    import tomllib
+
+    script = SCRIPT.with_name("device_check.sh")
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    shipped = dict(re.findall(r'"([\w-]+)==([\d.]+)"', script.read_text().split("WHEELS=(")[1].split(")")[0]))
+    pins = dict(re.findall(r'"([\w-]+)==([\d.]+)"', (SCRIPT.parents[1] / "pyproject.toml").read_text()))
+    for name in ("bitsandbytes", "transformers", "peft", "sentencepiece", "protobuf"):
+        assert shipped[name] == pins[name], name
+    assert shipped["click"] == "8.5.1" and shipped["huggingface_hub"].startswith("1.")  # transformers 5.23: >= 1.31
