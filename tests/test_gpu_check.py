@@ -63,7 +63,6 @@ def test_device_check_ships_the_pinned_wheels_and_parses() -> None:
     """bench/device_check.sh: valid bash, and the wheels it carries to the GPU machine are pyproject's pins."""
     import re
 
-    import tomllib
 
     script = SCRIPT.with_name("device_check.sh")
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
