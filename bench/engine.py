@@ -23,7 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mdlite.engine import Engine, llama_cpp_module  # noqa: E402
+from mdlite.engine import Engine  # noqa: E402
+from mdlite.llamacpp import llama_cpp_module, open_llama  # noqa: E402
 from mdlite.prompts import teacher_prompt  # noqa: E402
 
 QUESTION = "A shop sells 14 pens a day for 6 days and then 9 pens a day for 3 days. How many pens did it sell?"
@@ -40,13 +41,13 @@ def main() -> None:
     args = parser.parse_args()
     ks = [int(k) for k in args.ks.split(",")]
     llama_cpp_module()  # sets OMP_WAIT_POLICY before llama_cpp loads
-    from llama_cpp import Llama
-
     engine = Engine(args.model, n_threads=args.threads)
     prompt = teacher_prompt(QUESTION, style="cot")
     prompt_tokens = len(engine.tokenize(prompt))
-    llm = Llama(model_path=str(engine.path), n_ctx=prompt_tokens + args.max_tokens + 8, n_threads=args.threads,
-                n_threads_batch=args.threads, verbose=False)
+    # llama-cpp-python's `Llama`, as a user's loop would use it, opened through mdlite's door with the same safe
+    # parameters (no repacked / AMX weights: llama.cpp's defaults segfault on some Xeons, llama.cpp #20824)
+    llm = open_llama(engine.path, n_ctx=prompt_tokens + args.max_tokens + 8, n_threads=args.threads,
+                     n_gpu_layers=engine.n_gpu_layers)
     print(f"model {engine.path.name}, prompt {prompt_tokens} tokens, {args.max_tokens} new tokens per path, "
           f"{args.threads} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
           f"llama-cpp-python {llama_cpp_module().__version__}")

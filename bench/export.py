@@ -36,8 +36,7 @@ def base_folder(name: str, root: Path) -> Path:
         from mdlite.models import make_tiny_model
 
         return make_tiny_model(root / "tiny-base", seed=0)
-    from mdlite.models import model_path
-    from mdlite.train import hf_from_gguf
+    from mdlite.models import hf_from_gguf, model_path
 
     return hf_from_gguf(model_path(name))
 
@@ -61,8 +60,9 @@ def random_adapter(base: Path, adapter: Path) -> Path:
 
 def logit_errors(merged: Path, files: dict[str, Path], prompts: list[str], add_bos: bool) -> dict[str, dict]:
     """Max / mean |GGUF logit - HF logit| and top-1 agreement over every prompt position."""
-    from llama_cpp import Llama
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mdlite.llamacpp import open_llama
 
     tokenizer = AutoTokenizer.from_pretrained(merged)
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
@@ -72,7 +72,7 @@ def logit_errors(merged: Path, files: dict[str, Path], prompts: list[str], add_b
         reference = [model(torch.tensor([x])).logits[0].numpy() for x in ids]
     out = {}
     for quant, path in files.items():
-        llm = Llama(str(path), n_ctx=512, logits_all=True, verbose=False)
+        llm = open_llama(path, n_ctx=512, logits_all=True)
         errors, agree, total = [], 0, 0
         try:
             for x, hf in zip(ids, reference, strict=True):

@@ -32,7 +32,7 @@ from mdlite import evaluate, rationales, teacher  # noqa: E402
 from mdlite.answers import answers_match, extract_answer  # noqa: E402
 from mdlite.config import EvalConfig, TeachConfig  # noqa: E402
 from mdlite.data import load_problems  # noqa: E402
-from mdlite.engine import llama_cpp_module, physical_cores  # noqa: E402
+from mdlite.llamacpp import llama_cpp_module, open_llama, physical_cores  # noqa: E402
 from mdlite.prompts import TEACHER_STOP, extract_program, teacher_prompt  # noqa: E402
 from mdlite.sandbox import run_programs  # noqa: E402
 
@@ -86,12 +86,11 @@ def bench_eval(count: int, data_dir: str, threads: int) -> None:
 
 def user_loop(problems: list[Any], threads: int) -> dict[tuple[str, str], dict[str, Any]]:
     """What a user would write: greedy create_completion over all CoT prompts, then all PoT prompts."""
-    from llama_cpp import Llama
-
     from mdlite.models import model_path
 
-    llm = Llama(model_path=str(model_path(MODEL)), n_ctx=1024, n_threads=threads, n_threads_batch=threads,
-                verbose=False)
+    # llama-cpp-python's `Llama`, as a user's loop would use it, opened through mdlite's door with the same safe
+    # parameters (no repacked / AMX weights: llama.cpp's defaults segfault on some Xeons, llama.cpp #20824)
+    llm = open_llama(model_path(MODEL), n_ctx=1024, n_threads=threads)
     found = {}
     try:
         for style in ("cot", "pot"):
@@ -119,12 +118,10 @@ class SequentialTeacher(teacher.LlamaCppTeacher):
         self._llm: Any = None
 
     async def check(self) -> str | None:
-        from llama_cpp import Llama
-
         from mdlite.models import model_path
 
-        self._llm = Llama(model_path=str(model_path(self.model)), n_ctx=self.num_ctx, n_threads=self.n_threads,
-                          verbose=False)
+        # the same Llama as user_loop: through mdlite's door, with its safe parameters
+        self._llm = open_llama(model_path(self.model), n_ctx=self.num_ctx, n_threads=self.n_threads)
         return None
 
     async def complete(self, prompt: str, *, n: int = 1, temperature: float, max_tokens: int, stop: list[str],

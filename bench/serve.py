@@ -29,7 +29,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mdlite.data import load_problems  # noqa: E402
-from mdlite.engine import physical_cores  # noqa: E402
+from mdlite.llamacpp import physical_cores  # noqa: E402
 
 MODEL = "qwen2.5-coder-0.5b-instruct"
 ROOT = Path(__file__).resolve().parents[1]

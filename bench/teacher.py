@@ -29,6 +29,7 @@ from pathlib import Path
 from mdlite.answers import format_number
 from mdlite.config import TeachConfig
 from mdlite.data import load_problems
+from mdlite.llamacpp import server_command
 from mdlite.models import model_path
 from mdlite.rationales import run
 
@@ -92,8 +93,8 @@ def llama_part(dataset: str, count: int, tmp: Path) -> tuple[float, float, float
     port = _free_port()
     log_path = tmp / "server.log"
     with log_path.open("w") as log:
-        server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host",
-                                   "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--verbose", "True"],
+        server = subprocess.Popen(server_command("--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+                                                 "--n_ctx", "2048", "--verbose", "True"),
                                   stdout=log, stderr=subprocess.STDOUT)
     try:
         _wait_for(port)

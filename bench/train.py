@@ -119,7 +119,7 @@ def _run_variant(args: argparse.Namespace) -> dict:
     import torch
     import transformers
 
-    from mdlite import train
+    from mdlite import models, train
 
     cuda = torch.cuda.is_available()
     cfg = TrainConfig(rationales=str(args.rationales), model=args.model, output_dir=str(args.work / args.variant),
@@ -129,7 +129,7 @@ def _run_variant(args: argparse.Namespace) -> dict:
                       eval_steps=10**6, warmup_steps=0, seed=0)
     split = train.split_examples(train.read_rationales(Path(cfg.rationales)), max_per_style=4, val_fraction=0.0,
                                  seed=0)
-    base = train.resolve_base_model(cfg.model)
+    base = models.resolve_base_model(cfg.model)
     tokenizer = train.load_tokenizer(base)
     items, _ = train.encode_examples(split.train, tokenizer, cfg, add_bos=train.expected_bos(tokenizer, base))
     transformers.set_seed(0)

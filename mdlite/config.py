@@ -287,7 +287,7 @@ class ExportConfig:
         self.quant_types = list(dict.fromkeys(q.strip().upper() for q in self.quant_types if q.strip()))
 
     def problems(self) -> list[str]:
-        from mdlite.export import QUANT_TYPES
+        from mdlite.llamacpp import QUANT_TYPES
 
         found = []
         unknown = [q for q in self.quant_types if q not in QUANT_TYPES]

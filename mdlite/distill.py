@@ -384,8 +384,7 @@ def _student_gguf(student: str, *, download: bool = True) -> Path | None:
 
 def _describe_student(student: str) -> str:
     """Where the student loads from, checked without downloading; MdliteError when nowhere."""
-    from mdlite.models import registry
-    from mdlite.train import resolve_base_model
+    from mdlite.models import registry, resolve_base_model
 
     card = registry().get(student)
     if student.endswith(".gguf") or (card and card.gguf):
@@ -437,7 +436,8 @@ def _count(problems: list | None, limit: int) -> int | str:
 
 def _train_estimate(cfg: TrainConfig) -> str:
     """Steps and the GPU memory estimate of `mdlite train --dry-run`, when it needs no download."""
-    from mdlite.train import HUB_ID, dry_run, fits
+    from mdlite.models import HUB_ID
+    from mdlite.train import dry_run, fits
 
     epochs = f"{cfg.num_train_epochs:g} epoch{'' if cfg.num_train_epochs == 1 else 's'}"
     steps = f"{cfg.max_steps} steps" if cfg.max_steps > 0 else epochs

@@ -5,7 +5,8 @@
 
 Lines: Python and mdlite; torch, its CUDA / MPS device (a real kernel launch, the build's GPU architectures
 against the card's) and bf16; a real 4-bit NF4 matmul with bitsandbytes on the device training would use; the
-llama.cpp build (GPU offload: one layer of a cached model offloaded in a child process; system info); CPU
+llama.cpp build (GPU offload: one layer of a cached model offloaded in a child process; system info); whether
+llama.cpp's default kernels, which mdlite turns off, crash on this CPU (a child process runs them); CPU
 cores and the threads the engine uses; Ollama at `$OLLAMA_HOST` and its models; the registry models
 in the cache; free disk under `$MDLITE_HOME` against a 7B export. Verdicts: ok; warn (works, but
 slower or with less than a GPU user wants); fail (something mdlite needs is missing or broken; the
@@ -76,7 +77,7 @@ class _Found:
 
 
 def run(*, only: Sequence[str] = (), ollama_host: str | None = None, timeout_s: float = 1.0) -> list[Check]:
-    """Every check (or the `only` ones: python, torch, bitsandbytes, llama.cpp, cpu, ollama, models, disk), in
+    """Every check (or the `only` ones: python, torch, bitsandbytes, llama.cpp, kernels, cpu, ollama, models, disk), in
     screen order. `ollama_host`: default `$OLLAMA_HOST`; `timeout_s`: for Ollama."""
     found = _Found(nvidia=shutil.which("nvidia-smi") is not None)
     host = ollama_host or os.environ.get("OLLAMA_HOST") or OLLAMA_DEFAULT
@@ -85,6 +86,7 @@ def run(*, only: Sequence[str] = (), ollama_host: str | None = None, timeout_s: 
         ("torch", lambda: _torch(found)),
         ("bitsandbytes", lambda: _bitsandbytes(found)),
         ("llama.cpp", lambda: _llama_cpp(found)),
+        ("kernels", _kernels),
         ("cpu", _cpu),
         ("ollama", lambda: _ollama(host, timeout_s)),
         ("models", _models),
@@ -256,7 +258,7 @@ def _bitsandbytes(found: _Found) -> list[Check]:
 
 
 def _llama_cpp(found: _Found) -> list[Check]:
-    from mdlite.engine import llama_cpp_module
+    from mdlite.llamacpp import llama_cpp_module
 
     try:
         package = version("llama-cpp-python")
@@ -303,8 +305,27 @@ def _llama_cpp(found: _Found) -> list[Check]:
     return [line, Check("system info", "ok", info)]
 
 
+def _kernels() -> list[Check]:
+    """llama.cpp's default CPU kernels (repacked / AMX weights: what llama-cli, llama-server and Ollama run) on a
+    cached model with a few-token prompt, in a child process: they crash on some CPUs (llama.cpp #20824)."""
+    from mdlite.llamacpp import NO_REPACK_HINT, probe_default_kernels
+    from mdlite.models import cached_gguf, registry
+
+    cached = [cached_gguf(card) for card in registry().values() if card.gguf and cached_gguf(card).is_file()]
+    if not cached:
+        return [Check("kernels", "warn", "llama.cpp's default kernels not tried: no registry model is cached",
+                      "mdlite models fetch gemma-3-270m, then run mdlite doctor again")]
+    ok, detail = probe_default_kernels(cached[0])
+    if ok:
+        return [Check("kernels", "ok", f"llama.cpp's default kernels (repacked weights, as in llama-cli, llama-server "
+                                       f"and Ollama) run on this CPU: {detail} ({cached[0].name})")]
+    return [Check("kernels", "fail", f"llama.cpp's default kernels crash on this CPU (llama.cpp #20824): {detail} "
+                                     f"({cached[0].name}); mdlite turns these kernels off, so mdlite itself runs",
+                  f"other llama.cpp programs need them off too: {NO_REPACK_HINT}")]
+
+
 def _cpu() -> list[Check]:
-    from mdlite.engine import physical_cores
+    from mdlite.llamacpp import physical_cores
 
     cores = physical_cores()
     logical = os.cpu_count() or cores

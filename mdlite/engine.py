@@ -52,12 +52,8 @@ seed_p is `derive_seed(seed, p)` (or the caller's own per-prompt seed). A path's
 not depend on how many other paths share its batch, and a later call with `first_path=k` continues
 a run of k paths. Temperature 0 is greedy.
 
-Threads: `n_threads` 0 uses the machine's physical cores (`physical_cores()`; hyper-threads add
-little to matrix products and slow them when the sibling is busy).
-
-Environment: llama.cpp's CPU backend uses OpenMP; with busy-waiting threads 2 threads on 2 cores were
-erratic here, so this module sets OMP_WAIT_POLICY=PASSIVE, and GGML_CPU_TILED_MM=0 (see above), unless
-they are set already; every llama.cpp user in mdlite goes through `llama_cpp_module()`.
+Threads: `n_threads` 0 uses the machine's physical cores. The model is opened through mdlite's one door
+to llama.cpp (`mdlite/llamacpp.py`: threads, GPU layers, environment, no repacked weights).
 """
 
 from __future__ import annotations
@@ -66,15 +62,15 @@ import codecs
 import ctypes
 import hashlib
 import logging
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType, TracebackType
+from types import TracebackType
 from typing import Any
 
 from mdlite import MdliteError
+from mdlite.llamacpp import gpu_layers, llama_cpp_module, load_model, physical_cores
 
 log = logging.getLogger(__name__)
 
@@ -97,40 +93,6 @@ def derive_seed(*parts: int | str) -> int:
     return min(int.from_bytes(digest, "little"), 0xFFFFFFFE)  # 0xFFFFFFFF means "random" to llama.cpp
 
 
-def physical_cores() -> int:
-    """Physical CPU cores this process may use (Linux: distinct core ids in /proc/cpuinfo, capped by the
-    CPU affinity mask; elsewhere os.cpu_count())."""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return usable
-    cores = set(re.findall(r"^physical id\s*:\s*(\d+)\s*$.*?^core id\s*:\s*(\d+)\s*$", info, re.MULTILINE | re.DOTALL))
-    return max(1, min(len(cores) or usable, usable))
-
-
-def llama_cpp_module() -> ModuleType:
-    """`llama_cpp`, with OMP_WAIT_POLICY=PASSIVE and GGML_CPU_TILED_MM=0 unless the environment says
-    otherwise. ggml reads the second at its first matrix product, so setting it after an import of
-    llama_cpp still counts; the first counts only before llama_cpp's libraries load."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    os.environ.setdefault("GGML_CPU_TILED_MM", "0")
-    try:
-        import llama_cpp
-    except ImportError as error:
-        raise MdliteError("llama-cpp-python is not installed; pip install 'mdlite[infer]'") from error
-    return llama_cpp
-
-
-def gpu_layers(n_gpu_layers: int = -1) -> int:
-    """The layer count to give llama.cpp: a negative `n_gpu_layers` (mdlite's default, -1) means every layer
-    when llama.cpp was built with GPU offload, else 0 (llama.cpp reads a negative count as "all"); 0 and
-    N >= 1 as given."""
-    if n_gpu_layers >= 0:
-        return n_gpu_layers
-    return -1 if llama_cpp_module().llama_supports_gpu_offload() else 0
-
-
 class Engine:
     """A GGUF loaded once for batched multi-path sampling.
 
@@ -150,16 +112,8 @@ class Engine:
         self.prompt_tokens = self.cached_tokens = 0  # prompt tokens asked for / taken from the prefix cache
         self._cached: list[_Cached] = []  # least recently used first
         self._llama = llama = llama_cpp_module()
-        _forward_llama_log(llama)
-        llama.llama_backend_init()
-        params = llama.llama_model_default_params()
-        params.n_gpu_layers = self.n_gpu_layers = gpu_layers(n_gpu_layers)
-        params.use_extra_bufts = False  # repacked weights change kernels with the batch's row count
-        _LOG["error"] = ""
-        self._model = llama.llama_model_load_from_file(str(self.path).encode(), params)
-        if not self._model:
-            reason = _LOG["error"] or "no reason given"
-            raise MdliteError(f"{self.path}: llama.cpp could not load this file ({reason}); give a GGUF model file")
+        self.n_gpu_layers = gpu_layers(n_gpu_layers)
+        self._model = load_model(self.path, n_gpu_layers=self.n_gpu_layers)
         self._vocab = llama.llama_model_get_vocab(self._model)
         self.n_ctx_train = llama.llama_model_n_ctx_train(self._model)
         self._ctx: Any = None
@@ -427,23 +381,6 @@ class _Path:
     def finish(self, tail: str, reason: str) -> None:
         self.add(tail)
         self.finish_reason = self.finish_reason or reason
-
-
-_LOG: dict[str, Any] = {"callback": None, "error": ""}
-
-
-def _forward_llama_log(llama: ModuleType) -> None:
-    """Send llama.cpp's log to this module's logger at DEBUG level; remember the last error line."""
-    if _LOG["callback"] is None:
-        @llama.llama_log_callback
-        def forward(level: int, text: bytes, user_data: Any) -> None:
-            message = text.decode("utf-8", "replace").rstrip()
-            if level == 3:  # GGML_LOG_LEVEL_ERROR
-                _LOG["error"] = message
-            log.debug("llama.cpp: %s", message)
-
-        _LOG["callback"] = forward  # keep a reference: llama.cpp holds the C pointer
-    llama.llama_log_set(_LOG["callback"], ctypes.c_void_p(0))
 
 
 def _put(batch: Any, i: int, token: int, pos: int, seq: int, *, logits: bool) -> None:

@@ -50,10 +50,9 @@ from typing import TYPE_CHECKING, Any
 
 from mdlite import MdliteError, check_output_dir, mdlite_home, release_gpu_memory
 from mdlite.config import ExportConfig, to_dict
-from mdlite.models import registry
+from mdlite.models import HUB_ID, registry, resolve_base_model
 from mdlite.prompts import STUDENT_DIRECTIVES, STUDENT_STOP, STYLES, prompt_text, student_prompt
 from mdlite.runinfo import file_sha256, package_versions, write_json
-from mdlite.train import HUB_ID, resolve_base_model
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -64,17 +63,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 RECORDED_PACKAGES = ("llama-cpp-python", "torch", "transformers", "peft", "safetensors")  # versions written to run.json
 
-# llama.cpp file types (llama-quantize spellings) that need no importance matrix, and the binding's constant.
-QUANT_TYPES = {
-    "F32": "LLAMA_FTYPE_ALL_F32", "F16": "LLAMA_FTYPE_MOSTLY_F16", "BF16": "LLAMA_FTYPE_MOSTLY_BF16",
-    **{name: f"LLAMA_FTYPE_MOSTLY_{name}" for name in (
-        "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0", "Q3_K_L",
-        "Q3_K_M", "Q3_K_S", "Q2_K", "IQ4_NL", "IQ4_XS", "IQ3_M", "IQ3_S", "IQ3_XS", "IQ3_XXS")},
-}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt")
 STAGING = ".export.partial"
-OUTPUT_FILES = ("merged", "Modelfile", "convert.log", "parity.json", "run.json")  # and the GGUF files
+OUTPUT_FILES = ("merged", "Modelfile", "export.log", "parity.json", "run.json")  # and the GGUF files
+LOG_TAIL = 8  # lines of export.log shown when llama.cpp's converter or quantizer fails
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -133,13 +126,15 @@ def run(cfg: ExportConfig) -> ExportResult:
 
     f16 = staging / f"{cfg.name}-F16.gguf"
     clock = time.monotonic()
-    convert(merged, f16, converter=converter, log_file=staging / "convert.log")
+    log_file = staging / "export.log"
+    convert(merged, f16, converter=converter, log_file=log_file)
     timings["convert_s"] = time.monotonic() - clock
     files = {"F16": f16}
     for quant in quants:
         if quant != "F16":
             clock = time.monotonic()
-            files[quant] = quantize(f16, staging / f"{cfg.name}-{quant}.gguf", quant, n_threads=cfg.n_threads)
+            files[quant] = quantize(f16, staging / f"{cfg.name}-{quant}.gguf", quant, n_threads=cfg.n_threads,
+                                    log_file=log_file)
             timings[f"quantize_{quant}_s"] = time.monotonic() - clock
     (staging / "Modelfile").write_text(modelfile_text(files[quants[0]].name, num_ctx=cfg.num_ctx), "utf-8")
 
@@ -465,35 +460,70 @@ def write_chat_template(folder: Path, *, add_bos: bool) -> None:
 
 
 def convert(model_dir: Path, output: Path, *, converter: Path, log_file: Path) -> None:
-    """F16 GGUF of the HF folder `model_dir`, by llama.cpp's converter in a subprocess (log in `log_file`)."""
+    """F16 GGUF of the HF folder `model_dir`, by llama.cpp's converter in a subprocess: its output goes to
+    `log_file` (and to the log at INFO, `mdlite -v`), a progress bar counts the tensors written."""
+    from tqdm import tqdm
+
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(converter / "gguf-py"), *filter(None, [os.environ.get("PYTHONPATH")])])}
     env.pop("NO_LOCAL_GGUF", None)
     command = [sys.executable, str(converter / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(output),
                "--outtype", "f16"]
     log.info("converting %s with %s", model_dir, converter)
-    with log_file.open("w", encoding="utf-8") as out:
-        code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+    tensors = len(_safetensors_shapes(model_dir)) or None
+    with log_file.open("a", encoding="utf-8") as out, tqdm(total=tensors, desc=f"convert {output.name}",
+                                                           unit="tensor", leave=False) as bar:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+                                   errors="replace")
+        assert process.stdout is not None
+        for line in process.stdout:
+            out.write(line)
+            log.info("convert: %s", line.rstrip())
+            if " --> " in line:  # one line per tensor written
+                bar.update()
+        code = process.wait()
     if code != 0 or not output.exists():
-        lines = [line for line in log_file.read_text("utf-8", errors="replace").splitlines() if line.strip()]
-        raise MdliteError(f"{model_dir}: llama.cpp's converter failed (exit {code}): "
-                          f"{' | '.join(lines[-3:]) or 'no output'} (log: {log_file})")
+        raise MdliteError(f"{model_dir}: llama.cpp's converter failed (exit {code}){_log_tail(log_file)}")
 
 
-def quantize(source: Path, output: Path, quant: str, *, n_threads: int = 0) -> Path:
-    """`source` (F16 GGUF) quantized to `quant` with llama.cpp's quantizer."""
-    from mdlite.engine import llama_cpp_module, physical_cores
+def quantize(source: Path, output: Path, quant: str, *, n_threads: int = 0, log_file: Path) -> Path:
+    """`source` (F16 GGUF) quantized to `quant` with llama.cpp's quantizer; its log goes to `log_file` (and to
+    the log at INFO), a progress bar counts the tensors."""
+    from tqdm import tqdm
+
+    from mdlite.llamacpp import QUANT_TYPES, llama_cpp_module, log_to, physical_cores
 
     llama_cpp = llama_cpp_module()
-
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANT_TYPES[quant])
     params.nthread = n_threads or physical_cores()
     log.info("quantizing %s to %s", source.name, quant)
-    code = llama_cpp.llama_model_quantize(str(source).encode(), str(output).encode(), ctypes.byref(params))
+    with log_file.open("a", encoding="utf-8") as out, tqdm(desc=f"quantize {output.name}", unit="tensor",
+                                                           leave=False) as bar:
+        pending = [""]  # llama.cpp logs a tensor's line in pieces
+
+        def write(text: str) -> None:
+            out.write(text)
+            *lines, pending[0] = (pending[0] + text).split("\n")
+            for line in lines:
+                log.info("quantize: %s", line)
+                tensor = re.match(r"\[\s*(\d+)/\s*(\d+)\]", line)  # "[ 279/ 291] blk.22.ffn_up.weight ..."
+                if tensor:
+                    bar.total = int(tensor[2])
+                    bar.update(int(tensor[1]) - bar.n)
+
+        with log_to(write):
+            code = llama_cpp.llama_model_quantize(str(source).encode(), str(output).encode(), ctypes.byref(params))
     if code != 0 or not output.exists():
-        raise MdliteError(f"{source}: llama.cpp could not quantize to {quant} (code {code}); try another type")
+        raise MdliteError(f"{source}: llama.cpp could not quantize to {quant} (code {code}; try another type)"
+                          f"{_log_tail(log_file)}")
     return output
+
+
+def _log_tail(log_file: Path) -> str:
+    """The last lines of `log_file` and its path, for an error message."""
+    lines = [line for line in log_file.read_text("utf-8", errors="replace").splitlines() if line.strip()]
+    return "; the log ends:\n  " + "\n  ".join(lines[-LOG_TAIL:] or ["(empty)"]) + f"\nfull log: {log_file}"
 
 
 def modelfile_text(gguf_name: str, *, num_ctx: int) -> str:
@@ -590,9 +620,7 @@ def check_parity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fil
     """Compare the GGUF files with the merged model on the student prompts of `cfg.parity_problems` problems."""
     from tqdm import tqdm
 
-    from mdlite.engine import gpu_layers, llama_cpp_module, physical_cores
-
-    Llama = llama_cpp_module().Llama
+    from mdlite.llamacpp import open_llama
 
     problems = _parity_problems(cfg)
     prompts = [(p, style, student_prompt(p.question, style=style)) for p in problems for style in STYLES]
@@ -611,13 +639,8 @@ def check_parity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fil
     model.to("cpu")  # the GPU is llama.cpp's while it runs the GGUF files (a 7B F16 needs ~13 GiB of it)
     release_gpu_memory()
     for quant, path in files.items():
-        try:
-            llm = Llama(str(path), n_ctx=cfg.num_ctx, n_threads=cfg.n_threads or physical_cores(), seed=cfg.seed,
-                        n_gpu_layers=gpu_layers(cfg.n_gpu_layers), verbose=False)
-        except ValueError as error:  # llama-cpp-python's "Failed to load model from file" (GPU memory, among others)
-            raise MdliteError(f"{path}: llama.cpp could not load it with n_gpu_layers {cfg.n_gpu_layers} ({error}); "
-                              "if the GPU is short of memory, lower --n-gpu-layers (0: CPU only) or pass "
-                              "--no-parity") from None
+        llm = open_llama(path, n_ctx=cfg.num_ctx, n_threads=cfg.n_threads, n_gpu_layers=cfg.n_gpu_layers,
+                         seed=cfg.seed)
         try:
             if quant == "F16":
                 report["chat_template"] = _check_chat_template(llm, tokenizer, problems, add_bos=add_bos)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,11 +23,13 @@ from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import yaml
 from tqdm import tqdm
 
 from mdlite import MdliteError, check_output_dir, mdlite_home
+from mdlite.runinfo import file_sha256, write_json
 
 log = logging.getLogger(__name__)
 
@@ -185,3 +189,112 @@ def make_tiny_model(output_dir: str | Path, *, seed: int = 0) -> Path:
     model.save_pretrained(output_dir)
     log.info("wrote a tiny random LLaMA (%d parameters) to %s", model.num_parameters(), output_dir)
     return output_dir
+
+
+# ---- base models for training and export: what from_pretrained loads -------------------------------------
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """Where the base model comes from (`spec` as the user gave it) and what from_pretrained loads (`path`)."""
+
+    spec: str
+    path: str
+    gguf: str | None = None
+    card: str | None = None
+
+
+HUB_ID = re.compile(r"[\w-][\w.-]*/[\w.-]+")  # a Hugging Face hub id: owner/name
+
+
+def resolve_base_model(spec: str, *, fetch: bool = True) -> BaseModel:
+    """Where `spec` (registry name, hub id, HF folder or .gguf) loads from; a GGUF is fetched and dequantized
+    into the HF cache unless `fetch` is false."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise MdliteError(f"{spec}: not a Hugging Face model folder (no config.json); give a model folder, "
+                              "a .gguf file or a registry name (flag --model)")
+        return BaseModel(spec, str(path.resolve()))
+    if path.is_file():
+        with path.open("rb") as file:
+            if path.suffix != ".gguf" or file.read(4) != b"GGUF":
+                raise MdliteError(f"{spec}: not a GGUF file; give a .gguf file, a Hugging Face model folder or a "
+                                  "registry name (flag --model)")
+        return BaseModel(spec, str(hf_from_gguf(path) if fetch else _gguf_cache(path)), str(path.resolve()))
+    if spec in registry():
+        card = get_card(spec)
+        if card.gguf:
+            gguf, sha256 = model_path(spec) if fetch else cached_gguf(card), card.gguf["sha256"]
+            folder = hf_from_gguf(gguf, sha256=sha256) if fetch else _gguf_cache(gguf, sha256)
+            return BaseModel(spec, str(folder), str(gguf), card.name)
+        return BaseModel(spec, card.hf_id, None, card.name)
+    if HUB_ID.fullmatch(spec) and not spec.endswith(".gguf"):
+        return BaseModel(spec, spec)  # a Hugging Face hub id
+    if "/" in spec or spec.endswith(".gguf"):
+        raise MdliteError(f"{spec}: no such model file or folder (flag --model)")
+    raise MdliteError(f"unknown model {spec!r}; known: {', '.join(registry())} (or a Hugging Face id, "
+                      "model folder or .gguf file; flag --model)")
+
+
+def hf_from_gguf(gguf: Path, *, sha256: str | None = None) -> Path:
+    """An HF folder with `gguf`'s weights, dequantized by transformers once and cached under $MDLITE_HOME/hf,
+    keyed by the file's sha256 (`sha256` when known, as a registry card's; else the file is hashed)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sha256 = sha256 or _gguf_sha256(gguf)
+    folder = _gguf_cache(gguf, sha256)
+    marker = folder / "mdlite-source.json"
+    if marker.exists():
+        return folder
+    source = {"gguf": str(gguf.resolve()), "sha256": sha256, "size": gguf.stat().st_size,
+              "add_bos": _gguf_add_bos(gguf)}
+    log.info("dequantizing %s into %s (once)", gguf, folder)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise MdliteError(f"{gguf}: transformers cannot load this GGUF ({str(error).splitlines()[0]}); "
+                          "use a Hugging Face model folder or hub id instead (flag --model)") from None
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    write_json(partial / "mdlite-source.json", source)
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)
+    return folder
+
+
+def gguf_metadata(gguf: Path) -> dict[str, Any]:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(gguf)
+    values = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("tokenizer.ggml.t")
+              and not name.startswith("tokenizer.ggml.s") and not name.startswith("tokenizer.ggml.merges")}
+    values["vocab_size"] = len(reader.fields["tokenizer.ggml.tokens"].data)
+    values["has_output"] = any(t.name == "output.weight" for t in reader.tensors)
+    return values
+
+
+def _gguf_add_bos(gguf: Path) -> bool | None:
+    return gguf_metadata(gguf).get("tokenizer.ggml.add_bos_token")
+
+
+def _gguf_cache(gguf: Path, sha256: str | None = None) -> Path:
+    """The HF folder of a GGUF's dequantized weights, named by stem and content: `<stem>-<sha256[:16]>`."""
+    return mdlite_home() / "hf" / f"{gguf.stem}-{(sha256 or _gguf_sha256(gguf))[:16]}"
+
+
+def _gguf_sha256(gguf: Path) -> str:
+    """sha256 of a GGUF's bytes, hashed once per (path, size, mtime) in a process (1-2 s for 500 MB)."""
+    stat = gguf.stat()
+    return _file_sha256_of(str(gguf.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@cache
+def _file_sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    return file_sha256(Path(path))

@@ -1,5 +1,7 @@
 """Config loading: YAML + overrides, type coercion, and every problem reported at once."""
 
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,3 +115,12 @@ def test_scheduler_and_optimizer_names_are_those_of_transformers() -> None:
     problems = TrainConfig(lr_scheduler_type="cosin", optim="adamw").problems()
     assert any("did you mean 'cosine'" in p for p in problems) and any("unknown optim 'adamw'" in p for p in problems)
     assert TrainConfig(lr_scheduler_type="linear", optim="paged_adamw_8bit").problems() == []
+
+
+def test_config_validation_imports_no_stage_module() -> None:
+    """config.py checks quant types without importing export.py (no config -> export -> train -> config circle)."""
+    code = ("import sys; from mdlite.config import ExportConfig; "
+            "assert not ExportConfig(quant_types=['Q4_K_M']).problems(); "
+            "print(sorted(m for m in sys.modules if m in ('mdlite.export', 'mdlite.train')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -12,7 +12,7 @@ from fake_ollama import FakeOllama
 
 from mdlite import doctor
 from mdlite.cli import cli
-from mdlite.engine import llama_cpp_module, physical_cores
+from mdlite.llamacpp import llama_cpp_module, physical_cores
 
 
 def _closed_port() -> int:
@@ -39,8 +39,8 @@ def test_cpu_machine_report_has_a_verdict_per_line() -> None:
     assert lines[0].startswith("mdlite doctor (") and lines[-1].endswith("fail")
     for line in lines[1:-1]:
         assert line.split()[0] in ("ok", "warn", "fail", "fix:"), line
-    for name in ("python", "mdlite", "torch", "gpu", "bf16", "bitsandbytes", "llama.cpp", "system info", "cpu",
-                 "ollama", "model", "disk"):
+    for name in ("python", "mdlite", "torch", "gpu", "bf16", "bitsandbytes", "llama.cpp", "system info", "kernels",
+                 "cpu", "ollama", "model", "disk"):
         _line(output, name)
     assert _line(output, "bitsandbytes").startswith("ok ") and "NF4 matmul on cpu works" in output
     offload = llama_cpp_module().llama_supports_gpu_offload()

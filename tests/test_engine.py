@@ -11,10 +11,8 @@ from mdlite.engine import (
     _Path,
     _per_prompt,
     derive_seed,
-    gpu_layers,
-    llama_cpp_module,
-    physical_cores,
 )
+from mdlite.llamacpp import gpu_layers, llama_cpp_module, open_llama, physical_cores
 from mdlite.prompts import STOP_AFTER, STUDENT_STOP, TEACHER_STOP, student_prompt, teacher_prompt
 
 MODEL = "qwen2.5-coder-0.5b-instruct"
@@ -36,21 +34,11 @@ def engine():
 
 @pytest.fixture(scope="module")
 def llm(engine):
-    """llama-cpp-python's own sampler, with the engine's kernel choices (flash attention over a Q8_0 KV cache,
-    no repacking)."""
-    import llama_cpp.llama_cpp as api
-    from llama_cpp import Llama
-
-    def no_repacking():
-        params = default_params()
-        params.use_extra_bufts = False
-        return params
-
-    default_params = api.llama_model_default_params
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(api, "llama_model_default_params", no_repacking)
-        reference = Llama(model_path=str(engine.path), n_ctx=512, n_threads=engine.n_threads, flash_attn=True,
-                          type_k=api.GGML_TYPE_Q8_0, type_v=api.GGML_TYPE_Q8_0, verbose=False)
+    """llama-cpp-python's own sampler, with the engine's kernel choices (flash attention over a Q8_0 KV cache;
+    no repacking, which the door sets)."""
+    api = llama_cpp_module()
+    reference = open_llama(engine.path, n_ctx=512, n_threads=engine.n_threads, n_gpu_layers=engine.n_gpu_layers,
+                           flash_attn=True, type_k=api.GGML_TYPE_Q8_0, type_v=api.GGML_TYPE_Q8_0)
     yield reference
     reference.close()
 

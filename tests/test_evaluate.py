@@ -30,6 +30,7 @@ from mdlite.cli import cli
 from mdlite.config import EvalConfig, load_config
 from mdlite.data import load_problems, write_problems
 from mdlite.evaluate import compare_reports, hybrid_at_k, k_values, load_samples, majority_at_k, mode_at_k, vote_at_k
+from mdlite.llamacpp import server_command
 from mdlite.prompts import STUDENT_STOP, student_prompt
 from mdlite.vote import vote
 
@@ -450,11 +451,11 @@ def _greedy(out: Path) -> dict[tuple[str, str], tuple]:
 
 @pytest.mark.slow
 def test_eval_of_a_student_served_by_two_llama_cpp_servers(tiny_student: dict[str, Path], tmp_path: Path) -> None:
-    """`python -m llama_cpp.server` x 2 with the student GGUF; the eval sends the raw student prompt to
+    """llama_cpp.server x 2 (through mdlite's door) with the student GGUF; the eval sends the raw student prompt to
     /v1/completions on both and scores what the engine scores in-process."""
     common = ["--data", str(tiny_student["problems"]), "--paths", "2", "--max-tokens", "40"]
-    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(tiny_student["gguf"]), "--host", "127.0.0.1",
-               "--n_ctx", "512", "--n_threads", "1"]
+    command = server_command("--model", str(tiny_student["gguf"]), "--host", "127.0.0.1", "--n_ctx", "512",
+                             "--n_threads", "1")
     with _server(command, tmp_path / "a.log") as one, _server(command, tmp_path / "b.log") as two:
         _eval(["--model", f"openai:{one}", "--endpoints", f"{one},{two}", "--prompt-style", "student", *common,
                "--output-dir", str(tmp_path / "served")])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -22,7 +23,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 from fake_ollama import FakeOllama
-from llama_cpp import Llama
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from mdlite import MdliteError
@@ -31,6 +31,7 @@ from mdlite.cli import cli
 from mdlite.config import ExportConfig, load_config
 from mdlite.data import synth_problems
 from mdlite.export import OUTPUT_FILES, register_ollama, run
+from mdlite.llamacpp import open_llama
 from mdlite.models import make_tiny_model
 from mdlite.prompts import STUDENT_DIRECTIVES, STUDENT_STOP, STYLES, student_prompt
 
@@ -91,7 +92,7 @@ def exported(tiny: dict[str, Path]) -> dict[str, object]:
 
 
 def greedy_gguf(path: Path, prompt_ids: list[int], budget: int = 40) -> list[int]:
-    llm = Llama(str(path), n_ctx=256, n_threads=1, verbose=False)
+    llm = open_llama(path, n_ctx=256, n_threads=1)
     try:
         out = []
         for token in llm.generate(prompt_ids, temp=0.0, repeat_penalty=1.0):
@@ -121,7 +122,7 @@ def test_outputs_are_complete_and_named(exported: dict) -> None:
 
 def test_llama_cpp_loads_both_files_with_the_right_types(exported: dict) -> None:
     for quant, file_type in (("F16", 1), ("Q4_K_M", 15)):
-        llm = Llama(str(exported["result"].files[quant]), n_ctx=64, verbose=False)
+        llm = open_llama(exported["result"].files[quant], n_ctx=64)
         try:
             assert int(llm.metadata["general.file_type"]) == file_type
             assert llm.n_vocab() == 1000
@@ -133,7 +134,7 @@ def test_merged_model_tokens_and_greedy_answers_match_the_gguf(exported: dict) -
     out = Path(exported["cfg"].output_dir)
     tokenizer = AutoTokenizer.from_pretrained(out / "merged")
     model = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32)
-    llm = Llama(str(out / "student-F16.gguf"), n_ctx=64, verbose=False, vocab_only=True)
+    llm = open_llama(out / "student-F16.gguf", n_ctx=64, vocab_only=True)
     try:
         for problem in PROBLEMS:
             for style in STYLES:
@@ -167,7 +168,7 @@ def test_parity_report(exported: dict) -> None:
 def test_gguf_chat_template_is_the_student_prompt(exported: dict) -> None:
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    llm = Llama(str(exported["result"].files["Q4_K_M"]), n_ctx=64, verbose=False, vocab_only=True)
+    llm = open_llama(exported["result"].files["Q4_K_M"], n_ctx=64, vocab_only=True)
     try:
         source = llm.metadata["tokenizer.chat_template"]
     finally:
@@ -443,19 +444,58 @@ def test_llama_cpp_refusing_a_gguf_is_one_clear_error(tiny: dict[str, Path], tmp
 
     seen = []
 
-    def refuse(path: str, **kwargs: object) -> None:
-        seen.append(kwargs["n_gpu_layers"])
-        raise ValueError(f"Failed to load model from file: {path}")  # what llama-cpp-python raises, e.g. on GPU OOM
+    def refuse(**kwargs: object) -> None:
+        seen.append(kwargs["n_gpu_layers"])  # what llama-cpp-python raises, e.g. out of GPU memory:
+        raise ValueError(f"Failed to load model from file: {kwargs['model_path']}")
 
     monkeypatch.setattr(llama_cpp_module(), "Llama", refuse)
     model = AutoModelForCausalLM.from_pretrained(tiny["base"])
     cfg = load_config(ExportConfig, overrides={"parity_problems": 1, "n_gpu_layers": 20})
-    expected = (r"x-F16\.gguf: llama\.cpp could not load it with n_gpu_layers 20 \(Failed to load.*lower "
-                r"--n-gpu-layers \(0: CPU only\) or pass --no-parity")
+    expected = r"x-F16\.gguf: llama\.cpp could not open it \(Failed to load.*\); on a GPU, .*--n-gpu-layers 0"
     with pytest.raises(MdliteError, match=expected):
         export.check_parity(model, AutoTokenizer.from_pretrained(tiny["base"]), {"F16": tmp_path / "x-F16.gguf"}, cfg,
                             add_bos=True)
     assert seen == [20]
+
+
+# ---- llama.cpp's output: a log file, progress bars, -v ------------------------------------------------------
+
+
+def test_converter_and_quantizer_output_goes_to_export_log_not_the_terminal(tiny: dict[str, Path],
+                                                                           tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    command = [sys.executable, "-c", "from mdlite.cli import cli; cli()", "export-gguf", str(tiny["adapter"]),
+               "-q", "Q4_K_M", "--output-dir", str(out), "--no-parity", "--n-threads", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    log = (out / "export.log").read_text()
+    assert " --> F16" in log and "converting to q4_K" in log  # the converter's and the quantizer's lines
+    terminal = done.stdout + done.stderr
+    assert " --> " not in terminal and "converting to" not in terminal
+    assert "quantize student-Q4_K_M.gguf" in done.stderr  # its progress bar
+
+
+def test_verbose_shows_the_quantizer_log(exported: dict[str, object], tmp_path: Path,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    from mdlite.export import quantize
+
+    f16 = exported["result"].files["F16"]
+    with caplog.at_level(logging.INFO, logger="mdlite.export"):
+        quantize(f16, tmp_path / "q8.gguf", "Q8_0", n_threads=1, log_file=tmp_path / "export.log")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("quantize: [")]
+    assert len(lines) >= 10 and "converting to q8_0" in (tmp_path / "export.log").read_text()
+
+
+def test_a_failed_quantize_shows_the_logs_last_lines_and_path(tmp_path: Path) -> None:
+    from mdlite.export import quantize
+
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(MdliteError, match="could not quantize to Q4_K_M") as error:
+        quantize(bad, tmp_path / "q.gguf", "Q4_K_M", log_file=tmp_path / "export.log")
+    message = str(error.value)
+    assert "the log ends:" in message and f"full log: {tmp_path / 'export.log'}" in message
+    assert (tmp_path / "export.log").read_text().strip()  # llama.cpp said why
 
 
 # ---- an export killed midway ----------------------------------------------------------------------------------
@@ -466,7 +506,7 @@ def test_killed_export_leaves_no_final_file_and_a_rerun_completes(tiny: dict[str
     command = [sys.executable, "-c", "from mdlite.cli import cli; cli()", "export-gguf", str(tiny["adapter"]),
                "-q", "Q4_K_M", "--output-dir", str(out), "--no-parity"]
     process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    log = out / ".export.partial" / "convert.log"
+    log = out / ".export.partial" / "export.log"
     deadline = time.monotonic() + 120
     while not log.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -480,7 +520,7 @@ def test_killed_export_leaves_no_final_file_and_a_rerun_completes(tiny: dict[str
                                                "quant_types": ["Q4_K_M"], "parity": False})
     result = run(cfg)
     assert result.files["Q4_K_M"].exists() and not (out / ".export.partial").exists()
-    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "convert.log", "merged", "run.json",
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "export.log", "merged", "run.json",
                                                      "student-Q4_K_M.gguf"]
 
 
@@ -492,8 +532,7 @@ def test_export_of_the_gemma_demo_model_with_a_lora_adapter(tmp_path: Path) -> N
     """gemma-3-270m (GGUF, dequantized once by transformers and cached) + a random small LoRA -> Q8_0, Q4_K_M."""
     from peft import LoraConfig, get_peft_model
 
-    from mdlite.models import model_path
-    from mdlite.train import hf_from_gguf
+    from mdlite.models import hf_from_gguf, model_path
 
     base = hf_from_gguf(model_path("gemma-3-270m"))
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -518,7 +557,7 @@ def test_export_of_the_gemma_demo_model_with_a_lora_adapter(tmp_path: Path) -> N
     assert report["tokens"]["match_rate"] == 1.0 and report["chat_template"]["ok"]
     assert report["greedy_f16"]["match_rate"] == 1.0, report["greedy_f16"]["divergences"]
     assert result.files["Q4_K_M"].stat().st_size < result.files["Q8_0"].stat().st_size < 600e6
-    llm = Llama(str(result.files["Q4_K_M"]), n_ctx=64, verbose=False, vocab_only=True)
+    llm = open_llama(result.files["Q4_K_M"], n_ctx=64, vocab_only=True)
     try:
         assert llm.metadata["general.architecture"] == "gemma3"
     finally:

@@ -14,7 +14,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +27,7 @@ from mdlite import MdliteError
 from mdlite.answers import answers_match, format_number
 from mdlite.cli import cli
 from mdlite.config import TeachConfig
+from mdlite.llamacpp import server_command
 from mdlite.models import get_card, model_path
 from mdlite.prompts import TEACHER_STOP, teacher_prompt
 from mdlite.rationales import run
@@ -168,11 +168,12 @@ def test_pool_checks_every_endpoint() -> None:
 
 @pytest.fixture(scope="module")
 def llama_server() -> Iterator[str]:
-    """A real `python -m llama_cpp.server` with the demo teacher GGUF on a free loopback port."""
+    """A real llama_cpp.server (through mdlite's door: `python -m mdlite.llamacpp`) with the demo teacher GGUF
+    on a free loopback port."""
     port = _free_port()
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(model_path(DEMO_TEACHER)),
-                               "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048"],
+    server = subprocess.Popen(server_command("--model", str(model_path(DEMO_TEACHER)), "--host", "127.0.0.1",
+                                             "--port", str(port), "--n_ctx", "2048"),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         deadline = time.monotonic() + 180

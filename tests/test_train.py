@@ -387,7 +387,7 @@ def test_bad_rationales_files(tmp_path: Path) -> None:
 
 
 def test_unknown_model_and_bad_config(tmp_path: Path, rationales: Path) -> None:
-    from mdlite.train import resolve_base_model
+    from mdlite.models import resolve_base_model
 
     with pytest.raises(MdliteError, match="unknown model 'no-such-model'; known: .*llama-2-7b"):
         resolve_base_model("no-such-model")
@@ -405,7 +405,7 @@ def test_unknown_model_and_bad_config(tmp_path: Path, rationales: Path) -> None:
 
 
 def test_gguf_cache_is_keyed_by_content(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from mdlite.train import resolve_base_model
+    from mdlite.models import resolve_base_model
 
     monkeypatch.setenv("MDLITE_HOME", str(tmp_path / "home"))
     files = [tmp_path / folder / "student-F16.gguf" for folder in ("a", "b", "copy-of-a")]
@@ -419,7 +419,8 @@ def test_gguf_cache_is_keyed_by_content(tmp_path: Path, monkeypatch: pytest.Monk
 def test_tokenizer_preflight(tiny_model: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mdlite.train import BaseModel, expected_bos, preflight_tokenizer
+    from mdlite.models import BaseModel
+    from mdlite.train import expected_bos, preflight_tokenizer
 
     base = BaseModel(str(tiny_model), str(tiny_model))
     model = AutoModelForCausalLM.from_pretrained(tiny_model)

@@ -1,0 +1,102 @@
+"""The one door to llama.cpp: nothing else in mdlite, bench/ or the tests opens a model; what the door sets
+(no extra buffer types, threads, GPU layers); the default-kernel probe that doctor runs, ok and crashing."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from mdlite import doctor, llamacpp
+from mdlite.llamacpp import llama_cpp_module, open_llama, probe_default_kernels
+from mdlite.models import model_path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOOR = ROOT / "mdlite" / "llamacpp.py"
+OPENERS = {"Llama", "llama_model_load_from_file", "llama_load_model_from_file"}
+
+
+def doors_opened(source: str) -> list[str]:
+    """What in `source` opens a llama.cpp model, or starts llama_cpp.server, other than through the door."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call):
+            name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+            if name in OPENERS:
+                found.append(f"line {node.lineno}: {name}(...)")
+        elif isinstance(node, ast.Constant) and node.value == "llama_cpp.server":
+            found.append(f"line {node.lineno}: 'llama_cpp.server'")
+    return found
+
+
+def test_no_module_outside_the_door_opens_a_llama_cpp_model() -> None:
+    files = [p for folder in ("mdlite", "bench", "tests") for p in sorted((ROOT / folder).rglob("*.py"))
+             if p not in (DOOR, Path(__file__).resolve())]  # this file holds the ways around it as test data
+    assert len(files) > 40
+    offenders = {str(p.relative_to(ROOT)): hits for p in files if (hits := doors_opened(p.read_text("utf-8")))}
+    assert not offenders, f"open llama.cpp models through mdlite.llamacpp (open_llama, load_model): {offenders}"
+
+
+def test_the_door_check_catches_each_way_around_it() -> None:
+    sneaky = ("from llama_cpp import Llama\nimport llama_cpp\nllm = Llama('m.gguf')\nllm = llama_cpp.Llama('m.gguf')\n"
+              "m = llama_cpp.llama_model_load_from_file(b'm', p)\ncmd = ['-m', 'llama_cpp.server']\n")
+    assert len(doors_opened(sneaky)) == 4
+    assert doors_opened("from mdlite.llamacpp import open_llama\nllm = open_llama('m.gguf')\n") == []
+
+
+def test_model_parameters_have_no_extra_buffer_types_for_any_opener() -> None:
+    llama = llama_cpp_module()
+    assert llama.llama_model_default_params().use_extra_bufts is False
+    assert llama.llama_cpp.llama_model_default_params().use_extra_bufts is False  # what llama.py's Llama reads
+    assert llama_cpp_module() is llama  # idempotent: the wrapper is not wrapped again
+    assert llama.llama_model_default_params().use_extra_bufts is False
+
+
+@pytest.mark.slow
+def test_open_llama_uses_the_doors_parameters() -> None:
+    llm = open_llama(model_path("gemma-3-270m"), n_ctx=64, n_threads=1, n_gpu_layers=0)
+    try:
+        assert llm.model_params.use_extra_bufts is False
+        assert llm.n_threads == 1 and llm.model_params.n_gpu_layers == 0
+        assert llm.create_completion("1 2 3 4", max_tokens=2, temperature=0.0)["choices"][0]["text"]
+    finally:
+        llm.close()
+
+
+def test_a_file_llama_cpp_cannot_open_is_a_one_line_error(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(Exception, match="llama.cpp could not open it") as error:
+        open_llama(bad, n_ctx=64)
+    assert type(error.value).__name__ == "MdliteError" and "\n" not in str(error.value)
+
+
+@pytest.mark.slow
+def test_default_kernels_probe_runs_on_this_cpu_and_doctor_says_ok() -> None:
+    model_path("gemma-3-270m")  # cached, so doctor has a model to probe
+    ok, detail = probe_default_kernels(model_path("gemma-3-270m"))
+    assert ok, detail
+    [line] = doctor.run_check("kernels")
+    assert line.verdict == "ok" and "run on this CPU" in line.detail, line
+
+
+def test_a_crashing_probe_is_a_fail_line_and_doctor_survives(monkeypatch: pytest.MonkeyPatch,
+                                                             tmp_path: Path) -> None:
+    """The failing branch, forced: the child dies with SIGSEGV the way llama.cpp #20824 does."""
+    monkeypatch.setattr(llamacpp, "PROBE_CODE", "import ctypes; ctypes.string_at(0)")
+    ok, detail = probe_default_kernels(tmp_path / "any.gguf")
+    assert not ok and "signal 11 (SIGSEGV)" in detail
+    fake = tmp_path / "cached.gguf"
+    fake.write_bytes(b"GGUF")
+    monkeypatch.setattr("mdlite.models.cached_gguf", lambda card: fake)
+    [line] = doctor.run_check("kernels")
+    assert line.verdict == "fail" and "crash on this CPU (llama.cpp #20824)" in line.detail, line
+    assert "--no-repack" in line.fix and "LLAMA_ARG_REPACK=0" in line.fix
+    assert doctor.failed([line])
+
+
+def test_no_cached_model_is_a_warning_not_a_crash(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr("mdlite.models.cached_gguf", lambda card: tmp_path / "missing.gguf")
+    [line] = doctor.run_check("kernels")
+    assert line.verdict == "warn" and "mdlite models fetch" in line.fix
