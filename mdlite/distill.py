@@ -49,7 +49,7 @@ from typing import Any
 
 import yaml
 
-from mdlite import MdliteError
+from mdlite import MdliteError, release_gpu_memory
 from mdlite.config import DistillConfig, EvalConfig, ExportConfig, TeachConfig, TrainConfig, load_config, to_dict
 from mdlite.runinfo import write_json
 
@@ -168,6 +168,7 @@ def run(config_path: Path, overrides: dict[str, Any], *, force: tuple[str, ...] 
         started = time.time()
         log.info("%s: running (%s)", name, status)
         results[name] = runners[_kind(name)](stage_cfg)
+        release_gpu_memory()  # what torch cached for train or export is free for llama.cpp in the next stage
         state[name] |= {"stamp": f"{name}@{time.time():.6f}", "seconds": round(time.time() - started, 1),
                         "result": results[name]}
         write_json(out / STATE, state)
