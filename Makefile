@@ -7,13 +7,16 @@ PIP    := $(PY) -m pip install -q --disable-pip-version-check
 # What `make install` builds for (README, "GPU"): auto, cuda, metal or cpu. auto: cuda when an NVIDIA driver
 # is seen (nvidia-smi on PATH; nvcc alone is no GPU: build machines, this project's CI included, have it
 # without one): llama-cpp-python compiled with CUDA (-DGGML_CUDA=on; needs the CUDA toolkit's nvcc) and
-# PyPI's torch, the CUDA build; metal on macOS (llama.cpp's default there); else cpu: torch's CPU build and
-# a CPU llama.cpp. Your own CMAKE_ARGS (environment or `make install CMAKE_ARGS=...`) replace mdlite's
-# llama.cpp build flags. Force the CPU on a GPU machine: `make install BACKEND=cpu`.
+# torch's CUDA build (PyPI's, or TORCH_INDEX's), checked at the end against the driver; metal on macOS
+# (llama.cpp's default there); else cpu: torch's CPU build and a CPU llama.cpp. Your own CMAKE_ARGS (environment
+# or `make install CMAKE_ARGS=...`) replace mdlite's llama.cpp build flags. Force the CPU on a GPU machine:
+# `make install BACKEND=cpu`. torch is pinned to TORCH_VERSION on every path.
 BACKEND ?= auto
-# PyTorch's CPU wheel index for the CPU torch (on Linux a plain `torch` from PyPI is the CUDA build, gigabytes
-# of CUDA libraries): `make install TORCH_INDEX=https://download.pytorch.org/whl/cpu`. Empty (the default):
-# pip's own index and configuration; when the index cannot be reached, pip's index is used instead.
+# A PyTorch wheel index. cpu: the CPU torch (on Linux a plain `torch` from PyPI is the CUDA build, gigabytes of
+# CUDA libraries): `make install TORCH_INDEX=https://download.pytorch.org/whl/cpu`; when it cannot be reached,
+# pip's own index is used instead. cuda: the torch built for one CUDA version, for a driver older than PyPI's
+# wheel needs or a card its wheel dropped: `make install TORCH_INDEX=https://download.pytorch.org/whl/cu126`
+# (no fallback). Empty (the default): pip's own index and configuration.
 TORCH_INDEX ?=
 TORCH_VERSION := 2.13.0
 LLAMA_REQ := $(shell grep -o 'llama-cpp-python\[server\]==[0-9.]*' pyproject.toml)
@@ -50,7 +53,7 @@ install: $(STAMP)
 # rest (pip then keeps it), unless one with GPU offload is installed already.
 $(STAMP): pyproject.toml
 ifeq ($(DETECTED),cuda)
-	@echo "make install: NVIDIA GPU ($(BACKEND)): torch from PyPI (its CUDA build); llama-cpp-python $(LLAMA_VERSION) compiled with CMAKE_ARGS='$(LLAMA_CMAKE)'"
+	@echo "make install: NVIDIA GPU ($(BACKEND)): torch $(TORCH_VERSION) CUDA build from $(or $(TORCH_INDEX),PyPI); llama-cpp-python $(LLAMA_VERSION) compiled with CMAKE_ARGS='$(LLAMA_CMAKE)'"
 	@command -v nvcc >/dev/null || [ -n "$$CUDACXX" ] || [ -x /usr/local/cuda/bin/nvcc ] || [ "$(LLAMA_CMAKE)" != -DGGML_CUDA=on ] || { \
 	  echo "make install: the CUDA build of llama.cpp needs the CUDA toolkit's nvcc, which is not on PATH. Either install"; \
 	  echo "  the CUDA toolkit (or set CUDACXX=/path/to/nvcc), or make install BACKEND=cpu (CPU torch and llama.cpp),"; \
@@ -62,12 +65,13 @@ else
 endif
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
-ifneq ($(DETECTED),cuda)
 ifeq ($(TORCH_INDEX),)
 	$(PIP) torch==$(TORCH_VERSION)
+else ifeq ($(DETECTED),cuda)
+	$(PY) -c 'import sys, torch; sys.exit(torch.__version__ != "$(TORCH_VERSION)+$(notdir $(TORCH_INDEX))")' 2>/dev/null || $(PY) -m pip uninstall -q -y torch 2>/dev/null; \
+	$(PIP) --index-url $(TORCH_INDEX) torch==$(TORCH_VERSION) || { echo "make install: no torch $(TORCH_VERSION) at $(TORCH_INDEX); pick a CUDA version pytorch.org lists for it"; exit 1; }
 else
 	$(PIP) --index-url $(TORCH_INDEX) torch==$(TORCH_VERSION) || { echo "make install: $(TORCH_INDEX) failed; torch from pip's own index"; $(PIP) torch==$(TORCH_VERSION); }
-endif
 endif
 ifneq ($(LLAMA_CMAKE),)
 	if [ "$(LLAMA_CMAKE)" = -DGGML_CUDA=on ] && $(PY) -c 'import sys, llama_cpp; sys.exit(llama_cpp.__version__ != "$(LLAMA_VERSION)" or not llama_cpp.llama_supports_gpu_offload())' 2>/dev/null; then \
@@ -75,14 +79,20 @@ ifneq ($(LLAMA_CMAKE),)
 	else \
 	  $(PY) -m pip uninstall -q -y llama-cpp-python 2>/dev/null; \
 	  command -v nvcc >/dev/null || [ -n "$$CUDACXX" ] || ! [ -x /usr/local/cuda/bin/nvcc ] || export CUDACXX=/usr/local/cuda/bin/nvcc; \
+	  echo "make install: compiling llama.cpp $(if $(findstring GGML_CUDA=on,$(LLAMA_CMAKE)),with CUDA: 10-30 minutes,for this machine: ~11 minutes on 2 cores), silent until it ends"; \
 	  CMAKE_ARGS='$(LLAMA_CMAKE)' $(PIP) --no-cache-dir --no-binary llama-cpp-python "$(LLAMA_REQ)" || { \
 	    echo "make install: compiling llama-cpp-python with CMAKE_ARGS='$(LLAMA_CMAKE)' failed (see above);"; \
+	    echo "  nvcc older than the card (unsupported gpu architecture): an architecture it knows, e.g."; \
+	    echo "    make install CMAKE_ARGS='-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=86' (nvcc --list-gpu-arch lists them)"; \
+	    echo "  gcc newer than nvcc accepts (unsupported GNU version): a gcc it supports, e.g."; \
+	    echo "    make install CMAKE_ARGS='-DGGML_CUDA=on -DCMAKE_CUDA_HOST_COMPILER=/usr/bin/g++-12'"; \
 	    echo "  for a CPU build: make install BACKEND=cpu, or CMAKE_ARGS=-DGGML_CUDA=off to keep torch's CUDA build"; exit 1; }; \
 	fi
 endif
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[all,dev]"
 ifeq ($(DETECTED),cuda)
 	@$(PY) -c 'import llama_cpp as l; print("make install: llama.cpp GPU offload:", "yes" if l.llama_supports_gpu_offload() else "NO (no GPU visible now?); check with: mdlite doctor")'
+	@$(PY) -c 'import sys; from mdlite.doctor import torch_cuda_report as r; ok, text = r(); print("make install: " + text); sys.exit(not ok)'
 endif
 	touch $(STAMP)
 

@@ -3,6 +3,7 @@ tokens/s next to `mdlite train --dry-run`'s estimate; then the export's merge on
 
     .venv/bin/python bench/gpu_check.py                        # one CUDA GPU: 7B shapes, random weights, minutes
     .venv/bin/python bench/gpu_check.py --shape tiny           # CPU or GPU, seconds (tests/test_gpu_check.py)
+    .venv/bin/python bench/gpu_check.py --probe                # saved activations per token per layer vs estimate
 
 The model is a random-weight LlamaForCausalLM with LLaMA-2-7B's shapes (hidden 4096, intermediate 11008,
 32 layers, 32 heads, vocab 32000; nothing is downloaded), built directly on the GPU in bf16 and saved; its
@@ -10,29 +11,23 @@ tokenizer is the tiny SentencePiece one of `mdlite models make-tiny`. Training t
 `configs/svamp-llama2-7b.yaml` (NF4 + double quant, LoRA r 64 on all linear layers, 512 tokens, micro-batch 8,
 gradient accumulation 2, gradient checkpointing, paged 8-bit AdamW) for `--steps` optimizer steps on synthetic
 rationales about 500 tokens long, so that each micro-batch holds about 8 x 512 tokens: the case the estimate is
-for. The merge is `mdlite.export.build_model_folder`: the adapter merged into a freshly loaded bf16 base on
-the GPU, written as safetensors. Prints each measured peak (PyTorch's max allocated and reserved, and the whole
-GPU's use from NVML) with the estimate's total and their ratio, the estimate by part, tokens/s (median per step)
-and the merge's time and peak memory; `--json` keeps them.
+for. The merge is `mdlite.export.build_model_folder`: the adapter merged into a freshly loaded base in its own
+dtype (bf16 here) on the GPU, written as safetensors. Prints each measured peak (PyTorch's max allocated and
+reserved, and the whole GPU's use from NVML) with the estimate's total and their ratio, the estimate by part,
+tokens/s (median per step) and the merge's time and peak memory; `--json` keeps them.
 
-On a lent GPU machine with no network (it has torch, transformers 5.17, peft, accelerate; no bitsandbytes):
-the wheels mdlite pins travel with the working tree (55 MB: bitsandbytes 43, transformers 13, peft 1; a call
-carries at most 64 MiB). Here, once (checked: pip finds all three for that platform):
+`--probe` measures what `--dry-run`'s activation terms predict: a 2-layer model of the shape, loaded and given
+LoRA by mdlite's own `load_model` and `add_lora` (the config's QLoRA settings), run forward in train mode under
+bf16 autocast; saved-tensor hooks count the bytes the last decoder layer keeps for backward per token, by dtype
+(the difference of two sequence lengths, so weight copies drop out), next to `layer_activation_bytes`; the
+residual stream's dtype; on a GPU also the memory still allocated after a forward with and without gradient
+checkpointing. On the CPU the GPU's dtypes are used (bf16 compute and autocast); peft then keeps fp32 dropout
+masks where CUDA keeps bool ones, so the CPU figure matches the formula with 4-byte masks (tests/test_train.py).
 
-    echo /.whl/ >> .git/info/exclude
-    .venv/bin/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
-        --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \\
-        -d .whl bitsandbytes==0.50.2 transformers==5.23.0 peft==0.21.2
-
-then run, with `carry: [".whl"]` and a timeout of 600 s:
-
-    set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && \\
-    PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 python3 bench/gpu_check.py --json $OUT/gpu_check.json 2>&1 | \\
-    tee $OUT/gpu_check.txt
-
-(bitsandbytes 0.50.2 ships libbitsandbytes_cuda130, for the device's torch 2.11+cu130.) It needs ~13 GiB of GPU
-memory for training (the estimate), ~14 GiB for the merge and ~30 GB of disk (the bf16 base and merged folders,
-deleted at the end unless `--keep`). Put the figures in README (the `mdlite train` section's memory table).
+On a machine with no network, `bench/device_check.sh` runs this script with the rest of the device check.
+It needs ~14 GiB of GPU memory for training (the estimate), ~14 GiB for the merge and ~30 GB of disk (the bf16
+base and merged folders, deleted at the end unless `--keep`). Put the figures in README (the `mdlite train`
+section's memory table).
 """
 
 from __future__ import annotations
@@ -80,27 +75,36 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="folder for the model, rationales and outputs (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep --work's contents")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument("--probe", action="store_true", help="only the saved-activation probe (see above)")
+    parser.add_argument("--probe-tokens", type=int, default=2048, help="the probe's longer sequence (tokens)")
     args = parser.parse_args()
 
     import torch
 
     cuda = torch.cuda.is_available()
+    if args.probe:
+        work = args.work or Path(tempfile.mkdtemp(prefix="mdlite-probe-"))
+        try:
+            report = probe(SHAPES[args.shape], load_config(TrainConfig, args.config, section="train"), work,
+                           cuda=cuda, tokens=args.probe_tokens)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        _save(report, args.json)
+        return
     if args.shape != "tiny" and not cuda:
         parser.error(f"--shape {args.shape} needs a CUDA GPU; use --shape tiny on the CPU")
     work = args.work or Path(tempfile.mkdtemp(prefix="mdlite-gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        report = check(args, work, cuda=cuda)
+        check(args, work, cuda=cuda)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def check(args: argparse.Namespace, work: Path, *, cuda: bool) -> dict[str, Any]:
-    """Build, train, merge; print and return the figures."""
+    """Build, train, merge; print and return the figures, and write them to `--json` after training and again
+    after the merge (a run stopped during the merge keeps the training figures)."""
     import torch
 
     from mdlite import train
@@ -157,6 +161,7 @@ def check(args: argparse.Namespace, work: Path, *, cuda: bool) -> dict[str, Any]
     print(f"tokens/s (training, median over steps 2..{result.global_step}): "
           f"{tokens_per_s:,.0f}" if tokens_per_s else "tokens/s: not enough steps logged")
     report["estimate_vs_measured"] = round(off, 3)
+    _save(report, args.json)
 
     if not args.no_merge:
         gc.collect()
@@ -164,10 +169,18 @@ def check(args: argparse.Namespace, work: Path, *, cuda: bool) -> dict[str, Any]
         left = round(torch.cuda.memory_allocated() / GIB, 2) if cuda else None  # training's leftovers, if any
         report["merge"] = {**merge(result.adapter_dir, work / "merged", cuda=cuda), "allocated_before_gb": left}
         merge_report = report["merge"]
-        print(f"\nmerge (bf16 base on {'the GPU' if cuda else 'the CPU'}, saved): {merge_report['seconds']:.0f} s; "
+        print(f"\nmerge ({merge_report['dtype']} base on {merge_report['device']}, saved): "
+              f"{merge_report['seconds']:.0f} s; "
               + ", ".join(f"{k} {v:.2f} GiB" for k, v in merge_report["peak_gb"].items())
               + (f" ({left:.2f} GiB still allocated before it)" if cuda else ""))
+        _save(report, args.json)
     return report
+
+
+def _save(report: dict[str, Any], path: Path | None) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def build_model(folder: Path, shape: dict[str, int], *, cuda: bool) -> tuple[Path, int]:
@@ -245,8 +258,116 @@ def merge(adapter_dir: Path, folder: Path, *, cuda: bool) -> dict[str, Any]:
 
         torch.cuda.synchronize()
     seconds = time.perf_counter() - clock
+    placed = {"dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device)}
     del model
-    return {"seconds": round(seconds, 1), "peak_gb": {**_peak(cuda), **nvml}}
+    return {"seconds": round(seconds, 1), "peak_gb": {**_peak(cuda), **nvml}, **placed}
+
+
+def probe(shape: dict[str, int], cfg: TrainConfig, work: Path, *, cuda: bool, tokens: int) -> dict[str, Any]:
+    """Saved activations of mdlite's QLoRA model per token per layer, measured, next to the estimate's terms."""
+    from unittest import mock
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mdlite import train
+
+    arch = {**shape, "num_hidden_layers": 2, "head_dim": shape["hidden_size"] // shape["num_attention_heads"],
+            "tie_word_embeddings": False}
+    device = "cuda" if cuda else "cpu"
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(LlamaConfig(**{k: v for k, v in arch.items() if k != "head_dim"}),
+                                              dtype=torch.bfloat16)
+    model.save_pretrained(work / "model")
+    del model
+    cfg = TrainConfig(**{**to_dict(cfg), "model": str(work / "model"), "rationales": "unused"})
+    base = train.BaseModel(str(work / "model"), str(work / "model"))
+    with mock.patch.object(train, "compute_dtype", lambda cuda: torch.bfloat16):  # the GPU's dtypes, also on the CPU
+        model = train.add_lora(train.load_model(base, cfg, cuda=cuda), cfg, base)
+    model.train()
+    inner = model.get_base_model().model
+    residual: set[str] = set()
+    for layer in inner.layers:
+        layer.register_forward_pre_hook(lambda m, a, k: residual.add(str((a or [k.get("hidden_states")])[0].dtype)),
+                                        with_kwargs=True)
+    short = tokens // 2
+    kept = {n: _saved_by_last_layer(inner, n, device) for n in (short, tokens)}
+    per_token = {dtype: (kept[tokens].get(dtype, 0) - kept[short].get(dtype, 0)) / (tokens - short)
+                 for dtype in kept[tokens]}
+    terms = train.activation_terms(arch, cfg)
+    report: dict[str, Any] = {
+        "shape": {k: arch[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")},
+        "device": torch.cuda.get_device_name() if cuda else "cpu (bf16 autocast)", "residual_dtype": sorted(residual),
+        "layer_bytes_per_token": {k: round(v, 1) for k, v in per_token.items()},
+        "layer_bytes_per_token_total": round(sum(per_token.values()), 1), "estimate_terms": terms,
+        "formula_with_4_byte_masks": train.layer_activation_bytes(arch, lora_r=cfg.lora_r, residual_bytes=4,
+                                                                  mask_bytes=4),
+    }
+    print(f"probe ({report['device']}): residual stream into the decoder layers {sorted(residual)}; the last layer "
+          f"keeps {report['layer_bytes_per_token_total']:,.0f} B/token "
+          f"({', '.join(f'{k} {v:,.0f}' for k, v in per_token.items())}); "
+          f"estimate's layer term {terms['layer']:,} B (CUDA's bool dropout masks), with 4-byte masks "
+          f"{report['formula_with_4_byte_masks']:,} B; checkpoint term {terms['checkpoint']:,} B")
+    if cuda:
+        report["allocated_after_forward"] = {}
+        for checkpointing in (False, True):
+            if checkpointing:  # as the Trainer does (transformers 5 renamed it; the old name is deprecated)
+                hf_model = model.get_base_model()
+                if hasattr(hf_model, "activation_checkpointing_enable"):
+                    hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                else:
+                    hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            per_layer = _allocated_after_forward(inner, tokens) / tokens / arch["num_hidden_layers"]
+            report["allocated_after_forward"]["checkpointing" if checkpointing else "plain"] = round(per_layer, 1)
+            print(f"  allocated after a forward of {tokens} tokens, checkpointing {'on' if checkpointing else 'off'}: "
+                  f"{per_layer:,.0f} B/token/layer (estimate: {terms['checkpoint' if checkpointing else 'layer']:,})")
+    return report
+
+
+def _saved_by_last_layer(inner: Any, tokens: int, device: str) -> dict[str, int]:
+    """Bytes of the tensors the last decoder layer saves for backward in one forward of `tokens` tokens, by dtype
+    (each storage once; weights, and what earlier layers saved too, such as RoPE's cos and sin, excluded)."""
+    import torch
+
+    earlier = {p.untyped_storage().data_ptr() for p in inner.parameters()}
+    last = inner.layers[-1]
+    inside, seen = [False], {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if not inside[0]:
+            earlier.add(storage.data_ptr())
+        elif storage.data_ptr() not in earlier:
+            seen[storage.data_ptr()] = (str(tensor.dtype).removeprefix("torch."), storage.nbytes())
+        return tensor
+
+    hooks = [last.register_forward_pre_hook(lambda m, a: inside.__setitem__(0, True)),
+             last.register_forward_hook(lambda m, a, o: inside.__setitem__(0, False))]
+    ids = torch.randint(3, inner.config.vocab_size, (1, tokens), device=device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast(device, dtype=torch.bfloat16):
+        out = inner(input_ids=ids, position_ids=torch.arange(tokens, device=device)[None]).last_hidden_state
+    del out
+    for hook in hooks:
+        hook.remove()
+    by_dtype: dict[str, int] = {}
+    for dtype, size in seen.values():
+        by_dtype[dtype] = by_dtype.get(dtype, 0) + size
+    return by_dtype
+
+
+def _allocated_after_forward(inner: Any, tokens: int) -> int:
+    """GPU memory a train-mode forward of `tokens` tokens leaves allocated (what backward will need)."""
+    import torch
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    ids = torch.randint(3, inner.config.vocab_size, (1, tokens), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = inner(input_ids=ids, position_ids=torch.arange(tokens, device="cuda")[None]).last_hidden_state
+    kept = torch.cuda.memory_allocated() - before - out.untyped_storage().nbytes()
+    del out
+    return kept
 
 
 @contextmanager

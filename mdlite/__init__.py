@@ -27,3 +27,16 @@ def check_output_dir(path: str | Path, flag: str) -> Path:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise MdliteError(f"{folder}: folder is not writable; give another {flag}")
     return folder
+
+
+def release_gpu_memory() -> None:
+    """Return torch's cached CUDA memory to the driver (after collecting garbage), so that llama.cpp or the next
+    stage can use it; nothing when torch was never imported or CUDA never initialised in this process."""
+    import gc
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return
+    gc.collect()
+    torch.cuda.empty_cache()

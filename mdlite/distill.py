@@ -56,7 +56,7 @@ from typing import Any
 
 import yaml
 
-from mdlite import MdliteError
+from mdlite import MdliteError, release_gpu_memory
 from mdlite.config import DistillConfig, EvalConfig, ExportConfig, TeachConfig, TrainConfig, load_config, to_dict
 from mdlite.runinfo import write_json
 
@@ -182,6 +182,7 @@ def run(config_path: Path, overrides: dict[str, Any], *, force: tuple[str, ...] 
         started = time.time()
         log.info("%s: %s (%s)", name, f"copying {source}" if source else "running", status)
         results[name] = _copy_stage(source, stage_cfg) if source else runners[_kind(name)](stage_cfg)
+        release_gpu_memory()  # what torch cached for train or export is free for llama.cpp in the next stage
         state[name] |= {"stamp": f"{name}@{time.time():.6f}", "seconds": round(time.time() - started, 1),
                         "result": results[name]}
         if source:

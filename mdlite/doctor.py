@@ -3,8 +3,9 @@
     mdlite doctor            # paste the output into a bug report
     mdlite doctor --strict   # exit code 1 when a line says fail (setup scripts, CI)
 
-Lines: Python and mdlite; torch, its CUDA / MPS device and bf16; a real 4-bit NF4 matmul with
-bitsandbytes on the device training would use; the llama.cpp build (GPU offload, system info); whether
+Lines: Python and mdlite; torch, its CUDA / MPS device (a real kernel launch, the build's GPU architectures
+against the card's) and bf16; a real 4-bit NF4 matmul with bitsandbytes on the device training would use; the
+llama.cpp build (GPU offload: one layer of a cached model offloaded in a child process; system info); whether
 llama.cpp's default kernels, which mdlite turns off, crash on this CPU (a child process runs them); CPU
 cores and the threads the engine uses; Ollama at `$OLLAMA_HOST` and its models; the registry models
 in the cache; free disk under `$MDLITE_HOME` against a 7B export. Verdicts: ok; warn (works, but
@@ -19,6 +20,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -35,11 +37,22 @@ from mdlite import __version__, mdlite_home
 log = logging.getLogger(__name__)
 
 # A 7B export, as configs/svamp-llama2-7b.yaml asks for it: LLaMA-2-7B's parameter count (32 layers, hidden
-# 4096, MLP 11008, vocabulary 32000); merged weights in bf16/fp16 on a GPU, fp32 on CPU; the F16 GGUF;
+# 4096, MLP 11008, vocabulary 32000); merged weights in its own fp16 on a GPU, fp32 on CPU; the F16 GGUF;
 # Q4_K_M and Q8_0 at (digit + 1) bits per weight: the rule of export.estimate_bytes (and its 5% margin, in _disk).
 PARAMETERS_7B = 6_738_415_616
 EXPORT_QUANTS_7B = {"F16": 16, "Q4_K_M": 5, "Q8_0": 9}
 OLLAMA_DEFAULT = "http://127.0.0.1:11434"
+TORCH_INDEX_FORM = "https://download.pytorch.org/whl/cuXYZ"  # PyTorch's per-CUDA wheel indexes, e.g. cu126
+OFFLOAD_TIMEOUT_S = 180
+# The llama.cpp line's child process: one layer of a GGUF on the GPU, 4 tokens.
+OFFLOAD_PROBE = """
+import logging, sys
+logging.basicConfig(level=logging.DEBUG, format="%(message)s")  # llama.cpp's log, through mdlite.engine, on stderr
+from mdlite.engine import Engine
+with Engine(sys.argv[1], n_gpu_layers=1, n_ctx=64, prefix_cache=0) as engine:
+    [[path]] = engine.sample(["1 + 1 ="], max_tokens=4)
+print("generated", path.tokens)
+"""
 CUDA_LLAMA_FIX = ('CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-deps --no-cache-dir '
                   '--no-binary llama-cpp-python llama-cpp-python=={version} (needs the CUDA toolkit\'s nvcc; '
                   'or `rm .venv/.installed && make install`)')
@@ -128,6 +141,22 @@ def ollama_url(host: str) -> str:
     return f"{scheme}://{name}:{parts.port or port}{parts.path.rstrip('/')}"
 
 
+def torch_cuda_report() -> tuple[bool, str]:
+    """`make install`'s last check on an NVIDIA machine: whether this torch computes on the GPU, and one line that
+    says so, or that names the driver's CUDA version next to torch's and the TORCH_INDEX to install instead."""
+    import torch
+
+    driver = _driver_cuda()
+    where = f"torch {torch.__version__} (CUDA {torch.version.cuda}), driver for CUDA {driver or '? (no nvidia-smi)'}"
+    if not torch.cuda.is_available():
+        return False, f"{where}: torch cannot use the GPU; {_torch_advice(driver, arch=False)}"
+    problem = _cuda_problem()
+    if problem:
+        return False, f"{where}: {problem}; {_torch_advice(driver, arch='has kernels for' in problem)}"
+    major, minor = torch.cuda.get_device_capability()
+    return True, f"{where}: {torch.cuda.get_device_name()} (sm_{major}{minor}) runs torch's kernels"
+
+
 def export_bytes_7b(*, cuda: bool) -> int:
     """Disk a 7B export needs: merged weights (2 bytes a parameter on a GPU, 4 on CPU), F16, Q4_K_M, Q8_0."""
     merged = PARAMETERS_7B * (2 if cuda else 4)
@@ -157,17 +186,21 @@ def _torch(found: _Found) -> list[Check]:
         count = torch.cuda.device_count()
         names = ", ".join(f"{torch.cuda.get_device_name(i)} "
                           f"({torch.cuda.get_device_properties(i).total_memory / 2**30:.1f} GiB)" for i in range(count))
-        lines.append(Check("gpu", "ok", f"CUDA: {count} device{'s' * (count > 1)}: {names}"))
-        bf16 = torch.cuda.is_bf16_supported()
+        problem = _cuda_problem()
+        lines.append(Check("gpu", "fail" if problem else "ok",
+                           f"CUDA: {count} device{'s' * (count > 1)}: {names}" + (f"; but {problem}" if problem else
+                                                                                   ": a kernel launch works"),
+                           _torch_advice(_driver_cuda(), arch=bool(problem and "has kernels for" in problem))))
+        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
         lines.append(Check("bf16", "ok" if bf16 else "warn",
-                           "supported: training and the merge use bf16" if bf16 else
-                           "not supported by this GPU (before Ampere): training and the merge use fp16",
+                           "supported: training and a bf16 checkpoint's merge use bf16" if bf16 else
+                           "not in this GPU's hardware (before Ampere): training uses fp16, a bf16 checkpoint "
+                           "merges in fp32",
                            "fine for QLoRA; fp16 overflows more often, watch the loss for nan"))
     elif found.nvidia:
         lines.append(Check("gpu", "fail", f"an NVIDIA GPU is present (nvidia-smi: {_nvidia_gpus()}) but torch "
                                           f"cannot use it ({build})",
-                           "pip uninstall -y torch && pip install torch (PyPI's Linux wheel is the CUDA build; "
-                           "or the wheel for your CUDA from pytorch.org), then run mdlite doctor again"))
+                           _torch_advice(_driver_cuda(), arch=False) + ", then run mdlite doctor again"))
     elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         lines.append(Check("gpu", "warn", "Apple MPS is available; mdlite trains on CUDA or the CPU, so training "
                                           "runs on the CPU (llama.cpp uses Metal for solve and eval)",
@@ -244,8 +277,16 @@ def _llama_cpp(found: _Found) -> list[Check]:
     info = _system_info(llama.llama_print_system_info().decode(errors="replace"))
     gpu_here = found.nvidia or found.cuda
     if offload:
-        line = Check("llama.cpp", "ok", f"llama-cpp-python {package}: GPU offload yes (n_gpu_layers -1, the "
-                                        "default, puts every layer on the GPU)")
+        model = _cached_model()
+        problem = _offload_problem(model) if model else None
+        tried = f"one layer of {model.name} ran on the GPU" if model else \
+            "not tried on this card: no registry model cached"
+        line = Check("llama.cpp", "fail" if problem else "ok" if model else "warn",
+                     f"llama-cpp-python {package}: GPU offload yes; " + (problem or tried),
+                     "mdlite models fetch gemma-3-270m, then mdlite doctor again" if not model else
+                     'rebuild it for this card: CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=native" pip '
+                     "install --force-reinstall --no-deps --no-cache-dir --no-binary llama-cpp-python "
+                     f"llama-cpp-python=={package} (an nvcc that knows the card: nvcc --list-gpu-arch)")
     elif "CUDA:" in info.split():
         line = Check("llama.cpp", "fail", f"llama-cpp-python {package}: a CUDA build that sees no GPU: solve and "
                                           "eval run on the CPU",
@@ -351,7 +392,7 @@ def _disk(found: _Found) -> list[Check]:
         folder = folder.parent
     free = shutil.disk_usage(folder).free
     need = export_bytes_7b(cuda=found.cuda) * 1.05
-    merged = "bf16" if found.cuda else "fp32"
+    merged = "fp16" if found.cuda else "fp32"
     detail = (f"{free / 1e9:.0f} GB free under {home}; a 7B export needs ~{need / 1e9:.0f} GB (merged {merged} "
               "+ F16 + Q4_K_M + Q8_0 GGUF)")
     return [Check("disk", "ok" if free >= need else "warn", detail,
@@ -359,6 +400,92 @@ def _disk(found: _Found) -> list[Check]:
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
+
+
+def _cuda_problem() -> str | None:
+    """Why torch cannot compute on the current GPU (its build has no code for the card's architecture, or a
+    kernel launch fails or gives a wrong sum), or None."""
+    import torch
+
+    capability = torch.cuda.get_device_capability()
+    archs = torch.cuda.get_arch_list()
+    if not arch_runs(capability, archs):
+        return (f"torch {torch.__version__} has kernels for {' '.join(archs) or 'no architecture'}, not this card's "
+                f"sm_{capability[0]}{capability[1]}")
+    try:
+        total = float(torch.arange(1024, device="cuda", dtype=torch.float32).sum())
+    except Exception as error:  # RuntimeError from CUDA, AssertionError from a build without it
+        return f"a kernel launch failed ({str(error).strip().splitlines()[0][:160]})"
+    return None if total == 523776.0 else f"a kernel launch gave a wrong sum ({total}, not 523776)"
+
+
+def arch_runs(capability: tuple[int, int], archs: Sequence[str]) -> bool:
+    """Whether a torch build with `archs` (torch.cuda.get_arch_list(): sm_XY binaries, compute_XY PTX) runs on a
+    card of compute `capability`: a binary of the same major version and no newer minor ("a"/"f" ones only on
+    their exact version), or PTX of no newer version (the driver compiles it)."""
+    for arch in archs:
+        kind, _, number = arch.partition("_")
+        digits = number.rstrip("af")
+        if not digits.isdigit() or len(digits) < 2:
+            continue
+        version = (int(digits[:-1]), int(digits[-1]))
+        if kind == "sm" and version[0] == capability[0] and (version == capability or
+                                                             (digits == number and version[1] <= capability[1])):
+            return True
+        if kind == "compute" and version <= capability:
+            return True
+    return False
+
+
+def _driver_cuda() -> str | None:
+    """The newest CUDA version the NVIDIA driver supports ("CUDA Version: 12.4" in nvidia-smi's header), or None."""
+    try:
+        result = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = re.search(r"CUDA Version:\s*(\d+)\.(\d+)", result.stdout)
+    return f"{match[1]}.{match[2]}" if match else None
+
+
+def _torch_advice(driver: str | None, *, arch: bool) -> str:
+    """How to install a torch that runs here: for a card the wheel has no kernels for, an older CUDA's wheels; else
+    the wheels of the driver's CUDA version (PyTorch's per-CUDA index), or a newer driver."""
+    if arch:
+        index = TORCH_INDEX_FORM.replace("cuXYZ", "cu126")
+        return (f"an older CUDA's torch wheels still have kernels for older cards: rm .venv/.installed && make install "
+                f"TORCH_INDEX={index} (or another cuXYZ that pytorch.org lists), or make install BACKEND=cpu")
+    index = TORCH_INDEX_FORM.replace("cuXYZ", f"cu{driver.replace('.', '')}") if driver else TORCH_INDEX_FORM
+    return (f"install the torch for CUDA {driver or 'X.Y'} or older: rm .venv/.installed && make install "
+            f"TORCH_INDEX={index} (or the newest cuXYZ at or below it that pytorch.org lists), or update the driver "
+            "(CUDA 13 wheels need >= 580), or make install BACKEND=cpu")
+
+
+def _cached_model() -> Path | None:
+    """The smallest registry GGUF in the cache, or None."""
+    from mdlite.models import cached_gguf, registry
+
+    cards = [card for card in registry().values() if card.gguf]
+    found = [cached_gguf(card) for card in cards
+             if cached_gguf(card).exists() and cached_gguf(card).stat().st_size == card.gguf["size"]]
+    return min(found, key=lambda path: path.stat().st_size, default=None)
+
+
+def _offload_problem(model: Path) -> str | None:
+    """Load `model` with one layer on the GPU and generate 4 tokens, in a child process (a llama.cpp build without
+    code for this card aborts it): why that failed, or None."""
+    try:
+        child = subprocess.run([sys.executable, "-c", OFFLOAD_PROBE, str(model)], capture_output=True, text=True,
+                               timeout=OFFLOAD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return f"offloading one layer of {model.name} did not finish in {OFFLOAD_TIMEOUT_S} s"
+    lines = [line.strip() for line in child.stderr.splitlines() if line.strip()]
+    if child.returncode != 0 or "generated" not in child.stdout:
+        last = next((line for line in reversed(lines) if "error" in line.lower()), lines[-1] if lines else "")
+        return f"one layer of {model.name} on the GPU failed (exit {child.returncode}: {last[:160]})"
+    offloaded = [line for line in lines if re.search(r"offloaded \d+/\d+ layers to GPU", line)]
+    if not offloaded or re.search(r"offloaded 0/", offloaded[-1]):
+        return f"llama.cpp kept every layer of {model.name} on the CPU ({offloaded[-1] if offloaded else 'no log'})"
+    return None
 
 
 def _get_json(url: str, timeout_s: float) -> dict:

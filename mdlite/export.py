@@ -7,8 +7,10 @@ converter, quantize, write an Ollama Modelfile, and check that the GGUF files be
     mdlite export-gguf runs/train/adapter --ollama my-student          # and register it with a running Ollama
 
 Merge: the adapter (train's `adapter/`, whose mdlite.json names the base) goes into a freshly loaded
-full-precision base (bf16/fp16 on a GPU, fp32 on CPU; never the 4-bit one, whose logits drift 0.15-0.22), saved
-as safetensors with the adapter's tokenizer files and the student template as chat template.
+full-precision base (never the 4-bit one, whose logits drift 0.15-0.22): on a GPU in the checkpoint's own dtype
+when it fits the free GPU memory, else on the CPU in fp32; saved as safetensors with the adapter's tokenizer
+files and the student template as chat template. The merged model leaves the GPU while llama.cpp runs the GGUF
+files in the parity check, and torch's cached GPU memory is returned when the export ends.
 Convert: `convert_hf_to_gguf.py` with its own `gguf-py`, from `$LLAMA_CPP_DIR` when set, else from the sdist of
 the installed llama-cpp-python (fetched once with pip into `$MDLITE_HOME/llama.cpp-<version>/`), so the converter
 matches the llama.cpp that loads the file. It writes the F16 GGUF; every other type is quantized from it with
@@ -46,7 +48,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mdlite import MdliteError, check_output_dir, mdlite_home
+from mdlite import MdliteError, check_output_dir, mdlite_home, release_gpu_memory
 from mdlite.config import ExportConfig, to_dict
 from mdlite.models import HUB_ID, registry, resolve_base_model
 from mdlite.prompts import STUDENT_DIRECTIVES, STUDENT_STOP, STYLES, prompt_text, student_prompt
@@ -67,6 +69,7 @@ STAGING = ".export.partial"
 OUTPUT_FILES = ("merged", "Modelfile", "export.log", "parity.json", "run.json")  # and the GGUF files
 LOG_TAIL = 8  # lines of export.log shown when llama.cpp's converter or quantizer fails
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,8 @@ def run(cfg: ExportConfig) -> ExportResult:
     check_output_dir(output_dir, "--output-dir")
     converter = converter_dir()
     check_architecture(base_config, source.base_dir, converter)
-    check_disk_space(output_dir, estimate_bytes(source, quants))
+    placement = merge_device(source) if source.adapter_dir is not None or cfg.parity else ("cpu", "float32")
+    check_disk_space(output_dir, estimate_bytes(source, quants, merge_dtype=placement[1]))
 
     staging = output_dir / STAGING
     shutil.rmtree(staging, ignore_errors=True)  # what an interrupted export left
@@ -115,7 +119,7 @@ def run(cfg: ExportConfig) -> ExportResult:
     timings: dict[str, float] = {}
     clock = time.monotonic()
     merged = staging / "merged"
-    model, tokenizer = build_model_folder(source, merged, load=cfg.parity)
+    model, tokenizer = build_model_folder(source, merged, load=cfg.parity, placement=placement)
     add_bos = source.add_bos if source.add_bos is not None else tokenizer_adds_bos(tokenizer)
     write_chat_template(merged, add_bos=add_bos)
     timings["merge_s"] = time.monotonic() - clock
@@ -141,6 +145,7 @@ def run(cfg: ExportConfig) -> ExportResult:
         timings["parity_s"] = time.monotonic() - clock
         write_json(staging / "parity.json", report)
     del model
+    release_gpu_memory()  # llama.cpp (eval, solve) cannot use what torch keeps cached
 
     finals = {quant: output_dir / files[quant].name for quant in quants}
     record = {
@@ -321,10 +326,11 @@ def check_architecture(config: dict[str, Any], base_dir: Path, converter: Path) 
                           "MistralForCausalLM")
 
 
-def estimate_bytes(source: Source, quants: list[str]) -> int:
-    """Disk the export needs: merged weights (adapter input), the F16 GGUF and each quantized file."""
-    parameters = sum(_numel(shape) for shape in _safetensors_shapes(source.base_dir).values())
-    merged = parameters * (2 if _cuda() else 4) if source.adapter_dir else 0
+def estimate_bytes(source: Source, quants: list[str], *, merge_dtype: str = "float32") -> int:
+    """Disk the export needs: merged weights (adapter input, saved in `merge_dtype`), the F16 GGUF and each
+    quantized file."""
+    parameters = _parameters(source.base_dir)
+    merged = parameters * DTYPE_BYTES[merge_dtype] if source.adapter_dir else 0
     bits = {"F32": 32, "F16": 16, "BF16": 16}
     quantized = sum(parameters * bits.get(q, int(re.search(r"\d", q).group()) + 1) // 8 for q in quants if q != "F16")
     return merged + parameters * 2 + quantized
@@ -345,11 +351,45 @@ def check_disk_space(output_dir: Path, needed: int) -> None:
 # ---- merge, template, convert, quantize -----------------------------------------------------------------------
 
 
-def build_model_folder(source: Source, folder: Path, *, load: bool) -> tuple[PreTrainedModel | None,
-                                                                            PreTrainedTokenizerBase]:
+def merge_dtype(config: dict[str, Any], *, cuda: bool) -> str:
+    """The merge's dtype: on a GPU the checkpoint's own (config.json `dtype` or `torch_dtype`; fp16 stays fp16,
+    so the F16 GGUF loses no bits; bf16 where the card has it natively, else fp32); fp32 on the CPU and for a
+    checkpoint that names no half-precision dtype."""
+    named = config.get("dtype") or config.get("torch_dtype") or config.get("text_config", {}).get("dtype")
+    name = str(named).removeprefix("torch.")
+    if not cuda or name not in ("float16", "bfloat16"):
+        return "float32"
+    if name == "bfloat16" and not _native_bf16():
+        return "float32"
+    return name
+
+
+def merge_device(source: Source) -> tuple[str, str]:
+    """Where (a torch device) and in which dtype the merge runs: on this GPU in `merge_dtype` when the weights fit
+    its free memory (torch's cache returned first; 10% + 1 GiB margin), else on the CPU in fp32, with a warning."""
+    if not _cuda():
+        return "cpu", "float32"
+    import torch
+
+    dtype = merge_dtype(_read_json(source.base_dir / "config.json"), cuda=True)
+    need = _parameters(source.base_dir) * DTYPE_BYTES[dtype] * 1.1 + 2**30
+    release_gpu_memory()
+    free, total = torch.cuda.mem_get_info()
+    if need > free:
+        log.warning("the merge needs ~%.1f GiB of GPU memory (%s) but %.1f of %.1f GiB are free: merging on the CPU "
+                    "in fp32 instead (slower, ~%.0f GB of RAM); free the GPU to merge there",
+                    need / 2**30, dtype, free / 2**30, total / 2**30, _parameters(source.base_dir) * 4.4 / 1e9)
+        return "cpu", "float32"
+    return f"cuda:{torch.cuda.current_device()}", dtype
+
+
+def build_model_folder(source: Source, folder: Path, *, load: bool,
+                       placement: tuple[str, str] | None = None) -> tuple[PreTrainedModel | None,
+                                                                          PreTrainedTokenizerBase]:
     """The folder the converter reads: the adapter merged into its full-precision base (safetensors and the
     adapter's tokenizer files), or links to a full model's files. Returns the merged model (loaded only when
-    an adapter is merged or `load`) and the tokenizer."""
+    an adapter is merged or `load`, on the device and in the dtype of `placement`, default `merge_device`) and
+    the tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -360,10 +400,10 @@ def build_model_folder(source: Source, folder: Path, *, load: bool) -> tuple[Pre
         raise MdliteError(f"{tokenizer_dir}: cannot load the tokenizer ({str(error).splitlines()[0]})") from None
     model = None
     if source.adapter_dir is not None or load:
-        cuda = _cuda()
-        dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(source.base_dir, dtype=dtype,
-                                                     device_map={"": 0 if cuda else "cpu"})
+        device, dtype = placement or merge_device(source)
+        log.info("loading %s for the merge on %s in %s", source.base_dir, device, dtype)
+        model = AutoModelForCausalLM.from_pretrained(source.base_dir, dtype=getattr(torch, dtype),
+                                                     device_map={"": device})
     folder.mkdir(parents=True)
     if source.adapter_dir is None:
         for path in source.base_dir.iterdir():
@@ -595,6 +635,9 @@ def check_parity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fil
     outputs: dict[str, list[list[int]]] = {}
     report: dict[str, Any] = {"problems": len(problems), "source": cfg.parity_data or f"synthetic (seed {cfg.seed})",
                               "max_tokens": cfg.parity_max_tokens}
+    device = next(model.parameters()).device
+    model.to("cpu")  # the GPU is llama.cpp's while it runs the GGUF files (a 7B F16 needs ~13 GiB of it)
+    release_gpu_memory()
     for quant, path in files.items():
         llm = open_llama(path, n_ctx=cfg.num_ctx, n_threads=cfg.n_threads, n_gpu_layers=cfg.n_gpu_layers,
                          seed=cfg.seed)
@@ -607,6 +650,7 @@ def check_parity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fil
                               for ids in tqdm(hf_ids, desc=f"parity {quant}", leave=False)]
         finally:
             llm.close()
+    model.to(device)
     reference = [_hf_greedy(model, ids, follow, eos=eos, budget=cfg.parity_max_tokens, stop=stopped_at_string)
                  for ids, follow in tqdm(list(zip(hf_ids, outputs["F16"], strict=True)), desc="parity HF",
                                          leave=False)]
@@ -907,6 +951,17 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _native_bf16() -> bool:
+    """bf16 in hardware (Ampere and newer); is_bf16_supported() alone also says yes where it is emulated (T4, V100)."""
+    import torch
+
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def _parameters(folder: Path) -> int:
+    return sum(_numel(shape) for shape in _safetensors_shapes(folder).values())
 
 
 def _numel(shape: tuple[int, ...]) -> int:

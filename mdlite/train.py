@@ -50,7 +50,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
 log = logging.getLogger(__name__)
-BATCH_LOG_ENV = "MDLITE_BATCH_LOG"  # a folder: each process logs its micro-batches' token hashes there (DDP tests)
+BATCH_LOG_ENV = "MDLITE_BATCH_LOG"  # a folder: each process logs its micro-batches' token hashes and, at the end,
+# a hash of its LoRA weights there (DDP tests)
 RECORDED_PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes")  # versions written to run.json
 
 OUTPUT_FILES = ("adapter", "trainer_log.jsonl", "loss.png", "run.json")
@@ -127,8 +128,9 @@ def run(cfg: TrainConfig, *, overwrite: bool = False) -> TrainResult:
 
     split = split_examples(records, max_per_style=cfg.max_per_style, val_fraction=cfg.val_fraction,
                            seed=cfg.seed, styles=cfg.styles)
-    with ranks.main_process_first():  # a GGUF is dequantized into the cache once, by the main process
+    with ranks.main_process_first():  # a GGUF is dequantized, a hub model downloaded, once, by the main process
         base = resolve_base_model(cfg.model)
+        fetch_hub_model(base)
     cuda = torch.cuda.is_available()
     transformers.set_seed(cfg.seed)
     tokenizer = load_tokenizer(base)
@@ -182,6 +184,10 @@ def run(cfg: TrainConfig, *, overwrite: bool = False) -> TrainResult:
                           eval_loss=eval_loss, runtime_s=round(time.monotonic() - started, 1),
                           adapter=str(adapter_dir))
         write_json(output_dir / "run.json", run_record)
+    if os.environ.get(BATCH_LOG_ENV):  # DDP check: every process must end with the same LoRA weights
+        write_json(Path(os.environ[BATCH_LOG_ENV]) / f"lora-rank{ranks.process_index}.json",
+                   {"rank": ranks.process_index, "sha256": lora_sha256(trainer.model),
+                    "wrapped_by": type(trainer.model_wrapped).__name__})
     ranks.wait_for_everyone()  # every process returns once the adapter is complete
     return result
 
@@ -201,20 +207,25 @@ def dry_run(cfg: TrainConfig) -> dict[str, Any]:
 
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
             add_bos = expected_bos(tokenizer, resolve_base_model(cfg.model, fetch=False))
-            lengths = [len(e["input_ids"]) for e in encode_examples(split.train + split.val, tokenizer, cfg,
-                                                                    add_bos=add_bos, max_length=10**9)[0]]
+            encoded = encode_examples(split.train + split.val, tokenizer, cfg, add_bos=add_bos, max_length=10**9)[0]
+            lengths = [len(e["input_ids"]) for e in encoded]
+            completion = sum(label != -100 for e in encoded for label in e["labels"])
             report["tokens"] = {"examples": len(lengths), "mean": round(sum(lengths) / max(len(lengths), 1), 1),
                                 "max": max(lengths, default=0),
                                 "longer_than_max_length": sum(n > cfg.max_length for n in lengths),
-                                "total": sum(lengths)}
+                                "total": sum(lengths),
+                                "completion_fraction": round(completion / max(sum(lengths), 1), 3)}
     else:
         report["data_note"] = f"{path} not found yet (written by `mdlite teach`)"
     arch = architecture(cfg.model)
     card_targets = _card_targets(cfg.model)
+    fraction = report["tokens"]["completion_fraction"] if report["tokens"] else 1.0
     report["architecture"] = arch
-    report["memory_gb"] = estimate_memory(arch, cfg, targets=card_targets)
+    report["activation_terms"] = {**activation_terms(arch, cfg), "completion_fraction": fraction}
+    report["memory_gb"] = estimate_memory(arch, cfg, targets=card_targets, completion_fraction=fraction)
     report["memory_by_batch_size_gb"] = {
-        batch: estimate_memory(arch, cfg, targets=card_targets, batch_size=batch)["total"] for batch in (1, 2, 4, 8)
+        batch: estimate_memory(arch, cfg, targets=card_targets, batch_size=batch,
+                               completion_fraction=fraction)["total"] for batch in (1, 2, 4, 8)
     }
     return report
 
@@ -351,6 +362,21 @@ class MultiTaskCollator:
 # ---- model ------------------------------------------------------------------------------------------------
 
 
+def fetch_hub_model(base: BaseModel) -> None:
+    """Download a hub model's config, safetensors weights and tokenizer files into the Hugging Face cache (nothing
+    for a local folder), so that DDP processes started after the main one find them there."""
+    if Path(base.path).is_dir():
+        return
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(base.path, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+    except Exception as error:  # hub errors have many types; all mean "not available"
+        raise MdliteError(f"{base.spec}: could not be downloaded ({str(error).splitlines()[0]}); check the "
+                          "network and `hf auth login` for a gated model, or give a local model folder (flag --model)"
+                          ) from None
+
+
 def load_tokenizer(base: BaseModel) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
@@ -400,11 +426,9 @@ def load_model(base: BaseModel, cfg: TrainConfig, *, cuda: bool) -> PreTrainedMo
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    dtype = compute_dtype(cuda=cuda)
     if cuda:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         torch.cuda.set_device(local_device())
-    else:
-        dtype = torch.float32
     kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": local_device() if cuda else "cpu"}}
     if cfg.quantization == "nf4":
         require_bitsandbytes()
@@ -421,6 +445,16 @@ def load_model(base: BaseModel, cfg: TrainConfig, *, cuda: bool) -> PreTrainedMo
     if cfg.padding_free:
         use_packed_attention(model)
     return model
+
+
+def compute_dtype(*, cuda: bool) -> torch.dtype:
+    """Training's dtype: bf16 on a GPU that has it in hardware (Ampere and newer), fp16 on older ones (T4, V100:
+    `is_bf16_supported()` alone counts their emulated bf16), fp32 on the CPU."""
+    import torch
+
+    if not cuda:
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 def local_device() -> int:
@@ -542,7 +576,7 @@ def build_trainer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tr
     import torch
     from transformers import ProgressCallback, TrainingArguments
 
-    bf16 = cuda and torch.cuda.is_bf16_supported()
+    bf16 = compute_dtype(cuda=cuda) == torch.bfloat16
     warmup = int(cfg.warmup_steps) if cfg.warmup_steps >= 1 else cfg.warmup_steps
     args = TrainingArguments(
         output_dir=cfg.output_dir, seed=cfg.seed, data_seed=cfg.seed,
@@ -620,6 +654,18 @@ def _trainer_class() -> type[Trainer]:
     return _MultiTaskTrainer
 
 
+def lora_sha256(model: PreTrainedModel) -> str:
+    """sha256 of the trainable (LoRA) weights, by name and value: equal on every DDP process after training."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, parameter in sorted(model.named_parameters()):
+        if parameter.requires_grad:
+            digest.update(name.encode())
+            digest.update(parameter.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _log_batch(folder: Path, rank: int, step: int, input_ids: torch.Tensor) -> None:
     """Debugging DDP ($MDLITE_BATCH_LOG=DIR): one line per micro-batch in DIR/batches-rank<N>.jsonl with the
     step and a hash of the token ids, so that tests can check that the processes saw different batches."""
@@ -683,8 +729,13 @@ def _progress_callback(trainer: Any, log_path: Path) -> Any:
 
 
 def plot_losses(log_path: Path, image: Path) -> None:
-    """loss.png: training loss per logged step, and validation loss where measured."""
-    import matplotlib
+    """loss.png: training loss per logged step, and validation loss where measured (skipped, with a warning,
+    where matplotlib is missing: the adapter matters more than its plot)."""
+    try:
+        import matplotlib
+    except ImportError:
+        log.warning("%s not written: matplotlib is not installed (pip install 'mdlite[train]')", image)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -737,11 +788,14 @@ def architecture(spec: str) -> dict[str, Any]:
 
 
 def estimate_memory(arch: dict[str, Any], cfg: TrainConfig, *, targets: list[str] | None = None,
-                    batch_size: int | None = None) -> dict[str, float]:
-    """Peak GPU memory (GiB) of a training step, by part: base weights (NF4 linear layers, embeddings in fp32
-    after prepare_model_for_kbit_training; bf16 without quantization), LoRA weights, gradients and optimizer
-    states (paged 8-bit AdamW), activations of batch_size x max_length tokens with or without gradient
-    checkpointing, the completion logits, and ~1 GiB of CUDA context and workspace, plus 10% fragmentation."""
+                    batch_size: int | None = None, completion_fraction: float = 1.0) -> dict[str, float]:
+    """Peak GPU memory (GiB) of a training step, by part, following what the code keeps: base weights (NF4
+    linear layers, embeddings and lm_head in fp32 after prepare_model_for_kbit_training; bf16 without
+    quantization), autocast's bf16 copy of an fp32 lm_head, LoRA weights, gradients and optimizer states (paged
+    8-bit AdamW), the activations of batch_size x max_length tokens (`layer_activation_bytes` per layer, or with
+    gradient checkpointing each layer's input plus one recomputed layer), the logits of the completion tokens
+    only (`completion_fraction` of the tokens; 1.0 when unknown) and ~1 GiB of CUDA context and workspace, plus
+    10% fragmentation. The per-token terms are in `activation_terms`."""
     h, inter, layers, vocab = (arch[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                                  "vocab_size"))
     q_out, kv_out = arch["num_attention_heads"] * arch["head_dim"], arch["num_key_value_heads"] * arch["head_dim"]
@@ -753,24 +807,55 @@ def estimate_memory(arch: dict[str, Any], cfg: TrainConfig, *, targets: list[str
     lora_shapes = shapes.values() if "all-linear" in targets else [shapes[t] for t in targets if t in shapes]
     lora = layers * sum(cfg.lora_r * (a + b) for a, b in lora_shapes)
     gib = 2**30
+    terms = activation_terms(arch, cfg)
     if cfg.quantization == "nf4":
         weights = linear * 4.127 / 8 + embeddings * 4  # NF4 + double-quantized absmax; fp32 embeddings
+        lm_head_copy = vocab * h * 2  # autocast's bf16 copy of the fp32 lm_head, kept for backward
     else:
         weights = (linear + embeddings) * 2
+        lm_head_copy = 0
     tokens = (batch_size or cfg.per_device_train_batch_size) * cfg.max_length
-    one_layer = tokens * (20 * h + 6 * inter + 4 * (q_out + kv_out)) * 2  # activations of one decoder layer, bf16
+    one_layer = tokens * terms["layer"]
     if cfg.gradient_checkpointing:
-        activations = layers * tokens * h * 2 + 2 * one_layer  # saved layer inputs + one recomputed layer
+        activations = layers * tokens * terms["checkpoint"] + 2 * one_layer  # layer inputs + one recomputed layer
     else:
         activations = layers * one_layer
-    logits = tokens * vocab * 12  # bf16 logits, fp32 copy and its gradient
+    logits = tokens * completion_fraction * terms["logits"]
     optimizer_bytes = 2 if cfg.optim in ("auto", "paged_adamw_8bit", "adamw_8bit", "adamw_bnb_8bit") else 8
-    parts = {"weights": weights, "lora": lora * 4, "gradients": lora * 4, "optimizer": lora * optimizer_bytes,
-             "activations": activations, "logits": logits, "cuda_overhead": gib}
+    parts = {"weights": weights, "lm_head_copy": lm_head_copy, "lora": lora * 4, "gradients": lora * 4,
+             "optimizer": lora * optimizer_bytes, "activations": activations, "logits": logits, "cuda_overhead": gib}
     parts["total"] = sum(parts.values()) * 1.1
     result = {k: round(v / gib, 2) for k, v in parts.items()}
     result["lora_parameters_millions"] = round(lora / 1e6, 1)
     return result
+
+
+def activation_terms(arch: dict[str, Any], cfg: TrainConfig) -> dict[str, int]:
+    """Bytes per token that training on a GPU keeps for backward: `layer` (one decoder layer, see
+    `layer_activation_bytes`), `checkpoint` (a layer's input under gradient checkpointing: the residual stream,
+    fp32 after k-bit preparation, bf16 without) and `logits` (per completion token: bf16 logits, their fp32 copy
+    and log-softmax, and the gradient, 12 bytes per vocabulary entry, plus the gathered hidden state)."""
+    residual = 4 if cfg.quantization == "nf4" else 2
+    return {"layer": layer_activation_bytes(arch, lora_r=cfg.lora_r, residual_bytes=residual,
+                                            mask_bytes=1 if cfg.lora_dropout else 0),
+            "checkpoint": residual * arch["hidden_size"],
+            "logits": 12 * arch["vocab_size"] + (residual + 2) * arch["hidden_size"]}
+
+
+def layer_activation_bytes(arch: dict[str, Any], *, lora_r: int, residual_bytes: int, mask_bytes: int) -> int:
+    """Bytes one LLaMA-style decoder layer with LoRA on every linear layer saves for backward per token, under
+    bf16 autocast, as measured with saved-tensor hooks (tests/test_train.py on the CPU, bench/gpu_check.py --probe
+    on a GPU): each RMSNorm its fp32 input and rsqrt; each LoRA input its bf16 copy and dropout mask (bool on
+    CUDA: `mask_bytes` 1; 0 without dropout) and its bf16 rank-`lora_r` activation; attention bf16 q, k, v (k
+    and v repeated to every head) and output plus an fp32 log-sum-exp per head; the MLP's gate and up outputs
+    and SiLU output in the residual stream's dtype (`residual_bytes`: 4 for fp32)."""
+    h, inter, heads = arch["hidden_size"], arch["intermediate_size"], arch["num_attention_heads"]
+    q_out = heads * arch["head_dim"]
+    norms = 2 * (4 * h + 4)
+    lora_inputs = (2 + mask_bytes) * (5 * h + q_out + inter)  # q, k, v, gate, up; o; down
+    attention = 4 * 2 * q_out + 4 * heads
+    mlp = 3 * residual_bytes * inter
+    return norms + lora_inputs + 7 * 2 * lora_r + attention + mlp
 
 
 def format_dry_run(report: dict[str, Any]) -> str:
@@ -788,6 +873,11 @@ def format_dry_run(report: dict[str, Any]) -> str:
               f"{'on' if cfg['gradient_checkpointing'] else 'off'}"]
     lines += [f"  {key:<24} {value}" for key, value in memory.items()]
     lines.append(f"  -> {fits(memory['total'])}")
+    terms = report["activation_terms"]
+    lines.append(f"per token: one layer keeps {terms['layer']:,} B, a checkpointed layer input "
+                 f"{terms['checkpoint']:,} B, "
+                 f"logits {terms['logits']:,} B per completion token ({terms['completion_fraction']:.0%} of the tokens"
+                 f"{'' if report['tokens'] else ': no tokenizer or data here, all counted'})")
     lines.append("by micro-batch size:")
     lines += [f"  {batch:<24} {total} GiB: {fits(total)}" for batch, total in report["memory_by_batch_size_gb"].items()]
     return "\n".join(lines)

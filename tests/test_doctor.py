@@ -129,3 +129,73 @@ def test_7b_export_disk_estimate() -> None:
 def test_system_info_is_condensed() -> None:
     text = "CUDA : ARCHS = 890 | USE_GRAPHS = 1 | PEER_MAX_BATCH_SIZE = 128 | CPU : SSE3 = 1 | AVX = 1 | AMX = 0 | "
     assert doctor._system_info(text) == "CUDA: ARCHS=890 USE_GRAPHS PEER_MAX_BATCH_SIZE=128 CPU: SSE3 AVX"
+
+
+# ---- GPU lines that must be able to fail (forced here; a GPU machine runs them for real) ------------------
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """torch on this CPU machine, told that an sm_86 card with emulated-only bf16 is there; `card` changes it."""
+    import torch
+
+    card = {"capability": (8, 6), "archs": ["sm_80", "sm_86", "sm_90"]}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "Fake GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i=0: type("P", (), {"total_memory": 16 * 2**30}))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: card["capability"])
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: card["archs"])
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(doctor, "_driver_cuda", lambda: "12.4")
+    return card
+
+
+def test_gpu_line_fails_when_a_kernel_launch_fails(fake_gpu: dict) -> None:
+    lines = {line.name: line for line in doctor._torch(doctor._Found())}
+    gpu = lines["gpu"]  # the launch really runs: this CPU build of torch cannot
+    assert gpu.verdict == "fail" and "Fake GPU (16.0 GiB); but a kernel launch failed" in gpu.detail
+    assert "TORCH_INDEX=https://download.pytorch.org/whl/cu124" in gpu.fix
+    bf16 = lines["bf16"]  # emulated bf16 does not count
+    assert bf16.verdict == "warn" and "training uses fp16" in bf16.detail
+
+
+def test_gpu_line_fails_when_torch_has_no_kernels_for_the_card(fake_gpu: dict) -> None:
+    fake_gpu["capability"] = (6, 1)  # a Pascal card; CUDA 13 wheels start at sm_75
+    gpu = next(line for line in doctor._torch(doctor._Found()) if line.name == "gpu")
+    assert gpu.verdict == "fail" and "has kernels for sm_80 sm_86 sm_90, not this card's sm_61" in gpu.detail
+    assert "an older CUDA's torch wheels" in gpu.fix and "whl/cu126" in gpu.fix
+
+
+def test_arch_list_against_capability() -> None:
+    assert doctor.arch_runs((8, 9), ["sm_80", "sm_86"])  # same major, older minor: the binary runs
+    assert not doctor.arch_runs((8, 6), ["sm_89", "sm_90"])
+    assert doctor.arch_runs((9, 0), ["sm_90a"]) and not doctor.arch_runs((10, 0), ["sm_90a", "sm_90"])
+    assert doctor.arch_runs((12, 0), ["sm_90", "compute_90"])  # PTX: the driver compiles it
+    assert not doctor.arch_runs((7, 0), ["sm_75", "sm_80", "compute_80"])
+
+
+def test_make_installs_torch_check_names_driver_torch_and_index(fake_gpu: dict,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    ok, text = doctor.torch_cuda_report()
+    assert not ok
+    assert "(CUDA 13.0), driver for CUDA 12.4: torch cannot use the GPU" in text
+    assert "make install TORCH_INDEX=https://download.pytorch.org/whl/cu124" in text and "BACKEND=cpu" in text
+
+
+def test_llama_cpp_line_fails_when_one_offloaded_layer_fails(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 64)
+    monkeypatch.setattr(llama_cpp_module(), "llama_supports_gpu_offload", lambda: True)
+    monkeypatch.setattr(doctor, "_cached_model", lambda: broken)
+    line, _ = doctor._llama_cpp(doctor._Found(nvidia=True))  # the child process really tries, and fails
+    assert line.verdict == "fail"
+    assert "GPU offload yes; one layer of broken.gguf on the GPU failed (exit 1" in line.detail
+    assert "-DCMAKE_CUDA_ARCHITECTURES=native" in line.fix
+    monkeypatch.setattr(doctor, "_cached_model", lambda: None)
+    line, _ = doctor._llama_cpp(doctor._Found(nvidia=True))
+    assert line.verdict == "warn" and "not tried on this card" in line.detail and "models fetch" in line.fix

@@ -400,6 +400,64 @@ def test_too_little_disk_space_is_refused(tiny: dict[str, Path], tmp_path: Path,
     assert "only 0.01 GB are free" in refused(tiny["adapter"], tmp_path)
 
 
+# ---- GPU memory and precision (a card is simulated; a GPU machine runs bench/device_check.sh) ------------------
+
+
+def test_merge_runs_on_the_gpu_in_the_checkpoints_dtype_or_on_the_cpu(tiny: dict[str, Path], tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    from mdlite import export
+
+    base = tmp_path / "fp16-base"  # the base as LLaMA-2 ships it: config.json says float16
+    shutil.copytree(tiny["base"], base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "dtype": "float16"}))
+    source = export.resolve_source(copy_adapter(tiny, tmp_path, base_model=str(base), base_model_path=str(base)))
+    weights = export._parameters(base) * 2
+    free = [weights * 1.1 + 2**30 + 1]
+    native_bf16 = [False]  # a T4: bf16 only by emulation
+    monkeypatch.setattr(export, "_cuda", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (int(free[0]), 24 * 2**30))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: including_emulation or native_bf16[0])
+
+    assert export.merge_device(source) == ("cuda:0", "float16")  # fits: on the GPU, fp16 as the checkpoint
+    free[0] -= 2
+    with caplog.at_level("WARNING", logger="mdlite.export"):
+        assert export.merge_device(source) == ("cpu", "float32")  # does not fit: the CPU merge, said so
+    assert "merging on the CPU in fp32 instead" in caplog.text and "free the GPU" in caplog.text
+
+    assert export.merge_dtype({"torch_dtype": "bfloat16"}, cuda=True) == "float32"  # no bf16 hardware: exact fp32
+    native_bf16[0] = True
+    assert export.merge_dtype({"dtype": "bfloat16"}, cuda=True) == "bfloat16"
+    assert export.merge_dtype({"dtype": "float16"}, cuda=False) == "float32"  # the CPU path stays fp32
+    assert export.merge_dtype({}, cuda=True) == "float32"
+    assert export.estimate_bytes(source, ["F16"], merge_dtype="float16") == 2 * weights
+    assert export.estimate_bytes(source, ["F16"]) == 3 * weights  # fp32 merged weights + F16
+
+
+def test_llama_cpp_refusing_a_gguf_is_one_clear_error(tiny: dict[str, Path], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from mdlite import export
+    from mdlite.engine import llama_cpp_module
+
+    seen = []
+
+    def refuse(**kwargs: object) -> None:
+        seen.append(kwargs["n_gpu_layers"])  # what llama-cpp-python raises, e.g. out of GPU memory:
+        raise ValueError(f"Failed to load model from file: {kwargs['model_path']}")
+
+    monkeypatch.setattr(llama_cpp_module(), "Llama", refuse)
+    model = AutoModelForCausalLM.from_pretrained(tiny["base"])
+    cfg = load_config(ExportConfig, overrides={"parity_problems": 1, "n_gpu_layers": 20})
+    expected = r"x-F16\.gguf: llama\.cpp could not open it \(Failed to load.*\); on a GPU, .*--n-gpu-layers 0"
+    with pytest.raises(MdliteError, match=expected):
+        export.check_parity(model, AutoTokenizer.from_pretrained(tiny["base"]), {"F16": tmp_path / "x-F16.gguf"}, cfg,
+                            add_bos=True)
+    assert seen == [20]
+
+
 # ---- llama.cpp's output: a log file, progress bars, -v ------------------------------------------------------
 
 

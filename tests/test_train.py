@@ -476,6 +476,8 @@ def test_dry_run_estimates_memory_without_weights(rationales: Path, tiny_model: 
     assert result.exit_code == 0, result.output
     assert "model: llama-2-7b" in result.output and "train_cot" in result.output
     assert "GPU memory estimate" in result.output and "fits" in result.output
+    assert re.search(r"per token: one layer keeps [\d,]+ B, a checkpointed layer input 16,384 B", result.output)
+    assert "(100% of the tokens: no tokenizer or data here, all counted)" in result.output
     assert not (tmp_path / "o").exists()
 
     llama = architecture("llama-2-7b")
@@ -483,10 +485,40 @@ def test_dry_run_estimates_memory_without_weights(rationales: Path, tiny_model: 
     assert 3.3 < qlora["weights"] < 4.5 and qlora["lora_parameters_millions"] == pytest.approx(40.0, abs=0.1)
     assert 5 < qlora["total"] < 8  # QLoRA 7B, micro-batch 1: an 8 GB card
     lora = estimate_memory(llama, TrainConfig(quantization="none", per_device_train_batch_size=1))
-    assert lora["weights"] > 12 and lora["total"] > 16
+    assert lora["weights"] > 12 and lora["total"] > 16 * 0.95 and lora["lm_head_copy"] == 0  # bf16 lm_head: no copy
     no_checkpointing = estimate_memory(llama, TrainConfig(gradient_checkpointing=False))
     assert no_checkpointing["activations"] > 4 * estimate_memory(llama, TrainConfig())["activations"]
+    half = estimate_memory(llama, TrainConfig(), completion_fraction=0.5)
+    assert half["logits"] == pytest.approx(estimate_memory(llama, TrainConfig())["logits"] / 2, abs=0.01)
     assert architecture(str(tiny_model))["hidden_size"] == TINY_LLAMA["hidden_size"]
+
+
+def test_dry_run_counts_logits_of_completion_tokens_only(rationales: Path, tiny_model: Path, tmp_path: Path) -> None:
+    from mdlite.train import dry_run
+
+    report = dry_run(TrainConfig(rationales=str(rationales), model=str(tiny_model), output_dir=str(tmp_path)))
+    fraction = report["tokens"]["completion_fraction"]
+    assert 0.05 < fraction < 0.5  # short rationales after a long student prompt
+    assert report["activation_terms"]["completion_fraction"] == fraction
+    assert report["activation_terms"]["checkpoint"] == 4 * TINY_LLAMA["hidden_size"]  # fp32 residual stream (nf4)
+
+
+def test_7b_estimate_follows_the_code() -> None:
+    """LLaMA-2-7B, the configs' micro-batch 8 x 512: ~14 GiB, with the fp32 residual stream saved at each
+    checkpoint (2x the bf16 guess), autocast's bf16 lm_head copy, and the logits of completion tokens only."""
+    from mdlite.train import activation_terms, architecture, estimate_memory
+
+    cfg = load_config(TrainConfig, CONFIGS / "svamp-llama2-7b.yaml", section="train")
+    llama = architecture("llama-2-7b")
+    memory = estimate_memory(llama, cfg)
+    assert 13.5 < memory["total"] < 14.5
+    assert memory["lm_head_copy"] == pytest.approx(32000 * 4096 * 2 / 2**30, abs=0.01)
+    terms = activation_terms(llama, cfg)
+    assert terms["checkpoint"] == 4 * 4096
+    assert memory["activations"] == pytest.approx((32 * 4096 * terms["checkpoint"] + 2 * 4096 * terms["layer"])
+                                                  / 2**30, abs=0.01)
+    plain = activation_terms(llama, TrainConfig(quantization="none", lora_dropout=0.0))
+    assert plain["checkpoint"] == 2 * 4096 and plain["layer"] < terms["layer"]
 
 
 @pytest.mark.parametrize("name", ["svamp-llama2-7b", "svamp-codellama-7b"])
@@ -498,10 +530,24 @@ def test_paper_configs_fit_a_24_gb_gpu(name: str) -> None:
     assert estimate_memory(architecture(cfg.model), cfg)["total"] < 24 * 0.95
 
 
+def test_compute_dtype_does_not_count_emulated_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from mdlite.train import compute_dtype
+
+    native = [False]  # a T4 / V100: is_bf16_supported() says yes, but only by emulation
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: including_emulation or native[0])
+    assert compute_dtype(cuda=True) == torch.float16 and compute_dtype(cuda=False) == torch.float32
+    native[0] = True  # Ampere and newer
+    assert compute_dtype(cuda=True) == torch.bfloat16
+
+
 def test_two_processes_train_one_adapter_on_different_batches(tiny_model: Path, rationales: Path,
                                                              tmp_path: Path) -> None:
     """`accelerate launch -m mdlite train` with 2 DDP processes on the CPU (gloo): QLoRA + DDP finishes, each
-    process trains on its own batches ($MDLITE_BATCH_LOG), the main process alone writes one adapter and logs."""
+    process trains on its own batches ($MDLITE_BATCH_LOG) and ends with the same LoRA weights (gradients were
+    synchronised), the main process alone writes one adapter and logs."""
     import socket
 
     config = tmp_path / "train.yaml"
@@ -526,6 +572,10 @@ def test_two_processes_train_one_adapter_on_different_batches(tiny_model: Path, 
     assert [len(batches[0]), len(batches[1])] == [6, 6]  # 6 steps of one micro-batch on each process
     hashes = [{b["sha256"] for b in batches[rank]} for rank in (0, 1)]
     assert len(hashes[0]) == len(hashes[1]) == 6 and not hashes[0] & hashes[1]
+    # different batches, yet the same LoRA weights at the end: DDP averaged the gradients of every step
+    weights = [json.loads((tmp_path / "batches" / f"lora-rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [w["rank"] for w in weights] == [0, 1] and weights[0]["sha256"] == weights[1]["sha256"]
+    assert [w["wrapped_by"] for w in weights] == ["DistributedDataParallel"] * 2
 
     out = tmp_path / "out"
     record = json.loads((out / "run.json").read_text())
@@ -568,3 +618,40 @@ def test_two_qlora_steps_on_gemma_3_270m(tmp_path: Path) -> None:
     assert meta["base_gguf"].endswith("gemma-3-270m-q4_k_m.gguf") and meta["add_bos"] is True
     assert (cache / "config.json").exists() and "quantization_config" not in json.loads(
         (cache / "config.json").read_text())
+
+
+def test_lora_hash_changes_with_the_weights_and_hub_models_are_fetched_once(tiny_model: Path, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the DDP test compares, and the download the main process does before the others load."""
+    import huggingface_hub
+    import torch
+
+    from mdlite.train import BaseModel, add_lora, fetch_hub_model, load_model, lora_sha256
+
+    cfg = TrainConfig(model=str(tiny_model), quantization="none", lora_r=4)
+    base = BaseModel(str(tiny_model), str(tiny_model))
+    model = add_lora(load_model(base, cfg, cuda=False), cfg, base)
+    before = lora_sha256(model)
+    assert lora_sha256(model) == before and len(before) == 64
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.requires_grad).add_(1e-3)
+    assert lora_sha256(model) != before
+
+    fetched = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kwargs: fetched.append(repo))
+    fetch_hub_model(base)  # a local folder: nothing to fetch
+    fetch_hub_model(BaseModel("meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-7b-hf"))
+    assert fetched == ["meta-llama/Llama-2-7b-hf"]
+
+
+def test_a_missing_matplotlib_skips_only_the_plot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    from mdlite.train import plot_losses
+
+    log = tmp_path / "trainer_log.jsonl"
+    log.write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    plot_losses(log, tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    plot_losses(log, tmp_path / "again.png")
+    assert not (tmp_path / "again.png").exists() and "matplotlib is not installed" in caplog.text
