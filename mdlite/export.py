@@ -559,8 +559,12 @@ def ollama_settings(*, num_ctx: int) -> dict[str, Any]:
 def ollama_client(host: str = "") -> Any:
     """An `ollama.Client` for `host` (empty: $OLLAMA_HOST, else 127.0.0.1:11434), after checking that the server
     answers; MdliteError naming the flags when it does not."""
-    import httpx
-    import ollama
+    try:
+        import httpx
+        import ollama
+    except ImportError as error:
+        raise MdliteError(f"--ollama needs the {error.name} package: pip install 'mdlite[teacher]' (or drop --ollama "
+                          "and run `ollama create NAME -f Modelfile` later)") from None
 
     where = host or os.environ.get("OLLAMA_HOST") or "http://127.0.0.1:11434"
     client = ollama.Client(host=where, timeout=httpx.Timeout(None, connect=10.0))

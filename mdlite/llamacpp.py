@@ -27,7 +27,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import re
 import runpy
 import subprocess
 import sys
@@ -119,16 +118,45 @@ def gpu_layers(n_gpu_layers: int = -1) -> int:
     return -1 if llama_cpp_module().llama_supports_gpu_offload() else 0
 
 
-def physical_cores() -> int:
-    """Physical CPU cores this process may use (Linux: distinct core ids in /proc/cpuinfo, capped by the
-    CPU affinity mask; elsewhere os.cpu_count())."""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+def physical_cores(root: Path = Path("/")) -> int:
+    """Physical CPU cores this process may use: on Linux the distinct (package, core) ids of the CPUs in its
+    affinity mask (two hyper-thread siblings are one core), capped by its cgroup's CPU quota (`docker --cpus=2`
+    on a 32-core host: 2); elsewhere os.cpu_count(). `root`: where /sys and /proc are (tests)."""
+    if not hasattr(os, "sched_getaffinity"):
+        return os.cpu_count() or 1
+    cores = set()
+    for cpu in os.sched_getaffinity(0):
+        topology = root / f"sys/devices/system/cpu/cpu{cpu}/topology"
+        try:
+            cores.add(tuple((topology / name).read_text().strip() for name in ("physical_package_id", "core_id")))
+        except OSError:
+            cores.add(("cpu", str(cpu)))  # no topology: count the CPU itself
+    quota = _cgroup_cpus(root)
+    return max(1, min(len(cores), quota) if quota else len(cores))
+
+
+def _cgroup_cpus(root: Path) -> int:
+    """The CPUs this process's cgroup may use, rounded up (cgroup v2 cpu.max, v1 cfs quota); 0: no limit."""
     try:
-        info = Path("/proc/cpuinfo").read_text()
+        lines = (root / "proc/self/cgroup").read_text().splitlines()
     except OSError:
-        return usable
-    cores = set(re.findall(r"^physical id\s*:\s*(\d+)\s*$.*?^core id\s*:\s*(\d+)\s*$", info, re.MULTILINE | re.DOTALL))
-    return max(1, min(len(cores) or usable, usable))
+        return 0
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2: "0::/path"
+            files = [root / "sys/fs/cgroup" / path.lstrip("/") / "cpu.max"]
+        elif "cpu" in controllers.split(","):  # v1: "4:cpu,cpuacct:/path"
+            folder = root / "sys/fs/cgroup" / controllers / path.lstrip("/")
+            files = [folder / "cpu.cfs_quota_us", folder / "cpu.cfs_period_us"]
+        else:
+            continue
+        try:
+            values = " ".join(f.read_text().strip() for f in files).split()
+        except OSError:
+            continue
+        if len(values) == 2 and values[0].isdigit() and int(values[0]) > 0 and int(values[1]) > 0:
+            return -(-int(values[0]) // int(values[1]))
+    return 0
 
 
 def system_info() -> str:

@@ -357,8 +357,10 @@ class LlamaCppTeacher:
             self._waiting = [item for item in self._waiting if id(item[1]) not in taken]
             try:
                 results = await asyncio.to_thread(self._sample, [request for request, _ in batch])
-            except (MdliteError, ValueError) as error:  # e.g. a prompt that does not fit the context
+            except (MdliteError, ValueError) as error:
                 results = [TeacherError(f"{self.endpoint}: {error}", retryable=False)] * len(batch)
+            except Exception as error:  # noqa: BLE001 - MemoryError, a llama.cpp failure: every caller hears of it
+                results = [error] * len(batch)
             for (_, future), result in zip(batch, results, strict=True):
                 if future.done():  # its caller was cancelled
                     continue
@@ -388,22 +390,29 @@ class LlamaCppTeacher:
         card = registry().get(self.model)
         return card.gguf.get("sha256") if card and card.gguf else None
 
-    def _sample(self, requests: list[_Request]) -> list[list[Completion]]:
+    def _sample(self, requests: list[_Request]) -> list[list[Completion] | TeacherError]:
+        """Each request's completions, or a TeacherError for one whose prompt + max_tokens does not fit num_ctx
+        (checked per request, so that one over-long prompt fails alone, never its batch)."""
         self._load()
         start = time.perf_counter()
         with self._lock:
+            results: list[list[Completion] | TeacherError | None] = [None] * len(requests)
             if self.num_ctx:
-                longest = max(len(self._engine.tokenize(r.prompt)) for r in requests)
-                if longest + requests[0].max_tokens > self.num_ctx:
-                    raise MdliteError(f"a prompt of {longest} tokens + max_tokens {requests[0].max_tokens} does "
-                                      f"not fit num_ctx {self.num_ctx} (flag --num-ctx)")
+                for i, request in enumerate(requests):
+                    length = len(self._engine.tokenize(request.prompt))
+                    if length + request.max_tokens > self.num_ctx:
+                        results[i] = TeacherError(f"{self.endpoint}: a prompt of {length} tokens + max_tokens "
+                                                  f"{request.max_tokens} does not fit num_ctx {self.num_ctx} "
+                                                  "(flag --num-ctx)", retryable=False)
+            fitting = [r for r, result in zip(requests, results, strict=True) if result is None]
             generations = self._engine.sample(
-                [r.prompt for r in requests], n=[r.n for r in requests], temperature=requests[0].temperature,
-                top_k=40, top_p=0.95, max_tokens=requests[0].max_tokens, stop=[r.stop for r in requests],
-                seed=[r.seed for r in requests], stop_after=[r.stop_after for r in requests])
+                [r.prompt for r in fitting], n=[r.n for r in fitting], temperature=requests[0].temperature,
+                top_k=40, top_p=0.95, max_tokens=requests[0].max_tokens, stop=[r.stop for r in fitting],
+                seed=[r.seed for r in fitting], stop_after=[r.stop_after for r in fitting]) if fitting else []
         latency = time.perf_counter() - start
-        return [[Completion(text=g.text, tokens=g.tokens, latency_s=latency, finish_reason=g.finish_reason)
-                 for g in paths] for paths in generations]
+        done = iter(generations)
+        return [result or [Completion(text=g.text, tokens=g.tokens, latency_s=latency, finish_reason=g.finish_reason)
+                           for g in next(done)] for result in results]
 
 
 @dataclass(frozen=True)

@@ -309,6 +309,16 @@ def test_fake_ollama_checks_blob_digests_like_ollama(tmp_path: Path) -> None:
             == '{"status": "success"}'
 
 
+def test_ollama_without_its_package_is_one_line_naming_the_extra(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "ollama", None)  # as if it were not installed: import raises ImportError
+    result = CliRunner().invoke(cli, ["export-gguf", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "out"),
+                                      "--ollama", "my-student"])
+    assert result.exit_code == 2, result.output
+    assert result.output == ("mdlite: error: --ollama needs the ollama package: pip install 'mdlite[teacher]' (or "
+                             "drop --ollama and run `ollama create NAME -f Modelfile` later)\n")
+
+
 def test_ollama_not_running_is_one_line_before_any_work(tmp_path: Path) -> None:
     with socket.socket() as probe:  # a port where nothing listens
         probe.bind(("127.0.0.1", 0))

@@ -100,3 +100,38 @@ def test_no_cached_model_is_a_warning_not_a_crash(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr("mdlite.models.cached_gguf", lambda card: tmp_path / "missing.gguf")
     [line] = doctor.run_check("kernels")
     assert line.verdict == "warn" and "mdlite models fetch" in line.fix
+
+
+def fake_machine(root: Path, cores: dict[int, tuple[int, int]], cgroup: str, files: dict[str, str]) -> Path:
+    """A /sys and /proc tree: CPU -> (package, core) topology, /proc/self/cgroup, cgroup files."""
+    for cpu, (package, core) in cores.items():
+        topology = root / f"sys/devices/system/cpu/cpu{cpu}/topology"
+        topology.mkdir(parents=True)
+        (topology / "physical_package_id").write_text(f"{package}\n")
+        (topology / "core_id").write_text(f"{core}\n")
+    (root / "proc/self").mkdir(parents=True)
+    (root / "proc/self/cgroup").write_text(cgroup)
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+@pytest.mark.parametrize(("affinity", "cgroup", "files", "expected"), [
+    ({0, 1, 2, 3}, "0::/\n", {}, 2),  # 2 cores x 2 hyper-threads, no quota
+    ({0, 2}, "0::/\n", {}, 1),  # both siblings of core 0
+    ({0, 1}, "0::/\n", {}, 2),
+    (set(range(8)), "0::/job\n", {"sys/fs/cgroup/job/cpu.max": "150000 100000\n"}, 2),  # --cpus=1.5 -> 2
+    (set(range(8)), "0::/job\n", {"sys/fs/cgroup/job/cpu.max": "max 100000\n"}, 4),  # no limit: 4 cores
+    (set(range(8)), "4:cpu,cpuacct:/d\n0::/\n", {"sys/fs/cgroup/cpu,cpuacct/d/cpu.cfs_quota_us": "100000\n",
+                                                   "sys/fs/cgroup/cpu,cpuacct/d/cpu.cfs_period_us": "100000\n"}, 1),
+    (set(range(8)), "4:cpu,cpuacct:/d\n", {"sys/fs/cgroup/cpu,cpuacct/d/cpu.cfs_quota_us": "-1\n",
+                                           "sys/fs/cgroup/cpu,cpuacct/d/cpu.cfs_period_us": "100000\n"}, 4),
+])
+def test_physical_cores_counts_cores_in_the_affinity_mask_capped_by_the_cgroup_quota(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, affinity: set[int], cgroup: str, files: dict[str, str],
+        expected: int) -> None:
+    topology = {cpu: (cpu // 4, cpu % 2) for cpu in range(8)}  # 2 packages x 2 cores x 2 threads
+    root = fake_machine(tmp_path, topology, cgroup, files)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: affinity)
+    assert llamacpp.physical_cores(root) == expected

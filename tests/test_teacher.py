@@ -269,6 +269,50 @@ def test_llamacpp_backend_in_process(shared_data: Path, tmp_path: Path) -> None:
     assert stats["styles"]["pot"]["samples"] == 2
 
 
+@pytest.mark.slow
+def test_an_over_long_prompt_fails_alone() -> None:
+    """One request that does not fit num_ctx gets its own non-retryable error; the others in its batch are
+    sampled as they would be without it."""
+    long_prompt = teacher_prompt(QUESTION + " More words." * 600, style="cot")
+
+    async def go() -> tuple:
+        teacher = make_teacher(f"llamacpp:{DEMO_TEACHER}", num_ctx=1024)
+        try:
+            await teacher.check()
+            short = [teacher.complete(teacher_prompt(QUESTION, style="pot"), temperature=0.8, max_tokens=24,
+                                      stop=TEACHER_STOP["pot"], seed=seed) for seed in (1, 2)]
+            mixed = await asyncio.gather(short[0], teacher.complete(long_prompt, temperature=0.8, max_tokens=24,
+                                                                    stop=[], seed=3), short[1],
+                                         return_exceptions=True)
+            alone = [await teacher.complete(teacher_prompt(QUESTION, style="pot"), temperature=0.8, max_tokens=24,
+                                            stop=TEACHER_STOP["pot"], seed=seed) for seed in (1, 2)]
+            return mixed, alone
+        finally:
+            await teacher.aclose()
+
+    mixed, alone = asyncio.run(go())
+    assert isinstance(mixed[1], TeacherError) and not mixed[1].retryable
+    assert "does not fit num_ctx 1024" in str(mixed[1])
+    assert [mixed[0][0].text, mixed[2][0].text] == [alone[0][0].text, alone[1][0].text]
+
+
+def test_an_unexpected_error_in_a_batch_reaches_every_caller(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A MemoryError (or a llama.cpp failure) in the worker resolves every waiting request: teach cannot hang."""
+    teacher = make_teacher("llamacpp:unused.gguf")
+
+    def out_of_memory(requests: list) -> list:
+        raise MemoryError("no room for the KV cache")
+
+    monkeypatch.setattr(teacher, "_sample", out_of_memory)
+
+    async def go() -> list:
+        calls = [teacher.complete(f"prompt {i}", temperature=0.5, max_tokens=8, stop=[], seed=i) for i in range(3)]
+        return await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), timeout=10)
+
+    results = asyncio.run(go())
+    assert [type(r) for r in results] == [MemoryError] * 3
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
