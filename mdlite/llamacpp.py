@@ -228,6 +228,8 @@ def _signal_name(number: int) -> str:
 
 
 if __name__ == "__main__":  # llama_cpp.server with mdlite's parameters: server_command()
-    llama_cpp_module()
+    from llama_cpp import _logger
+
+    llama_cpp_module().llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))  # the server's --verbose
     sys.argv[0] = "llama_cpp.server"
     runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)

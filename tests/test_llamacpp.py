@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mdlite import doctor, llamacpp
-from mdlite.llamacpp import llama_cpp_module, open_llama, probe_default_kernels
+from mdlite.llamacpp import llama_cpp_module, log_to, open_llama, probe_default_kernels
 from mdlite.models import model_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +55,11 @@ def test_model_parameters_have_no_extra_buffer_types_for_any_opener() -> None:
 
 @pytest.mark.slow
 def test_open_llama_uses_the_doors_parameters() -> None:
-    llm = open_llama(model_path("gemma-3-270m"), n_ctx=64, n_threads=1, n_gpu_layers=0)
+    log: list[str] = []
+    with log_to(log.append):  # llama.cpp names each weight buffer it allocates
+        llm = open_llama(model_path("gemma-3-270m"), n_ctx=64, n_threads=1, n_gpu_layers=0)
+    buffers = [line for line in "".join(log).splitlines() if "model buffer size" in line]
+    assert buffers and not [line for line in buffers if "REPACK" in line or "AMX" in line], buffers
     try:
         assert llm.model_params.use_extra_bufts is False
         assert llm.n_threads == 1 and llm.model_params.n_gpu_layers == 0
