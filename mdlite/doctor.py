@@ -309,18 +309,17 @@ def _kernels() -> list[Check]:
     """llama.cpp's default CPU kernels (repacked / AMX weights: what llama-cli, llama-server and Ollama run) on a
     cached model with a few-token prompt, in a child process: they crash on some CPUs (llama.cpp #20824)."""
     from mdlite.llamacpp import NO_REPACK_HINT, probe_default_kernels
-    from mdlite.models import cached_gguf, registry
 
-    cached = [cached_gguf(card) for card in registry().values() if card.gguf and cached_gguf(card).is_file()]
-    if not cached:
+    model = _cached_model()
+    if model is None:
         return [Check("kernels", "warn", "llama.cpp's default kernels not tried: no registry model is cached",
                       "mdlite models fetch gemma-3-270m, then run mdlite doctor again")]
-    ok, detail = probe_default_kernels(cached[0])
+    ok, detail = probe_default_kernels(model)
     if ok:
         return [Check("kernels", "ok", f"llama.cpp's default kernels (repacked weights, as in llama-cli, llama-server "
-                                       f"and Ollama) run on this CPU: {detail} ({cached[0].name})")]
+                                       f"and Ollama) run on this CPU: {detail} ({model.name})")]
     return [Check("kernels", "fail", f"llama.cpp's default kernels crash on this CPU (llama.cpp #20824): {detail} "
-                                     f"({cached[0].name}); mdlite turns these kernels off, so mdlite itself runs",
+                                     f"({model.name}); mdlite turns these kernels off, so mdlite itself runs",
                   f"other llama.cpp programs need them off too: {NO_REPACK_HINT}")]
 
 

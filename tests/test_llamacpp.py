@@ -93,7 +93,7 @@ def test_a_crashing_probe_is_a_fail_line_and_doctor_survives(monkeypatch: pytest
     assert not ok and "signal 11 (SIGSEGV)" in detail
     fake = tmp_path / "cached.gguf"
     fake.write_bytes(b"GGUF")
-    monkeypatch.setattr("mdlite.models.cached_gguf", lambda card: fake)
+    monkeypatch.setattr(doctor, "_cached_model", lambda: fake)
     [line] = doctor.run_check("kernels")
     assert line.verdict == "fail" and "crash on this CPU (llama.cpp #20824)" in line.detail, line
     assert "--no-repack" in line.fix and "LLAMA_ARG_REPACK=0" in line.fix
@@ -101,7 +101,7 @@ def test_a_crashing_probe_is_a_fail_line_and_doctor_survives(monkeypatch: pytest
 
 
 def test_no_cached_model_is_a_warning_not_a_crash(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr("mdlite.models.cached_gguf", lambda card: tmp_path / "missing.gguf")
+    monkeypatch.setattr(doctor, "_cached_model", lambda: None)
     [line] = doctor.run_check("kernels")
     assert line.verdict == "warn" and "mdlite models fetch" in line.fix
 
