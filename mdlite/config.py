@@ -146,6 +146,9 @@ class TeachConfig:
     num_ctx: int = knob(2048, "Context window in tokens (Ollama num_ctx, llamacpp n_ctx).")
     keep_alive: str = knob("30m", "How long Ollama keeps the model loaded after a request.")
     n_threads: int = knob(0, "llamacpp backend: CPU threads; 0: the physical cores.")
+    n_gpu_layers: int = knob(-1, "llamacpp backend: layers offloaded to the GPU; -1: all when llama.cpp was built "
+                                 "with GPU offload, else none; 0: CPU only (batch-invariant samples, so a resumed "
+                                 "run equals a fresh one; see mdlite/engine.py).")
     seed: int = knob(0, "Base seed; sample i of (problem, style) uses a seed derived from (seed, id, style, i).")
     timeout_s: float = knob(300.0, "Per-request timeout in seconds.")
     retries: int = knob(4, "Retries of a request after a timeout, connection error, 429 or 5xx.")

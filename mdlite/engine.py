@@ -1,56 +1,64 @@
-"""Batched multi-path sampling on llama.cpp: each prompt is evaluated once and shared by its paths.
+"""Continuous batching of multi-path sampling on llama.cpp: each prompt is evaluated once and shared by its
+paths, and a finished path's place goes to the next waiting one at once.
 
     from mdlite.engine import Engine
     with Engine("qwen2.5-coder-0.5b-instruct") as engine:
-        [cot, pot] = engine.sample([cot_prompt, pot_prompt], n=5, temperature=0.7, max_tokens=256,
-                                   stop=[["\\nQuestion:"], ["```"]], seed=0)
-        cot[0].text, cot[0].tokens, cot[0].finish_reason
+        future = engine.submit(cot_prompt, n=5, temperature=0.7, max_tokens=256, stop=["\\nQuestion:"], seed=0)
+        [cot, pot] = engine.sample([cot_prompt, pot_prompt], n=5, temperature=0.7, seed=0)  # submit + wait
+        future.result()[0].text, cot[0].tokens, cot[0].finish_reason
 
-`Engine.sample` evaluates each prompt once, copies its KV cells to its n sequences
-(`llama_memory_seq_cp`), then decodes every live sequence in one batch per step, each with its own
-sampler chain. A sequence ends on an end-of-generation token, a stop string (the text is cut before
-it), a `stop_after` pattern (the text is kept up to the end of its first match; e.g. the CoT answer
-sentence) or the `max_tokens` budget.
+`Engine.submit(prompt, n=...)` queues a request and returns a `concurrent.futures.Future` of its n
+`Generation`s; any thread may submit (teach's event loop, eval's loop, one coroutine per served request),
+and `Future.cancel()` drops a request's paths at the next decode step. One worker thread owns the
+llama.cpp context and repeats one step: admit waiting requests (oldest first) while free sequences are
+left for all of a request's paths: evaluate the prompt alone, copy its KV cells to its n sequences
+(`llama_memory_seq_cp`), sample each path's first token; then decode every live path in one batch, each
+with its own sampler chain; a path that ends frees its sequence for the next step, and a request whose
+paths have all ended resolves its future. Requests with different sampling settings share batches. A
+path ends on an end-of-generation token, a stop string (the text is cut before it), its `stop_after`
+callable (the text is kept up to the index it returns: e.g. the end of the CoT answer sentence) or its
+`max_tokens` budget. `sample()` is submit-all-and-wait.
+
+Context: `max_paths` sequences of `n_ctx` KV cells each, plus one per prefix-cache slot, allocated once.
+A request whose prompt + max_tokens exceeds n_ctx fails alone (MdliteError from `submit`). `n_ctx` 0
+sizes the context from the requests waiting when it is first needed, and regrows it (which empties the
+prefix cache) only when a longer request arrives, once the paths in flight have ended. Memory: about
+2 x 1.06 bytes x n_layers x n_kv_heads x head_dim per cell (Q8_0 K and V): ~6.5 KB for the 0.5B demo
+model, ~0.27 MB for a 7B LLaMA, so 16 paths + 2 slots of 1,024 cells take ~120 MB and ~5 GB.
 
 Prefix cache: the engine keeps the KV cells of its last `prefix_cache` prompts, one KV stream each
 (default 2: one per style). A new prompt that shares at least MIN_PREFIX leading tokens with a cached
 one (the few-shot exemplar block, a chat template's head) gets those cells copied and only its new
 suffix is evaluated; the prompt then replaces the cached prompt of its family (one sharing at least
-half of it), else the least recently used one. Memory: each slot is one more KV stream of the
-context's cells per sequence (Q8_0 K and V, about 2 x 1.06 bytes x n_layers x n_kv_heads x head_dim
-per cell: ~6.5 KB per cell for the 0.5B demo model, ~0.27 MB for a 7B LLaMA; at 1024 cells 6.5 MB
-and 280 MB per slot). A call that needs more cells or sequences than the context has gets a new
-context, whose cache starts empty. `prefix_cache=0` turns it off (every prompt is evaluated whole;
-the baseline in bench/fewshot.py).
+half of it), else the least recently used one. `prefix_cache=0` turns it off (every prompt is evaluated
+whole; the baseline in bench/fewshot.py).
 
-Batch invariance: a path's tokens must not depend on what else shares its batch, yet llama.cpp's CPU
-kernels change with the batch's shape; with llama.cpp's defaults one prompt's logits differed by up
-to 0.8 between batch compositions, enough to flip greedy choices. So on CPU the engine keeps every
-computation a path sees the same whatever else is batched: each prompt is decoded in a batch of its
-own; each sequence has its own KV stream (`kv_unified` off: its cells never interleave with other
+Batch invariance: a path's tokens must not depend on what else shares its batch or joins it later, yet
+llama.cpp's CPU kernels change with the batch's shape; with llama.cpp's defaults one prompt's logits
+differed by up to 0.8 between batch compositions, enough to flip greedy choices. So on CPU the engine
+keeps every computation a path sees the same whatever else is batched: each prompt is decoded in a batch
+of its own; each sequence has its own KV stream (`kv_unified` off: its cells never interleave with other
 sequences'); flash attention runs over a Q8_0 KV cache (over F16 cells llama.cpp takes a tiled kernel
 for many query rows and a split-KV kernel for one); weight repacking is off and GGML_CPU_TILED_MM=0
-(both switch matrix kernels with the row count). tests/test_engine.py checks that paths come out the
-same alone and in batches of other shapes. The same holds for the prefix cache: a prompt evaluated in
-two parts (cached prefix + suffix) gives the same cells and logits as in one part, because every
-row's computation is independent of the other rows of its batch and flash attention skips masked
-cells, so what was cached before never changes a path's text (tested). Guaranteed on CPU: the same
-model file, prompt, seed and settings give the same text on the same machine and llama.cpp build,
-whatever else shares the call or was cached. Not guaranteed: equality across llama.cpp versions, CPU
-instruction sets or thread counts.
+(both switch matrix kernels with the row count). The same holds for the prefix cache: a prompt
+evaluated in two parts (cached prefix + suffix) gives the same cells and logits as in one part.
+tests/test_engine.py compares the logits' bytes of every step, alone and in batches of other shapes,
+cache on and off. Where it holds: x86-64 CPU builds (tested here): the same model file, prompt, seed and
+settings give the same text on the same machine and llama.cpp build, whatever else shares the batch or
+was cached. Where it does not: on aarch64 with i8mm, ggml's quantized matrix kernels process two rows
+at a time, so a row's result depends on whether the row count is even; with layers on a GPU, kernels
+pick their tiling and reduction order by the batch's shape (sampled answers stay draws of the same model;
+greedy paths can flip at near-ties). Nowhere across llama.cpp versions, instruction sets or thread
+counts. Set n_gpu_layers 0 on a GPU build for the CPU guarantee.
 
 GPU: `n_gpu_layers` -1 (the default everywhere in mdlite) offloads every layer when llama.cpp was built
 with GPU offload (CUDA, Metal, Vulkan, ...; `llama_supports_gpu_offload()`) and keeps all on the CPU
-otherwise (`gpu_layers()` resolves it; 0 forces the CPU). With layers on a GPU the batch invariance
-above is not guaranteed: GPU kernels pick their tiling and reduction order by the batch's shape, so a
-path's text may change with what else shares its batch or was cached (sampled answers stay draws of the
-same model; greedy paths can flip at near-ties). Runs stay repeatable only as far as the backend is
-deterministic for the same batches. Set n_gpu_layers 0 for the CPU guarantee.
+otherwise (`gpu_layers()` resolves it; 0 forces the CPU).
 
-Seeds: path j of prompt p is drawn with the sampler seed `derive_seed(seed_p, first_path + j)`, where
-seed_p is `derive_seed(seed, p)` (or the caller's own per-prompt seed). A path's text therefore does
-not depend on how many other paths share its batch, and a later call with `first_path=k` continues
-a run of k paths. Temperature 0 is greedy.
+Seeds: path j of a request is drawn with the sampler seed `derive_seed(seed, first_path + j)`; `sample()`
+gives prompt p the seed `derive_seed(seed, p)` (or the caller's own per-prompt seed). A path's text
+therefore does not depend on how many other paths share its batch, and a later request with
+`first_path=k` continues a run of k paths. Temperature 0 is greedy.
 
 Threads: `n_threads` 0 uses the machine's physical cores. The model is opened through mdlite's one door
 to llama.cpp (`mdlite/llamacpp.py`: threads, GPU layers, environment, no repacked weights).
@@ -62,8 +70,10 @@ import codecs
 import ctypes
 import hashlib
 import logging
-import re
-from collections.abc import Sequence
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -76,6 +86,8 @@ log = logging.getLogger(__name__)
 
 MIN_PREFIX = 16  # shortest shared prefix worth copying from the prefix cache (tokens)
 _CTX_ROUND = 256  # llama.cpp rounds each sequence's KV stream to this many cells
+
+StopAfter = Callable[[str], "int | None"]  # text -> the index just past a complete rationale, or None
 
 
 @dataclass(frozen=True)
@@ -94,30 +106,41 @@ def derive_seed(*parts: int | str) -> int:
 
 
 class Engine:
-    """A GGUF loaded once for batched multi-path sampling.
+    """A GGUF loaded once for continuously batched multi-path sampling (see the module docstring).
 
-    `n_ctx` is each sequence's KV cache size in cells (its prompt plus max_tokens); 0 sizes it per
-    call, growing as needed. `n_gpu_layers` -1: all layers on the GPU when llama.cpp has GPU offload,
-    else 0 (see `gpu_layers()`). `n_threads` 0 uses the physical cores. `prefix_cache`: prompts whose KV
-    cells are kept for reuse (0: off; see the module docstring).
+    `n_ctx`: each sequence's KV cells (its prompt plus max_tokens); 0 sizes them from the requests.
+    `max_paths`: the paths decoded together (sequences). `n_gpu_layers` -1: all layers on the GPU when
+    llama.cpp has GPU offload, else 0 (see `gpu_layers()`). `n_threads` 0 uses the physical cores.
+    `prefix_cache`: prompts whose KV cells are kept for reuse (0: off).
     """
 
-    def __init__(self, model: str | Path, *, n_ctx: int = 0, n_gpu_layers: int = -1, n_threads: int = 0,
-                 n_batch: int = 512, prefix_cache: int = 2) -> None:
+    def __init__(self, model: str | Path, *, n_ctx: int = 0, max_paths: int = 16, n_gpu_layers: int = -1,
+                 n_threads: int = 0, n_batch: int = 512, prefix_cache: int = 2) -> None:
         from mdlite.models import model_path
 
         self.path = model_path(str(model))
         self.n_ctx, self.n_batch, self.prefix_cache = n_ctx, n_batch, prefix_cache
         self.n_threads = n_threads or physical_cores()
-        self.prompt_tokens = self.cached_tokens = 0  # prompt tokens asked for / taken from the prefix cache
-        self._cached: list[_Cached] = []  # least recently used first
         self._llama = llama = llama_cpp_module()
+        self.max_paths = min(max_paths, llama.llama_max_parallel_sequences() - prefix_cache, n_batch)
+        if self.max_paths < 1:
+            raise MdliteError(f"max_paths {max_paths} with prefix_cache {prefix_cache} leaves no sequence to sample "
+                              "on; raise max_paths (flag --batch-paths) or lower prefix_cache")
+        self.prompt_tokens = self.cached_tokens = 0  # prompt tokens asked for / taken from the prefix cache
+        self.steps = 0  # decode steps so far
         self.n_gpu_layers = gpu_layers(n_gpu_layers)
         self._model = load_model(self.path, n_gpu_layers=self.n_gpu_layers)
         self._vocab = llama.llama_model_get_vocab(self._model)
         self.n_ctx_train = llama.llama_model_n_ctx_train(self._model)
         self._ctx: Any = None
-        self._ctx_cells = self._ctx_seqs = 0  # KV cells per sequence; sequences
+        self._ctx_cells = 0  # KV cells per sequence of the current context
+        self._cached: list[_Cached] = []  # least recently used first
+        self._free: list[int] = []  # sequences without a path
+        self._waiting: deque[_Request] = deque()
+        self._live: list[_Request] = []
+        self._cond = threading.Condition()
+        self._worker: threading.Thread | None = None
+        self._closing = False
         self._piece = ctypes.create_string_buffer(256)
         self._eog: list[int] | None = None  # end-of-generation tokens, listed on first use
         log.info("loaded %s (%d threads, n_gpu_layers %d)", self.path, self.n_threads, self.n_gpu_layers)
@@ -130,7 +153,12 @@ class Engine:
         self.close()
 
     def close(self) -> None:
-        """Free the context and the model."""
+        """Fail what is waiting or in flight (MdliteError), stop the worker, free the context and the model."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if self._worker is not None and self._worker is not threading.current_thread():
+            self._worker.join()
         if self._ctx:
             self._llama.llama_free(self._ctx)
             self._ctx = None
@@ -141,6 +169,8 @@ class Engine:
     def tokenize(self, text: str) -> list[int]:
         """`text` as tokens, with the model's BOS token when it wants one; special tokens written in the
         text (e.g. a chat template's `<|im_start|>`) become those tokens, as in llama.cpp's server."""
+        if not self._model:
+            raise MdliteError("the engine is closed")
         data = text.encode("utf-8")
         size = len(data) + 8
         for _ in range(2):
@@ -151,79 +181,220 @@ class Engine:
             size = -count
         raise MdliteError(f"llama.cpp could not tokenize a prompt of {len(data)} bytes")
 
+    def submit(self, prompt: str, *, n: int = 1, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+               max_tokens: int = 256, stop: Sequence[str] = (), stop_after: StopAfter | None = None, seed: int = 0,
+               first_path: int = 0, ignore_eos: bool = False) -> Future[list[Generation]]:
+        """Queue `n` paths of `prompt`; the future's result is their Generations, in path order.
+
+        `stop`: stop strings. `stop_after`: called with a path's text after each token, it returns the index
+        just past a complete answer (the path ends there) or None. `seed`, `first_path`: path j is drawn with
+        derive_seed(seed, first_path + j). `top_k` 0 and `top_p` 1 switch those filters off. `ignore_eos`
+        bans end-of-generation tokens, so paths end on stop strings or max_tokens only (benchmarks).
+        MdliteError (at once) for a prompt that cannot be sampled: empty, too long, or more paths than
+        max_paths.
+        """
+        if max_tokens < 1 or n < 0:
+            raise ValueError("max_tokens must be >= 1 and n >= 0")
+        tokens = self.tokenize(prompt)
+        self._check(tokens, n, max_tokens)
+        request = _Request(tokens, n, (temperature, top_p, top_k, ignore_eos), max_tokens, list(stop),
+                           stop_after, seed, first_path)
+        if n == 0:
+            request.future.set_result([])
+            return request.future
+        with self._cond:
+            if self._closing:
+                raise MdliteError("the engine is closed")
+            self._waiting.append(request)
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._work, name="mdlite-engine", daemon=True)
+                self._worker.start()
+            self._cond.notify()
+        return request.future
+
     def sample(self, prompts: Sequence[str], *, n: int | Sequence[int] = 1, temperature: float = 0.0,
                top_p: float = 1.0, top_k: int = 0, max_tokens: int = 256,
                stop: Sequence[str] | Sequence[Sequence[str]] = (), seed: int | Sequence[int] = 0,
-               first_path: int | Sequence[int] = 0, stop_after: str | Sequence[str | None] | None = None,
+               first_path: int | Sequence[int] = 0,
+               stop_after: StopAfter | Sequence[StopAfter | None] | None = None,
                ignore_eos: bool = False) -> list[list[Generation]]:
-        """`n` paths per prompt (an int, or one count per prompt), as result[prompt][path].
+        """`n` paths per prompt (an int, or one count per prompt), as result[prompt][path]: every prompt
+        submitted, then waited for.
 
-        `stop`: stop strings for every prompt, or one list per prompt. `seed`: one base seed, or one
-        per prompt; `first_path`: the number of the first path, for all prompts or per prompt (see the
-        module docstring). `stop_after`: a regular expression, for every prompt or one (or None) per
-        prompt; a path ends right after its first match. `top_k` 0 and `top_p` 1 switch those filters
-        off. `ignore_eos` bans end-of-generation tokens, so paths end on stop strings or max_tokens only
-        (benchmarks).
+        `stop`: stop strings for every prompt, or one list per prompt. `seed`: one base seed (prompt p gets
+        derive_seed(seed, p)) or one per prompt; `first_path` and `stop_after`: one for all prompts or one
+        per prompt. The rest as `submit`.
         """
-        counts = [n] * len(prompts) if isinstance(n, int) else list(n)
-        firsts = [first_path] * len(prompts) if isinstance(first_path, int) else list(first_path)
-        stops = _per_prompt(stop, len(prompts))
-        ends = [stop_after] * len(prompts) if stop_after is None or isinstance(stop_after, str) else list(stop_after)
-        seeds = [derive_seed(seed, p) for p in range(len(prompts))] if isinstance(seed, int) else list(seed)
-        if not len(counts) == len(firsts) == len(seeds) == len(ends) == len(prompts):
-            raise ValueError("n, seed, first_path and stop_after must be one value or have one entry per prompt")
-        if max_tokens < 1 or min(counts, default=1) < 0:
-            raise ValueError("max_tokens must be >= 1 and n >= 0")
-        tokens = [self.tokenize(prompt) for prompt in prompts]
-        if not all(tokens):
-            raise MdliteError("an empty prompt cannot be sampled from (the model adds no BOS token)")
-        self._prepare(tokens, counts, max_tokens)
-        paths = [_Path(prompt=p, seq=0, stop=stops[p], end=ends[p], sampler=self._sampler(
-                    temperature, top_p, top_k, derive_seed(seeds[p], firsts[p] + j), ignore_eos=ignore_eos))
-                 for p in range(len(prompts)) for j in range(counts[p])]
-        for seq, path in enumerate(paths, start=self.prefix_cache):
-            path.seq = seq
+        count = len(prompts)
+        counts = _each(n, count, "n")
+        seeds = [derive_seed(seed, p) for p in range(count)] if isinstance(seed, int) else _each(seed, count, "seed")
+        firsts = _each(first_path, count, "first_path")
+        ends = _each(stop_after, count, "stop_after")
+        stops = _per_prompt(stop, count)
+        futures: list[Future[list[Generation]]] = []
         try:
-            self._generate(tokens, paths, max_tokens)
+            for p, prompt in enumerate(prompts):
+                futures.append(self.submit(prompt, n=counts[p], temperature=temperature, top_p=top_p, top_k=top_k,
+                                           max_tokens=max_tokens, stop=stops[p], stop_after=ends[p], seed=seeds[p],
+                                           first_path=firsts[p], ignore_eos=ignore_eos))
+            return [future.result() for future in futures]
         finally:
-            for path in paths:
-                self._llama.llama_sampler_free(path.sampler)
-        result: list[list[Generation]] = [[] for _ in prompts]
-        for path in paths:
-            result[path.prompt].append(Generation(path.text, path.tokens, path.finish_reason))
-        return result
+            for future in futures:
+                future.cancel()
 
-    # ---- private ----
+    # ---- the worker ----
 
-    def _prepare(self, tokens: list[list[int]], counts: list[int], max_tokens: int) -> None:
-        """A cleared context big enough for these prompts and paths, or MdliteError saying why not."""
-        live = [i for i, count in enumerate(counts) if count]
-        longest = max((len(tokens[i]) for i in live), default=0)
-        if longest + max_tokens > self.n_ctx_train:
-            raise MdliteError(f"a prompt of {longest} tokens + max_tokens {max_tokens} exceeds the model's "
+    def _check(self, tokens: list[int], n: int, max_tokens: int) -> None:
+        if not tokens:
+            raise MdliteError("an empty prompt cannot be sampled from (the model adds no BOS token)")
+        cells = len(tokens) + max_tokens
+        if cells > self.n_ctx_train:
+            raise MdliteError(f"a prompt of {len(tokens)} tokens + max_tokens {max_tokens} exceeds the model's "
                               f"context of {self.n_ctx_train} tokens; shorten the prompt or lower max_tokens")
-        seqs = sum(counts) + self.prefix_cache
-        limit = min(self._llama.llama_max_parallel_sequences(), self.n_batch)
-        if seqs > limit:
-            raise MdliteError(f"{seqs - self.prefix_cache} paths in one call exceed the limit of "
-                              f"{limit - self.prefix_cache} sequences; sample fewer paths")
-        cells = longest + max_tokens
         if self.n_ctx and cells > self.n_ctx:
-            raise MdliteError(f"a prompt of {longest} tokens + max_tokens {max_tokens} needs {cells} KV cells per "
+            raise MdliteError(f"a prompt of {len(tokens)} tokens + max_tokens {max_tokens} needs {cells} KV cells per "
                               f"path, but n_ctx is {self.n_ctx}; raise n_ctx (flag --num-ctx; 0 sizes it "
                               "automatically) or lower max_tokens")
-        want_cells = -(-(self.n_ctx or cells) // _CTX_ROUND) * _CTX_ROUND
-        if self._ctx is None or want_cells > self._ctx_cells or seqs > self._ctx_seqs:
-            self._new_context(max(want_cells, self._ctx_cells), max(seqs, self._ctx_seqs, 1))
-        mem = self._llama.llama_get_memory(self._ctx)
-        for seq in range(self.prefix_cache, self._ctx_seqs):  # the cached prompts' streams stay
-            self._llama.llama_memory_seq_rm(mem, seq, -1, -1)
+        if n > self.max_paths:
+            raise MdliteError(f"{n} paths of one prompt exceed the engine's {self.max_paths} sequences; sample "
+                              "fewer paths or raise batch_paths (flag --batch-paths)")
 
-    def _new_context(self, cells: int, seqs: int) -> None:
+    def _work(self) -> None:
+        """The worker thread: admit, decode one step, repeat; fail everything left when the engine closes."""
+        batch = self._llama.llama_batch_init(self.n_batch, 0, 1)
+        try:
+            while True:
+                with self._cond:
+                    while not self._closing and not self._live and not self._waiting:
+                        self._cond.wait()
+                    if self._closing:
+                        break
+                    admitted = self._admit()
+                try:
+                    self._step(admitted, batch)
+                except Exception as error:  # noqa: BLE001 - a llama.cpp failure reaches every caller, none hangs
+                    log.error("the engine failed: %s: %s", type(error).__name__, error)
+                    for request in self._live:
+                        self._release(request)
+                        request.fail(error)
+                    self._live = []
+        finally:
+            self._llama.llama_batch_free(batch)
+            with self._cond:
+                left, self._waiting = [*self._live, *self._waiting], deque()
+            for request in self._live:
+                self._release(request)
+            self._live = []
+            for request in left:
+                request.fail(MdliteError("the engine was closed before this request was answered"))
+
+    def _admit(self) -> list[_Request]:
+        """(Lock held.) Move the oldest waiting requests into free sequences while all their paths fit;
+        cancelled ones are dropped. Sizes (or regrows, once nothing is in flight) the context first."""
+        while self._waiting and self._waiting[0].future.cancelled():
+            self._waiting.popleft()
+        if not self._waiting:
+            return []
+        needed = max(len(r.tokens) + r.max_tokens for r in self._waiting)
+        if self._ctx is None or (not self.n_ctx and needed > self._ctx_cells and not self._live):
+            cells = self.n_ctx or min(needed + needed // 4, self.n_ctx_train)  # headroom for longer prompts
+            try:
+                self._new_context(-(-cells // _CTX_ROUND) * _CTX_ROUND)
+            except MdliteError as error:
+                for request in self._waiting:
+                    request.fail(error)
+                self._waiting.clear()
+                return []
+        admitted = []
+        while self._waiting:
+            request = self._waiting[0]
+            if request.future.cancelled():
+                self._waiting.popleft()
+                continue
+            if len(request.tokens) + request.max_tokens > self._ctx_cells or request.n > len(self._free):
+                break  # it waits for free sequences or, with n_ctx 0, for the context to regrow
+            self._waiting.popleft()
+            request.seqs = [self._free.pop() for _ in range(request.n)]
+            admitted.append(request)
+        return admitted
+
+    def _step(self, admitted: list[_Request], batch: Any) -> None:
+        """Drop cancelled requests, start the admitted ones (each prompt alone), decode one token of every
+        live path, then free the sequences of the paths that ended and resolve finished requests."""
+        llama = self._llama
+        for request in [r for r in self._live if r.future.cancelled()]:
+            self._release(request)
+            self._live.remove(request)
+        self._live += admitted  # before any starts: a failure below releases them all
+        for request in admitted:
+            self._start(request, batch)
+        live = [path for request in self._live for path in request.paths if not path.finish_reason]
+        if live:
+            for i, path in enumerate(live):
+                _put(batch, i, path.last, path.pos, path.seq, logits=True)
+            self._decode(batch, len(live))
+            self.steps += 1
+            for i, path in enumerate(live):
+                path.pos += 1
+                self._sample_token(path, i)
+        mem = llama.llama_get_memory(self._ctx)
+        for request in list(self._live):
+            for path in request.paths:
+                if path.finish_reason and path.sampler is not None:
+                    llama.llama_sampler_free(path.sampler)
+                    path.sampler = None
+                    llama.llama_memory_seq_rm(mem, path.seq, -1, -1)
+                    request.seqs.remove(path.seq)
+                    with self._cond:
+                        self._free.append(path.seq)
+            if all(path.finish_reason for path in request.paths):
+                self._live.remove(request)
+                request.succeed()
+
+    def _start(self, request: _Request, batch: Any) -> None:
+        """Evaluate `request`'s prompt alone on its first sequence (after the cells of its longest cached
+        prefix), copy it to the other sequences and the prefix cache, sample every path's first token."""
+        llama = self._llama
+        prompt, first = request.tokens, request.seqs[0]
+        temperature, top_p, top_k, ignore_eos = request.sampling
+        request.paths = [_Path(seq=seq, key=(request.seed, request.first_path + j), stop=request.stop,
+                               end=request.stop_after, max_tokens=request.max_tokens,
+                               sampler=self._sampler(temperature, top_p, top_k,
+                                                     derive_seed(request.seed, request.first_path + j),
+                                                     ignore_eos=ignore_eos))
+                         for j, seq in enumerate(request.seqs)]
+        for start in range(self._reuse_prefix(prompt, first), len(prompt), self.n_batch):
+            chunk = prompt[start:start + self.n_batch]
+            for i, token in enumerate(chunk):
+                _put(batch, i, token, start + i, first, logits=start + i == len(prompt) - 1)
+            self._decode(batch, len(chunk))
+        self._remember_prompt(prompt, first)
+        mem = llama.llama_get_memory(self._ctx)
+        for path in request.paths:
+            if path.seq != first:
+                llama.llama_memory_seq_cp(mem, first, path.seq, -1, -1)
+            path.pos = len(prompt)
+            self._sample_token(path, len(chunk) - 1)
+
+    def _release(self, request: _Request) -> None:
+        """Free the samplers of `request`'s paths and the sequences it still holds."""
+        for path in request.paths:
+            if path.sampler is not None:
+                self._llama.llama_sampler_free(path.sampler)
+                path.sampler = None
+        mem = self._llama.llama_get_memory(self._ctx)
+        with self._cond:
+            for seq in request.seqs:
+                self._llama.llama_memory_seq_rm(mem, seq, -1, -1)
+                self._free.append(seq)
+        request.seqs = []
+
+    def _new_context(self, cells: int) -> None:
         llama = self._llama
         if self._ctx:
             llama.llama_free(self._ctx)
             self._ctx = None
+        seqs = self.max_paths + self.prefix_cache
         params = llama.llama_context_default_params()
         params.n_ctx, params.n_seq_max, params.kv_unified = cells * seqs, seqs, False
         params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_ENABLED
@@ -232,10 +403,12 @@ class Engine:
         params.n_threads = params.n_threads_batch = self.n_threads
         self._ctx = llama.llama_init_from_model(self._model, params)
         if not self._ctx:
+            self._ctx_cells = 0
             raise MdliteError(f"llama.cpp could not create a context of {cells} KV cells for each of {seqs} "
-                              "sequences; lower n_ctx (flag --num-ctx), max_tokens or paths")
-        self._ctx_cells, self._ctx_seqs = cells, seqs
+                              "sequences; lower n_ctx (flag --num-ctx), max_tokens or batch_paths")
+        self._ctx_cells = cells
         self._cached = [_Cached(seq=i) for i in range(self.prefix_cache)]
+        self._free = list(range(seqs - 1, self.prefix_cache - 1, -1))  # popped from the end: lowest first
         log.debug("context: %d cells per sequence, %d sequences", cells, seqs)
 
     def _sampler(self, temperature: float, top_p: float, top_k: int, seed: int, *, ignore_eos: bool) -> Any:
@@ -257,43 +430,6 @@ class Engine:
         llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_temp(temperature))
         llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_dist(seed))
         return chain
-
-    def _generate(self, tokens: list[list[int]], paths: list[_Path], max_tokens: int) -> None:
-        llama, ctx = self._llama, self._ctx
-        mem = llama.llama_get_memory(ctx)
-        batch = llama.llama_batch_init(self.n_batch, 0, 1)
-        try:
-            # Each prompt alone, on the sequence of its first path (after the cells of its longest cached
-            # prefix); copied to its other paths and into the prefix cache.
-            for p, prompt in enumerate(tokens):
-                mine = [path for path in paths if path.prompt == p]
-                if not mine:
-                    continue
-                for start in range(self._reuse_prefix(prompt, mine[0].seq), len(prompt), self.n_batch):
-                    chunk = prompt[start:start + self.n_batch]
-                    for i, token in enumerate(chunk):
-                        _put(batch, i, token, start + i, mine[0].seq, logits=start + i == len(prompt) - 1)
-                    self._decode(batch, len(chunk))
-                self._remember_prompt(prompt, mine[0].seq)
-                for path in mine:
-                    if path is not mine[0]:
-                        llama.llama_memory_seq_cp(mem, mine[0].seq, path.seq, -1, -1)
-                    path.pos = len(prompt)
-                    self._accept(path, llama.llama_sampler_sample(path.sampler, ctx, len(chunk) - 1), max_tokens)
-            # Then one batch per step with every live path.
-            live = [path for path in paths if path.finish_reason == ""]
-            while live:
-                for i, path in enumerate(live):
-                    _put(batch, i, path.last, path.pos, path.seq, logits=True)
-                self._decode(batch, len(live))
-                for i, path in enumerate(live):
-                    path.pos += 1
-                    self._accept(path, llama.llama_sampler_sample(path.sampler, ctx, i), max_tokens)
-                    if path.finish_reason:
-                        llama.llama_memory_seq_rm(mem, path.seq, -1, -1)
-                live = [path for path in live if path.finish_reason == ""]
-        finally:
-            llama.llama_batch_free(batch)
 
     def _reuse_prefix(self, prompt: list[int], seq: int) -> int:
         """Copy the cells of the cached prompt sharing the longest prefix with `prompt` (at least
@@ -331,8 +467,10 @@ class Engine:
             raise MdliteError(f"llama_decode failed (status {status}) on a batch of {count} tokens "
                               f"with a KV cache of {self._ctx_cells} cells; lower paths or max_tokens")
 
-    def _accept(self, path: _Path, token: int, max_tokens: int) -> None:
-        """Add a sampled token to `path`, ending it on end-of-generation, a stop string or the budget."""
+    def _sample_token(self, path: _Path, row: int) -> None:
+        """Sample `path`'s next token from the logits of batch row `row` and add it to the path, ending it on
+        end-of-generation, a stop string, its stop_after or its budget."""
+        token = self._llama.llama_sampler_sample(path.sampler, self._ctx, row)
         if self._llama.llama_vocab_is_eog(self._vocab, token):
             path.finish(path.decoder.decode(b"", final=True), "stop")
             return
@@ -342,7 +480,7 @@ class Engine:
         if size < 0:
             raise MdliteError(f"token {token} does not fit a {len(self._piece)}-byte piece buffer")
         path.add(path.decoder.decode(self._piece.raw[:size]))
-        if not path.finish_reason and path.tokens >= max_tokens:
+        if not path.finish_reason and path.tokens >= path.max_tokens:
             path.finish(path.decoder.decode(b"", final=True), "length")
 
 
@@ -354,12 +492,38 @@ class _Cached:
     tokens: list[int] = field(default_factory=list)
 
 
+@dataclass(eq=False)
+class _Request:
+    """A submitted prompt: its paths' settings, and once admitted, its sequences and paths."""
+
+    tokens: list[int]
+    n: int
+    sampling: tuple[float, float, int, bool]  # temperature, top_p, top_k, ignore_eos
+    max_tokens: int
+    stop: list[str]
+    stop_after: StopAfter | None
+    seed: int
+    first_path: int
+    future: Future[list[Generation]] = field(default_factory=Future)
+    seqs: list[int] = field(default_factory=list)
+    paths: list[_Path] = field(default_factory=list)
+
+    def succeed(self) -> None:
+        if self.future.set_running_or_notify_cancel():
+            self.future.set_result([Generation(p.text, p.tokens, p.finish_reason) for p in self.paths])
+
+    def fail(self, error: BaseException) -> None:
+        if self.future.set_running_or_notify_cancel():
+            self.future.set_exception(error)
+
+
 class _Path:
     """The state of one sequence while it is being generated."""
 
-    def __init__(self, *, prompt: int, seq: int, sampler: Any, stop: list[str], end: str | None = None) -> None:
-        self.prompt, self.seq, self.sampler, self.stop = prompt, seq, sampler, stop
-        self.end = re.compile(end, re.DOTALL) if end else None
+    def __init__(self, *, seq: int, sampler: Any, stop: list[str], end: StopAfter | None = None,
+                 max_tokens: int = 256, key: tuple[int, int] = (0, 0)) -> None:
+        self.seq, self.sampler, self.stop, self.end, self.max_tokens = seq, sampler, stop, end, max_tokens
+        self.key = key  # (the request's seed, the path's number): which draw this is
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
         self.text = ""
         self.tokens = self.pos = self.last = 0
@@ -367,15 +531,16 @@ class _Path:
         self._longest_stop = max(map(len, stop), default=0)
 
     def add(self, piece: str) -> None:
-        """Append decoded text; end the path at the earliest stop string in the new tail."""
+        """Append decoded text; end the path at the earliest stop string in the new tail, else where its
+        `end` says the text is complete."""
         start = max(0, len(self.text) - self._longest_stop + 1)
         self.text += piece
         found = [i for s in self.stop if (i := self.text.find(s, start)) >= 0]
         if found:
             self.text = self.text[:min(found)]
             self.finish_reason = "stop"
-        elif self.end and (match := self.end.search(self.text)):
-            self.text = self.text[:match.end()]
+        elif self.end and (cut := self.end(self.text)) is not None:
+            self.text = self.text[:cut]
             self.finish_reason = "stop"
 
     def finish(self, tail: str, reason: str) -> None:
@@ -392,6 +557,15 @@ def _put(batch: Any, i: int, token: int, pos: int, seq: int, *, logits: bool) ->
 def _common_prefix(a: list[int], b: list[int]) -> int:
     """How many leading tokens `a` and `b` share."""
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def _each(value: Any, count: int, name: str) -> list[Any]:
+    """`value` repeated `count` times, or `value` itself when it is a sequence of `count` entries."""
+    if isinstance(value, (int, float)) or value is None or callable(value):
+        return [value] * count
+    if len(value) != count:
+        raise ValueError(f"{name} must be one value or have one entry per prompt")
+    return list(value)
 
 
 def _per_prompt(stop: Sequence[str] | Sequence[Sequence[str]], count: int) -> list[list[str]]:

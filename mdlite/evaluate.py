@@ -366,8 +366,8 @@ def _duration(seconds: float) -> str:
 
 # ---- decoding -----------------------------------------------------------------------------------
 
-# solve(problems, style, greedy=..., n=...) -> the n scored paths of each problem (mdlite.solve.PathResult)
-Solver = Callable[..., list[list[Any]]]
+# solve(problems, plan) -> (problem, its sample records), in the order of `problems`, each as soon as it is done
+Solver = Callable[[list[Problem], dict[tuple[str, bool], int]], Iterator[tuple[Problem, list[dict[str, Any]]]]]
 
 
 def is_teacher_spec(model: str) -> bool:
@@ -389,13 +389,19 @@ def prompt_style(cfg: EvalConfig) -> str:
     return style
 
 
-def _solve_chunk(chunk: list[Problem], plan: dict[tuple[str, bool], int], solve: Solver) -> list[list[dict[str, Any]]]:
-    """Every planned path of the problems in `chunk`, as sample records, per problem."""
-    records: dict[str, list[dict[str, Any]]] = {p.id: [] for p in chunk}
-    for (style, greedy), n in plan.items():
-        for problem, paths in zip(chunk, solve(chunk, style, greedy=greedy, n=n), strict=True):
-            records[problem.id] += [_record(problem, greedy, path) for path in paths]
-    return [records[p.id] for p in chunk]
+def _chunked(solve_chunk: Callable[..., list[list[Any]]], per_chunk: int) -> Solver:
+    """A Solver from a served model's `solve_chunk(problems, style, greedy=, n=)`: `per_chunk` problems at a
+    time, each plan entry's requests in flight together."""
+    def solve(problems: list[Problem], plan: dict[tuple[str, bool], int]) -> Iterator[tuple[Problem, list[Any]]]:
+        for start in range(0, len(problems), per_chunk):
+            chunk = problems[start:start + per_chunk]
+            records: dict[str, list[dict[str, Any]]] = {p.id: [] for p in chunk}
+            for (style, greedy), n in plan.items():
+                for problem, paths in zip(chunk, solve_chunk(chunk, style, greedy=greedy, n=n), strict=True):
+                    records[problem.id] += [_record(problem, greedy, path) for path in paths]
+            yield from ((problem, records[problem.id]) for problem in chunk)
+
+    return solve
 
 
 def _record(problem: Problem, greedy: bool, path: Any) -> dict[str, Any]:
@@ -409,19 +415,31 @@ def _record(problem: Problem, greedy: bool, path: Any) -> dict[str, Any]:
 
 
 def _engine_solver(cfg: EvalConfig) -> tuple[Solver, Callable[[], None], str | None]:
-    """(solve, close, model digest) for a GGUF: mdlite solve's own sampling, program runs and answers."""
+    """(solve, close, model digest) for a GGUF: mdlite solve's own sampling, program runs and answers, every
+    planned path of every problem submitted to one continuously batching engine."""
     from mdlite.engine import Engine
-    from mdlite.solve import solve_questions
+    from mdlite.solve import Question, solve_each
 
-    engine = Engine(cfg.model, n_gpu_layers=cfg.n_gpu_layers, n_threads=cfg.n_threads, prefix_cache=cfg.prefix_cache)
+    engine = Engine(cfg.model, max_paths=cfg.batch_paths, n_gpu_layers=cfg.n_gpu_layers, n_threads=cfg.n_threads,
+                    prefix_cache=cfg.prefix_cache)
 
-    def solve(chunk: list[Problem], style: str, *, greedy: bool, n: int) -> list[list[Any]]:
-        solutions = solve_questions(
-            engine, [p.question for p in chunk], ids=[p.id for p in chunk], mode=style, paths=n,
-            prompt_style=prompt_style(cfg), temperature=0.0 if greedy else cfg.temperature, top_p=cfg.top_p,
-            max_tokens=cfg.max_tokens, seed=cfg.seed, batch_paths=cfg.batch_paths,
-            program_timeout=cfg.program_timeout_s, program_memory_mb=cfg.program_memory_mb)
-        return [list(solution.paths) for solution in solutions]
+    def solve(problems: list[Problem], plan: dict[tuple[str, bool], int]) -> Iterator[tuple[Problem, list[Any]]]:
+        entries = list(plan.items())
+        questions = [Question(p.question, p.id, cfg.seed, mode=style, paths=n, prompt_style=prompt_style(cfg),
+                              temperature=0.0 if greedy else cfg.temperature, top_p=cfg.top_p,
+                              max_tokens=cfg.max_tokens)
+                     for p in problems for (style, greedy), n in entries]
+        solved: dict[int, Any] = {}
+        following = 0  # the next problem to hand out: in order, as soon as all its entries are solved
+        for i, solution in solve_each(engine, questions, program_timeout=cfg.program_timeout_s,
+                                      program_memory_mb=cfg.program_memory_mb):
+            solved[i] = solution
+            while following < len(problems) and all(following * len(entries) + k in solved
+                                                   for k in range(len(entries))):
+                problem, base = problems[following], following * len(entries)
+                yield problem, [_record(problem, greedy, path) for k, ((_, greedy), _) in enumerate(entries)
+                                for path in solved.pop(base + k).paths]
+                following += 1
 
     return solve, engine.close, None
 
@@ -500,27 +518,29 @@ def _score_completions(style: str, completions: Sequence[Any], *, n: int, cfg: E
 
 def _decode_all(problems: list[Problem], done: dict[str, list[dict[str, Any]]], scores: dict[str, dict[str, float]],
                 plan: dict[tuple[str, bool], int], cfg: EvalConfig, samples: Path, info: dict[str, Any]) -> None:
-    """Decode the problems not `done`, a few at a time (up to `batch_paths` paths of a style together),
-    appending and flushing each problem's records to `samples` as soon as it is finished."""
+    """Decode the problems not `done` (a GGUF: all of them through one continuously batching engine; a served
+    model: a few at a time, up to `batch_paths` requests of a style together), appending and flushing each
+    problem's records to `samples` as soon as it is finished."""
     todo = [p for p in problems if p.id not in done]
-    solve, close, info["model"]["digest"] = (_teacher_solver if is_teacher_spec(cfg.model) else _engine_solver)(cfg)
-    per_chunk = max(1, cfg.batch_paths // max(plan.values()))
+    if is_teacher_spec(cfg.model):
+        solve_chunk, close, info["model"]["digest"] = _teacher_solver(cfg)
+        solve = _chunked(solve_chunk, max(1, cfg.batch_paths // max(plan.values())))
+    else:
+        solve, close, info["model"]["digest"] = _engine_solver(cfg)
     try:
         with samples.open("a", encoding="utf-8") as sink, tqdm(total=len(problems), initial=len(scores),
                                                                desc="eval", unit="problem") as bar:
-            for start in range(0, len(todo), per_chunk):
-                chunk = todo[start:start + per_chunk]
-                began = time.perf_counter()
-                solved = _solve_chunk(chunk, plan, solve)
-                seconds = (time.perf_counter() - began) / sum(map(len, solved))
-                for problem, records in zip(chunk, solved, strict=True):
-                    for record in records:
-                        record["seconds"] = round(seconds, 6)
-                    sink.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-                    sink.flush()
-                    done[problem.id] = records
-                    scores[problem.id] = problem_scores(records, problem.answer, cfg)
-                bar.update(len(chunk))
+            began = time.perf_counter()
+            for problem, records in solve(todo, plan):
+                now = time.perf_counter()
+                for record in records:  # the wall time since the last problem, per path
+                    record["seconds"] = round((now - began) / len(records), 6)
+                began = now
+                sink.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+                sink.flush()
+                done[problem.id] = records
+                scores[problem.id] = problem_scores(records, problem.answer, cfg)
+                bar.update()
                 bar.set_postfix_str(_running_accuracy(scores, cfg))
     finally:
         close()

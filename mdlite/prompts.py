@@ -25,7 +25,9 @@ STUDENT_STOP = ["\nQuestion:"]
 # CoT: the answer sentence once it has a number and its closing period is followed by whitespace ("The
 # answer is 3.5" waits for its end, "The answer is:\n12." is not cut short); PoT: a fenced program's
 # closing fence (the teacher's PoT prompt opens the fence itself, so there the stop string "```" ends it).
-STOP_AFTER = {"cot": r"(?i)\bthe (?:final )?answer is\b[^\n]*?\d[^\n]*?\.(?=\s)", "pot": r"```[^\n]*\n.*?\n```"}
+_STOP_AFTER_RE = {"cot": r"(?i)\bthe (?:final )?answer is\b[^\n]*?\d[^\n]*?\.(?=\s)", "pot": r"```[^\n]*\n.*?\n```"}
+STOP_AFTER = {style: (lambda text, _p=re.compile(p, re.DOTALL): (m.end() if (m := _p.search(text)) else None))
+              for style, p in _STOP_AFTER_RE.items()}  # TEMPORARY until issue23-stops lands
 _FENCE_RE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
 
 

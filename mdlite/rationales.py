@@ -32,7 +32,10 @@ Outputs in `output_dir`:
 
 Samples of one (problem, style) are drawn in order, so "duplicate" never depends on timing, and sample
 i uses the seed `sample_seed(seed, problem id, style, i)`: an interrupted and resumed run writes the
-same records as an uninterrupted one. Ctrl-C stops at once; every finished sample is already saved.
+same records as an uninterrupted one wherever the teacher gives a seed the same text whatever else it
+decodes: the in-process teacher on an x86-64 CPU (`n_gpu_layers 0` on a GPU build; see mdlite/engine.py
+for where batch invariance holds), a server that is deterministic per seed. Ctrl-C stops at once; every
+finished sample is already saved.
 """
 
 from __future__ import annotations
@@ -190,7 +193,7 @@ async def _teach(problems: list[Problem], done: dict[str, dict[str, Any]], cfg: 
                  session: Session) -> None:
     pool = make_pool(cfg.teacher, endpoints=cfg.endpoints, concurrency=cfg.concurrency, retries=cfg.retries,
                      backoff_s=cfg.backoff_s, num_ctx=cfg.num_ctx, keep_alive=cfg.keep_alive,
-                     timeout_s=cfg.timeout_s, n_threads=cfg.n_threads)
+                     timeout_s=cfg.timeout_s, n_threads=cfg.n_threads, n_gpu_layers=cfg.n_gpu_layers)
     try:
         session.model_digest = await pool.check()
         counts = {"cot": cfg.n_cot, "pot": cfg.n_pot}
@@ -223,7 +226,7 @@ async def _teach(problems: list[Problem], done: dict[str, dict[str, Any]], cfg: 
 async def _teach_group(problem: Problem, style: str, count: int, pool: TeacherPool, done: dict[str, dict[str, Any]],
                        cfg: TeachConfig, sink: IO[str], session: Session, bar: tqdm) -> None:
     """Draw the missing samples of (problem, style) in order; on a failed request record it and stop. (An
-    in-process teacher still batches: the requests of all groups in flight share its engine calls.)"""
+    in-process teacher still batches: the requests of all groups in flight share its engine.)"""
     prompt = teacher_prompt(problem.question, style=style)
     keys = [record_key(problem.id, style, i) for i in range(count)]
     for i, key in enumerate(keys):

@@ -4,9 +4,9 @@
     mdlite solve --file questions.txt --model qwen2.5-coder-0.5b-instruct --prompt-style few-shot --json
 
 For each question: prompts (`student_prompt` + STUDENT_STOP, or the teacher's few-shot prompts with
-`--prompt-style few-shot`) -> `Engine.sample` (several questions' paths in one batch; the few-shot
-exemplars evaluated once by the prefix cache; a CoT path ends after its answer sentence, a PoT path
-after its closing fence: prompts.STOP_AFTER) -> CoT answers with `extract_answer`, PoT programs with
+`--prompt-style few-shot`) -> `Engine.submit` (the engine batches every question's paths continuously; the
+few-shot exemplars evaluated once by the prefix cache; a CoT path ends after its answer sentence, a PoT
+path after its closing fence: prompts.STOP_AFTER) -> CoT answers with `extract_answer`, PoT programs with
 `extract_program` and the sandbox -> `vote.vote`.
 
 Paths per style: cot and pot modes give all `paths` to their style; mixed gives ceil(paths/2) to PoT
@@ -14,22 +14,28 @@ and the rest to CoT; hybrid samples `paths` PoT paths and, for questions where e
 failed, `paths` CoT paths. With early stopping the first round samples two paths (mixed: one CoT
 and one PoT); when their answers agree the question is done and the other paths are saved.
 Path j of a question's style is drawn with seed derive_seed(derive_seed(seed, id, style), j), the
-scheme `mdlite eval` uses (id: the question's id, by default its text).
+scheme `mdlite eval` uses (id: the question's id, by default its text), so its text does not depend on
+what else the engine decodes.
 
-`solve_questions` runs its steps, which `mdlite serve` shares: `Question` (a question's paths so far),
-`next_round` (what it lacks), `sample_round` (one engine call for many questions' rounds) and
-`finish` (the vote). `run(cfg, questions)` writes solutions.jsonl (one `Solution` per line) and
-run.json to output_dir when it is set.
+Steps: a `Question` (its text, seed, mode, paths, sampling, and its paths so far); `submit_round` (what
+it lacks, as engine requests), `take_round` + `run_new_programs` (the round's answers), `finish` (the
+vote). Two drivers run them: `solve_each` for many questions from one thread (solve, eval), keeping the
+engine's sequences full, and `solve_one`, a coroutine per question (`mdlite serve`). `run(cfg,
+questions)` writes solutions.jsonl (one `Solution` per line) and run.json to output_dir when it is set.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent import futures
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +45,7 @@ from tqdm import tqdm
 from mdlite import MdliteError, check_output_dir
 from mdlite.answers import extract_answer
 from mdlite.config import SolveConfig, to_dict
-from mdlite.engine import Engine, derive_seed
+from mdlite.engine import Engine, Generation, derive_seed
 from mdlite.prompts import STOP_AFTER, STUDENT_STOP, TEACHER_STOP, extract_program, student_prompt, teacher_prompt
 from mdlite.runinfo import package_versions
 from mdlite.vote import Vote, agree, vote
@@ -88,13 +94,13 @@ def run(cfg: SolveConfig, questions: Sequence[str]) -> list[Solution]:
     if cfg.output_dir:
         check_output_dir(cfg.output_dir, "--output-dir")
     started = time.time()
-    with Engine(cfg.model, n_ctx=cfg.num_ctx, n_gpu_layers=cfg.n_gpu_layers, n_threads=cfg.n_threads,
-                prefix_cache=cfg.prefix_cache) as engine:
+    with Engine(cfg.model, n_ctx=cfg.num_ctx, max_paths=cfg.batch_paths, n_gpu_layers=cfg.n_gpu_layers,
+                n_threads=cfg.n_threads, prefix_cache=cfg.prefix_cache) as engine:
         solutions = solve_questions(
             engine, questions, mode=cfg.mode, paths=cfg.paths, prompt_style=cfg.prompt_style,
             temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, max_tokens=cfg.max_tokens, seed=cfg.seed,
             early_stop=cfg.early_stop, cot_weight=cfg.cot_weight, pot_weight=cfg.pot_weight,
-            batch_paths=cfg.batch_paths, program_timeout=cfg.program_timeout_s,
+            program_timeout=cfg.program_timeout_s,
             program_memory_mb=cfg.program_memory_mb, progress=len(questions) > 1)
         model_file = engine.path
     if cfg.output_dir:
@@ -116,15 +122,10 @@ def solve_questions(engine: Engine, questions: Sequence[str], *, mode: str, path
                     ids: Sequence[str] | None = None,
                     prompt_style: str = "student", temperature: float = 0.7, top_p: float = 1.0, top_k: int = 0,
                     max_tokens: int = 256, seed: int = 0, early_stop: bool = False, cot_weight: float = 1.0,
-                    pot_weight: float = 1.0, batch_paths: int = 16,
-                    program_timeout: float = 2.0, program_memory_mb: int = 256,
+                    pot_weight: float = 1.0, program_timeout: float = 2.0, program_memory_mb: int = 256,
                     progress: bool = False) -> list[Solution]:
     """Sample, run, extract and vote for every question (see the module docstring); in question order.
-
-    `ids` name the questions for seeding (default: their text). `batch_paths` bounds the paths decoded
-    together: questions are grouped so that one engine call holds at most that many (at least one
-    question per call).
-    """
+    `ids` name the questions for seeding (default: their text)."""
     if mode not in ("cot", "pot", "mixed", "hybrid"):
         raise MdliteError(f"mode must be cot, pot, mixed or hybrid, not {mode!r} (flag --mode)")
     if prompt_style not in PROMPT_STYLES:
@@ -136,31 +137,87 @@ def solve_questions(engine: Engine, questions: Sequence[str], *, mode: str, path
     if temperature <= 0 and max(plan.values()) > 1:
         log.warning("temperature 0: the %d paths of a style are one greedy path repeated; sample with "
                     "--temperature > 0, or use --paths 2 (mixed) for one greedy path per style", max(plan.values()))
-    states = [Question(question, key, seed) for question, key in zip(questions, ids, strict=True)]
-    options = {"prompt_style": prompt_style, "temperature": temperature, "top_p": top_p, "top_k": top_k,
-               "max_tokens": max_tokens, "program_timeout": program_timeout, "program_memory_mb": program_memory_mb}
-    per_call = max(1, batch_paths // paths)
-    solutions = []
+    states = [Question(question, key, seed, mode=mode, paths=paths, prompt_style=prompt_style,
+                       temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
+                       early_stop=early_stop, cot_weight=cot_weight, pot_weight=pot_weight)
+              for question, key in zip(questions, ids, strict=True)]
+    solutions: list[Solution | None] = [None] * len(states)
     with tqdm(total=len(questions), desc="solve", unit="question", disable=not progress) as bar:
-        for start in range(0, len(states), per_call):
-            group = states[start:start + per_call]
-            while todo := [(state, targets) for state in group
-                           if (targets := next_round(state.found, mode=mode, paths=paths, early_stop=early_stop))]:
-                sample_round(engine, todo, **options)
-            solutions += [finish(state, mode=mode, paths=paths, cot_weight=cot_weight, pot_weight=pot_weight)
-                          for state in group]
-            bar.update(len(group))
-    return solutions
+        for i, solution in solve_each(engine, states, program_timeout=program_timeout,
+                                      program_memory_mb=program_memory_mb):
+            solutions[i] = solution
+            bar.update()
+    return solutions  # type: ignore[return-value]
 
 
 @dataclass
 class Question:
-    """A question being solved: its text, the id and base seed its paths are seeded with, its paths so far."""
+    """A question being solved: its text, the id and base seed its paths are seeded with, how it is solved
+    (mode, paths, prompts, sampling, vote weights) and its paths so far."""
 
     question: str
     id: str
     seed: int = 0
+    mode: str = "mixed"
+    paths: int = 10
+    prompt_style: str = "student"
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int = 256
+    early_stop: bool = False
+    cot_weight: float = 1.0
+    pot_weight: float = 1.0
     found: list[PathResult] = field(default_factory=list)
+
+
+def solve_each(engine: Engine, questions: Sequence[Question], *, program_timeout: float = 2.0,
+               program_memory_mb: int = 256) -> Iterator[tuple[int, Solution]]:
+    """(position, Solution) of every question, as each is solved: rounds are submitted while fewer than
+    twice the engine's sequences are in flight, so a finished path's place is taken at once; the programs of
+    the rounds that finish together run in the sandbox while the engine decodes the others."""
+    waiting = deque(range(len(questions)))
+    rounds: dict[int, list[Call]] = {}
+    try:
+        while waiting or rounds:
+            while waiting and sum(call.n for calls in rounds.values() for call in calls) < 2 * engine.max_paths:
+                i = waiting.popleft()
+                if calls := submit_round(engine, questions[i]):
+                    rounds[i] = calls
+                else:
+                    yield i, finish(questions[i])
+            if not rounds:
+                continue
+            futures.wait([call.future for calls in rounds.values() for call in calls],
+                         return_when=futures.FIRST_COMPLETED)
+            done = [i for i, calls in rounds.items() if all(call.future.done() for call in calls)]
+            run_new_programs([(questions[i], take_round(questions[i], rounds.pop(i))) for i in done],
+                             program_timeout=program_timeout, program_memory_mb=program_memory_mb)
+            for i in done:
+                if calls := submit_round(engine, questions[i]):
+                    rounds[i] = calls
+                else:
+                    yield i, finish(questions[i])
+    finally:
+        for calls in rounds.values():
+            for call in calls:
+                call.future.cancel()
+
+
+async def solve_one(engine: Engine, question: Question, *, program_timeout: float = 2.0,
+                    program_memory_mb: int = 256) -> Solution:
+    """`question`'s Solution, its rounds awaited on the engine (mdlite serve: one coroutine per request).
+    Cancelling it drops its paths at the engine's next step."""
+    while calls := submit_round(engine, question):
+        try:
+            await asyncio.gather(*(asyncio.wrap_future(call.future) for call in calls))
+        finally:
+            for call in calls:
+                call.future.cancel()
+        found = take_round(question, calls)
+        await asyncio.to_thread(run_new_programs, [(question, found)], program_timeout=program_timeout,
+                                program_memory_mb=program_memory_mb)
+    return finish(question)
 
 
 def next_round(found: Sequence[PathResult], *, mode: str, paths: int,
@@ -183,56 +240,76 @@ def next_round(found: Sequence[PathResult], *, mode: str, paths: int,
     return None
 
 
-def sample_round(engine: Engine, rounds: Sequence[tuple[Question, dict[str, int]]], *, prompt_style: str,
-                 temperature: float, top_p: float, top_k: int, max_tokens: int, program_timeout: float,
-                 program_memory_mb: int) -> None:
-    """Sample, in one engine call, what each question lacks of its target paths per style (path j of a
-    style seeded as the module docstring says, whatever else shares the call); then extract the new CoT
-    answers and run the new PoT programs, appending the new paths to each question's `found`."""
-    from mdlite.sandbox import run_programs
+@dataclass(frozen=True)
+class Call:
+    """One engine request of a round: `n` new paths of `style`, numbered from `first`."""
 
-    calls = []  # (question, style, new paths, index of the first new path)
-    for state, targets in rounds:
-        for style, target in targets.items():
-            done = sum(p.style == style for p in state.found)
-            if target > done:
-                calls.append((state, style, target - done, done))
-    if not calls:
-        return
-    prompts = [prompt_for(state.question, style, prompt_style=prompt_style) for state, style, _, _ in calls]
-    generations = engine.sample(
-        [prompt for prompt, _ in prompts], n=[count for _, _, count, _ in calls],
-        temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
-        stop=[stop for _, stop in prompts], stop_after=[STOP_AFTER[style] for _, style, _, _ in calls],
-        first_path=[first for *_, first in calls],
-        seed=[derive_seed(state.seed, state.id, style) for state, style, _, _ in calls])
-    programs = []  # (question, position in its found)
-    for (state, style, _, first), paths in zip(calls, generations, strict=True):
-        for j, generation in enumerate(paths):
-            path = PathResult(style=style, index=first + j, text=generation.text, tokens=generation.tokens,
+    style: str
+    first: int
+    n: int
+    future: Future[list[Generation]]
+
+
+def submit_round(engine: Engine, question: Question) -> list[Call]:
+    """Submit what `question` lacks of its next round (one engine request per style; path j of a style
+    seeded as the module docstring says, whatever else shares the engine); [] when it is done."""
+    targets = next_round(question.found, mode=question.mode, paths=question.paths, early_stop=question.early_stop)
+    calls = []
+    for style, target in (targets or {}).items():
+        prompt, stop = prompt_for(question.question, style, prompt_style=question.prompt_style)
+        done = sum(p.style == style for p in question.found)
+        for first in range(done, target, engine.max_paths):  # requests of at most max_paths paths
+            n = min(engine.max_paths, target - first)
+            future = engine.submit(prompt, n=n, temperature=question.temperature, top_p=question.top_p,
+                                   top_k=question.top_k, max_tokens=question.max_tokens, stop=stop,
+                                   stop_after=STOP_AFTER[style], seed=derive_seed(question.seed, question.id, style),
+                                   first_path=first)
+            calls.append(Call(style, first, n, future))
+    return calls
+
+
+def take_round(question: Question, calls: Sequence[Call]) -> list[int]:
+    """Append a finished round's paths to `question.found` (CoT answers extracted, PoT programs extracted);
+    the positions in `found` of the programs still to run."""
+    programs = []
+    for call in calls:
+        for j, generation in enumerate(call.future.result()):
+            path = PathResult(style=call.style, index=call.first + j, text=generation.text, tokens=generation.tokens,
                               finish_reason=generation.finish_reason, answer=None)
-            if style == "cot":
+            if call.style == "cot":
                 answer = extract_answer(generation.text, style="cot", strict=generation.finish_reason == "length")
                 path = dataclasses.replace(path, answer=answer)
             else:
                 program = extract_program(generation.text)
                 path = dataclasses.replace(path, program=program, program_error=None if program else "no program")
                 if program:
-                    programs.append((state, len(state.found)))
-            state.found.append(path)
-    codes = [state.found[at].program or "" for state, at in programs]
-    results = run_programs(codes, timeout=program_timeout, memory_mb=program_memory_mb) if codes else []
-    for (state, at), result in zip(programs, results, strict=True):
-        state.found[at] = dataclasses.replace(state.found[at], answer=result.value if result.ok else None,
-                                              program_error=result.error, program_stdout=result.stdout)
+                    programs.append(len(question.found))
+            question.found.append(path)
+    return programs
 
 
-def finish(state: Question, *, mode: str, paths: int, cot_weight: float = 1.0, pot_weight: float = 1.0) -> Solution:
-    """The question's Solution: the vote of `mode` over its paths' answers."""
+def run_new_programs(items: Sequence[tuple[Question, list[int]]], *, program_timeout: float,
+                     program_memory_mb: int) -> None:
+    """Run the programs at the given positions of each question's `found` in the sandbox (one call for all)
+    and record their answers, errors and output."""
+    from mdlite.sandbox import run_programs
+
+    where = [(question, at) for question, positions in items for at in positions]
+    if not where:
+        return
+    results = run_programs([question.found[at].program or "" for question, at in where], timeout=program_timeout,
+                           memory_mb=program_memory_mb)
+    for (question, at), result in zip(where, results, strict=True):
+        question.found[at] = dataclasses.replace(question.found[at], answer=result.value if result.ok else None,
+                                                 program_error=result.error, program_stdout=result.stdout)
+
+
+def finish(state: Question) -> Solution:
+    """The question's Solution: the vote of its mode over its paths' answers."""
     cot = [p.answer for p in state.found if p.style == "cot"]
     pot = [p.answer for p in state.found if p.style == "pot"]
-    result = vote(mode, cot=cot, pot=pot, cot_weight=cot_weight, pot_weight=pot_weight)
-    saved = paths - len(pot) if mode == "hybrid" else paths - len(state.found)
+    result = vote(state.mode, cot=cot, pot=pot, cot_weight=state.cot_weight, pot_weight=state.pot_weight)
+    saved = state.paths - len(pot) if state.mode == "hybrid" else state.paths - len(state.found)
     return Solution(id=state.id, question=state.question, answer=result.answer, vote=result,
                     paths=tuple(state.found), paths_saved=saved, tokens=sum(p.tokens for p in state.found))
 

@@ -11,9 +11,10 @@ Teacher specs (`parse_teacher_spec`):
   LM Studio, Ollama's /v1); `openai-chat:BASE_URL[#MODEL]` uses `/v1/chat/completions` instead, with
   the prompt as one user message and the code-fence stops left out (a chat reply opens its own fence).
   MODEL defaults to the server's first listed model; `$OPENAI_API_KEY` is sent when set.
-- `llamacpp:PATH_OR_REGISTRY_NAME` - a GGUF loaded in this process on mdlite's batched engine
-  (mdlite.engine, prefix cache included): requests in flight together (up to `batch_paths`, whatever
-  `concurrency` says) are sampled in one engine call, in a worker thread. Sampling: top_k 40,
+- `llamacpp:PATH_OR_REGISTRY_NAME` - a GGUF loaded in this process on mdlite's continuously batching
+  engine (mdlite.engine, prefix cache included): each request is submitted as it comes and decoded with
+  up to `batch_paths` other paths (whatever `concurrency` says); the context is `num_ctx` cells per path,
+  allocated once, and a prompt that does not fit fails alone. Sampling: top_k 40,
   top_p 0.95 (llama.cpp's defaults); a request's seed gives the same text whatever it is batched with
   (on CPU; with layers on a GPU, the default when llama.cpp has GPU offload, see mdlite/engine.py).
 
@@ -29,13 +30,13 @@ import asyncio
 import logging
 import os
 import random
-import re
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from mdlite import MdliteError
+from mdlite.engine import StopAfter
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +82,10 @@ class Teacher(Protocol):
         """Reachable and serving the model (MdliteError if not); the model digest when known."""
         ...
 
-    async def complete(self, prompt: str, *, n: int = 1, temperature: float, max_tokens: int,
-                       stop: list[str], seed: int | None = None, stop_after: str | None = None) -> list[Completion]:
-        """`n` completions of `prompt`; sample j uses seed `seed + j`; a completion ends right after the
-        first match of the regular expression `stop_after` (servers: cut afterwards). TeacherError on
-        failure."""
+    async def complete(self, prompt: str, *, n: int = 1, temperature: float, max_tokens: int, stop: list[str],
+                       seed: int | None = None, stop_after: StopAfter | None = None) -> list[Completion]:
+        """`n` completions of `prompt`; sample j uses seed `seed + j`; a completion ends where `stop_after`
+        says it is complete (servers: cut afterwards). TeacherError on failure."""
         ...
 
     async def aclose(self) -> None:
@@ -109,11 +109,12 @@ def parse_teacher_spec(spec: str) -> TeacherSpec:
 
 
 def make_teacher(spec: str, *, endpoint: str | None = None, num_ctx: int = 2048, keep_alive: str = "30m",
-                 timeout_s: float = 300.0, n_threads: int = 0) -> Teacher:
+                 timeout_s: float = 300.0, n_threads: int = 0, n_gpu_layers: int = -1) -> Teacher:
     """The backend for one endpoint of `spec`; `endpoint` replaces the spec's host / base URL.
 
     `num_ctx`: context window (Ollama option, llama.cpp n_ctx); `keep_alive`: how long Ollama keeps the
-    model loaded; `timeout_s`: per request; `n_threads`: llamacpp threads (0: llama.cpp's default).
+    model loaded; `timeout_s`: per request; `n_threads`: llamacpp threads (0: the physical cores);
+    `n_gpu_layers`: llamacpp layers on the GPU (-1: all when llama.cpp has GPU offload; 0: CPU only).
     """
     parsed = parse_teacher_spec(spec)
     if parsed.backend == "ollama":
@@ -124,20 +125,21 @@ def make_teacher(spec: str, *, endpoint: str | None = None, num_ctx: int = 2048,
                              chat=parsed.backend == "openai-chat", timeout_s=timeout_s)
     if endpoint:
         raise MdliteError(f"teacher {spec!r} runs in-process; drop --endpoints")
-    return LlamaCppTeacher(spec, parsed.model, num_ctx=num_ctx, n_threads=n_threads)
+    return LlamaCppTeacher(spec, parsed.model, num_ctx=num_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers)
 
 
 class TeacherPool:
     """The endpoints of one teacher: up to `concurrency` requests in flight per endpoint (an in-process
-    teacher: its `batch_paths`), each request on the first free endpoint, retryable failures retried `retries` times
-    after a random delay in [0, min(max_backoff_s, backoff_s * 2**attempt)] (full jitter)."""
+    teacher: twice its `batch_paths`, so that a finished path's place is taken at once), each request on
+    the first free endpoint, retryable failures retried `retries` times after a random delay in
+    [0, min(max_backoff_s, backoff_s * 2**attempt)] (full jitter)."""
 
     def __init__(self, teachers: list[Teacher], *, concurrency: int = 1, retries: int = 4, backoff_s: float = 1.0,
                  max_backoff_s: float = 30.0) -> None:
         self.teachers = teachers
         self.retries, self.backoff_s, self.max_backoff_s = retries, backoff_s, max_backoff_s
-        slots = [t.batch_paths if isinstance(t, LlamaCppTeacher) else min(concurrency, t.max_concurrency or concurrency)
-                 for t in teachers]
+        slots = [2 * t.batch_paths if isinstance(t, LlamaCppTeacher)
+                 else min(concurrency, t.max_concurrency or concurrency) for t in teachers]
         self.slots = sum(slots)
         self._free: asyncio.Queue[Teacher] = asyncio.Queue()
         for teacher, count in zip(teachers, slots, strict=True):
@@ -154,7 +156,7 @@ class TeacherPool:
         return digests[0]
 
     async def complete(self, prompt: str, *, n: int = 1, temperature: float, max_tokens: int, stop: list[str],
-                       seed: int | None = None, stop_after: str | None = None) -> list[Completion]:
+                       seed: int | None = None, stop_after: StopAfter | None = None) -> list[Completion]:
         """`Teacher.complete` on a free endpoint, retried on retryable errors; TeacherError once out of retries."""
         attempt = 0
         while True:
@@ -216,7 +218,7 @@ class OllamaTeacher:
                           f"run `ollama pull {self.model}` there (flag --teacher)")
 
     async def complete(self, prompt: str, *, n: int = 1, temperature: float, max_tokens: int, stop: list[str],
-                       seed: int | None = None, stop_after: str | None = None) -> list[Completion]:
+                       seed: int | None = None, stop_after: StopAfter | None = None) -> list[Completion]:
         completions = []
         for j in range(n):
             options = {"temperature": temperature, "num_predict": max_tokens, "num_ctx": self.num_ctx, "stop": stop}
@@ -271,7 +273,7 @@ class OpenAITeacher:
         return None
 
     async def complete(self, prompt: str, *, n: int = 1, temperature: float, max_tokens: int, stop: list[str],
-                       seed: int | None = None, stop_after: str | None = None) -> list[Completion]:
+                       seed: int | None = None, stop_after: StopAfter | None = None) -> list[Completion]:
         completions = []
         for j in range(n):
             body: dict[str, Any] = {"model": self.model, "max_tokens": max_tokens, "temperature": temperature}
@@ -313,32 +315,39 @@ class OpenAITeacher:
 
 
 class LlamaCppTeacher:
-    """A GGUF in this process on mdlite's batched engine (every layer on the GPU when llama.cpp was built
-    with GPU offload, as the engine's default): the requests waiting when the engine is free (up to
-    `batch_paths`, with one temperature and max_tokens) are sampled in one call, in a worker thread."""
+    """A GGUF in this process on mdlite's continuously batching engine (every layer on the GPU when llama.cpp
+    was built with GPU offload, as the engine's default): each request is submitted as it comes, and the
+    engine decodes up to `batch_paths` paths together, a finished path's place taken by the next waiting
+    one. The context is sized once to `num_ctx` cells per path: a prompt that does not fit fails alone."""
 
     max_concurrency = None
 
-    def __init__(self, name: str, model: str, *, num_ctx: int, n_threads: int, batch_paths: int = 16) -> None:
+    def __init__(self, name: str, model: str, *, num_ctx: int, n_threads: int, n_gpu_layers: int = -1,
+                 batch_paths: int = 16) -> None:
         self.name, self.model, self.num_ctx, self.n_threads = name, model, num_ctx, n_threads
-        self.batch_paths = batch_paths
+        self.n_gpu_layers, self.batch_paths = n_gpu_layers, batch_paths
         self.endpoint = f"in-process {model}"
         self._engine: Any = None
         self._lock = threading.Lock()
-        self._waiting: list[tuple[_Request, asyncio.Future[list[Completion]]]] = []
-        self._drainer: asyncio.Task[None] | None = None
 
     async def check(self) -> str | None:
         return await asyncio.to_thread(self._load)
 
     async def complete(self, prompt: str, *, n: int = 1, temperature: float, max_tokens: int, stop: list[str],
-                       seed: int | None = None, stop_after: str | None = None) -> list[Completion]:
-        future: asyncio.Future[list[Completion]] = asyncio.get_running_loop().create_future()
-        seed = random.getrandbits(31) if seed is None else seed
-        self._waiting.append((_Request(prompt, n, temperature, max_tokens, stop, seed, stop_after), future))
-        if self._drainer is None or self._drainer.done():
-            self._drainer = asyncio.create_task(self._drain())
-        return await future
+                       seed: int | None = None, stop_after: StopAfter | None = None) -> list[Completion]:
+        if self._engine is None:
+            await asyncio.to_thread(self._load)
+        start = time.perf_counter()
+        try:
+            future = self._engine.submit(prompt, n=n, temperature=temperature, top_k=40, top_p=0.95,
+                                         max_tokens=max_tokens, stop=stop, stop_after=stop_after,
+                                         seed=random.getrandbits(31) if seed is None else seed)
+        except (MdliteError, ValueError) as error:  # this prompt cannot be sampled (too long for num_ctx, ...)
+            raise TeacherError(f"{self.endpoint}: {error}", retryable=False) from None
+        generations = await asyncio.wrap_future(future)  # cancelling this call drops its paths
+        latency = time.perf_counter() - start
+        return [Completion(text=g.text, tokens=g.tokens, latency_s=latency, finish_reason=g.finish_reason)
+                for g in generations]
 
     async def aclose(self) -> None:
         with self._lock:
@@ -346,90 +355,22 @@ class LlamaCppTeacher:
                 self._engine.close()
                 self._engine = None
 
-    async def _drain(self) -> None:
-        """Sample the waiting requests, a batch at a time, until none wait."""
-        while await self._gather_requests():
-            first = self._waiting[0][0]
-            batch = [(r, f) for r, f in self._waiting if (r.temperature, r.max_tokens) == (first.temperature,
-                                                                                          first.max_tokens)]
-            batch = batch[:max(1, self.batch_paths // max(first.n, 1))]
-            taken = {id(future) for _, future in batch}
-            self._waiting = [item for item in self._waiting if id(item[1]) not in taken]
-            try:
-                results = await asyncio.to_thread(self._sample, [request for request, _ in batch])
-            except (MdliteError, ValueError) as error:
-                results = [TeacherError(f"{self.endpoint}: {error}", retryable=False)] * len(batch)
-            except Exception as error:  # noqa: BLE001 - MemoryError, a llama.cpp failure: every caller hears of it
-                results = [error] * len(batch)
-            for (_, future), result in zip(batch, results, strict=True):
-                if future.done():  # its caller was cancelled
-                    continue
-                if isinstance(result, Exception):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
-
-    async def _gather_requests(self) -> int:
-        """Let the callers queue their requests (those freed by the last batch need a few event-loop turns
-        to send their next ones) until the batch is full or 10 ms pass without a new one; how many wait."""
-        while len(self._waiting) < self.batch_paths:
-            before = len(self._waiting)
-            await asyncio.sleep(0.01)
-            if len(self._waiting) == before:
-                break
-        return len(self._waiting)
-
     def _load(self) -> str | None:
         from mdlite.engine import Engine
         from mdlite.models import registry
 
         with self._lock:
             if self._engine is None:
-                self._engine = Engine(self.model, n_threads=self.n_threads)
-                log.info("loaded %s", self._engine.path)
+                self._engine = Engine(self.model, n_ctx=self.num_ctx, max_paths=self.batch_paths,
+                                      n_gpu_layers=self.n_gpu_layers, n_threads=self.n_threads)
         card = registry().get(self.model)
         return card.gguf.get("sha256") if card and card.gguf else None
 
-    def _sample(self, requests: list[_Request]) -> list[list[Completion] | TeacherError]:
-        """Each request's completions, or a TeacherError for one whose prompt + max_tokens does not fit num_ctx
-        (checked per request, so that one over-long prompt fails alone, never its batch)."""
-        self._load()
-        start = time.perf_counter()
-        with self._lock:
-            results: list[list[Completion] | TeacherError | None] = [None] * len(requests)
-            if self.num_ctx:
-                for i, request in enumerate(requests):
-                    length = len(self._engine.tokenize(request.prompt))
-                    if length + request.max_tokens > self.num_ctx:
-                        results[i] = TeacherError(f"{self.endpoint}: a prompt of {length} tokens + max_tokens "
-                                                  f"{request.max_tokens} does not fit num_ctx {self.num_ctx} "
-                                                  "(flag --num-ctx)", retryable=False)
-            fitting = [r for r, result in zip(requests, results, strict=True) if result is None]
-            generations = self._engine.sample(
-                [r.prompt for r in fitting], n=[r.n for r in fitting], temperature=requests[0].temperature,
-                top_k=40, top_p=0.95, max_tokens=requests[0].max_tokens, stop=[r.stop for r in fitting],
-                seed=[r.seed for r in fitting], stop_after=[r.stop_after for r in fitting]) if fitting else []
-        latency = time.perf_counter() - start
-        done = iter(generations)
-        return [result or [Completion(text=g.text, tokens=g.tokens, latency_s=latency, finish_reason=g.finish_reason)
-                           for g in next(done)] for result in results]
 
-
-@dataclass(frozen=True)
-class _Request:
-    prompt: str
-    n: int
-    temperature: float
-    max_tokens: int
-    stop: list[str]
-    seed: int
-    stop_after: str | None
-
-
-def cut_after(text: str, pattern: str | None) -> str:
-    """`text` up to the end of the first match of `pattern` (all of it when there is none)."""
-    match = re.search(pattern, text, re.DOTALL) if pattern else None
-    return text[:match.end()] if match else text
+def cut_after(text: str, stop_after: StopAfter | None) -> str:
+    """`text` up to where `stop_after` says it is complete (all of it when it is not)."""
+    cut = stop_after(text) if stop_after else None
+    return text if cut is None else text[:cut]
 
 
 # ---- helpers ------------------------------------------------------------------------------------

@@ -1,6 +1,10 @@
 """The batched llama.cpp engine on the real Qwen2.5-Coder 0.5B demo GGUF (slow), and its pure helpers."""
 
+import ctypes
+import hashlib
 import os
+import threading
+from collections import defaultdict
 
 import pytest
 
@@ -54,7 +58,7 @@ def test_derive_seed_is_stable_and_spreads():
 
 
 def test_path_cuts_at_the_earliest_stop_string_even_across_pieces():
-    path = _Path(prompt=0, seq=0, sampler=None, stop=["\nQuestion:", "```"])
+    path = _Path(seq=0, sampler=None, stop=["\nQuestion:", "```"])
     for piece in ["x = 1\n", "Quest", "ion: more ``", "`"]:
         path.add(piece)
         if path.finish_reason:
@@ -63,7 +67,7 @@ def test_path_cuts_at_the_earliest_stop_string_even_across_pieces():
 
 
 def _ends(pieces, *, style):
-    path = _Path(prompt=0, seq=0, sampler=None, stop=[], end=STOP_AFTER[style])
+    path = _Path(seq=0, sampler=None, stop=[], end=STOP_AFTER[style])
     for piece in pieces:
         path.add(piece)
         if path.finish_reason:
@@ -112,6 +116,86 @@ def test_stop_is_shared_or_per_prompt():
 
 
 # ---- the real model -----------------------------------------------------------------------------
+
+
+class LogitsRecorder(Engine):
+    """The engine, recording a hash of the logits' bytes that every path samples each token from, by the
+    path's (seed, number)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.logits = defaultdict(list)
+        self._n_vocab = self._llama.llama_vocab_n_tokens(self._vocab)
+
+    def _sample_token(self, path, row):
+        pointer = self._llama.llama_get_logits_ith(self._ctx, row)
+        self.logits[path.key].append(hashlib.sha256(ctypes.string_at(pointer, 4 * self._n_vocab)).digest())
+        super()._sample_token(path, row)
+
+
+@pytest.mark.slow
+def test_every_step_sees_the_same_logits_bytes_alone_batched_joining_and_cached(engine):
+    """The logits a path samples from, step by step and byte for byte, do not depend on the paths beside it
+    (n=1 or n=3, other prompts), on paths that join or leave mid-flight, or on the prefix cache."""
+    prompts = [teacher_prompt(QUESTIONS[1], style="cot"), teacher_prompt(QUESTIONS[2], style="pot"),
+               student_prompt(QUESTIONS[0], style="cot")]
+    seeds = [101, 202, 303]
+    knobs = {"temperature": 0.8, "max_tokens": 20, "ignore_eos": True}
+    alone = LogitsRecorder(engine.path, prefix_cache=0)
+    try:
+        for prompt, seed in zip(prompts, seeds, strict=True):
+            alone.sample([prompt], n=1, seed=[seed], **knobs)
+    finally:
+        alone.close()
+    reference = dict(alone.logits)
+    assert len(reference) == 3 and all(len(steps) == 20 for steps in reference.values())
+    # cached, three paths per prompt, at most 4 decoded together: paths wait, then join others mid-flight
+    mixed = LogitsRecorder(engine.path, max_paths=4)
+    try:
+        mixed.sample(prompts[:1], n=1, seed=[999], max_tokens=4)  # something else in the prefix cache first
+        futures = [mixed.submit(p, n=3, seed=s, **knobs) for p, s in zip(prompts, seeds, strict=True)]
+        paths = [future.result() for future in futures]
+    finally:
+        mixed.close()
+    assert mixed.cached_tokens > 250  # the few-shot exemplars came from the cache
+    for seed in seeds:
+        assert mixed.logits[(seed, 0)] == reference[(seed, 0)]  # every step, byte for byte
+    assert [len(p) for p in paths] == [3, 3, 3] and all(g.tokens == 20 for p in paths for g in p)
+
+
+@pytest.mark.slow
+def test_cancelled_requests_free_their_paths_and_others_finish(engine):
+    small = Engine(engine.path, max_paths=2, prefix_cache=0)
+    try:
+        prompt = student_prompt(QUESTIONS[0], style="cot")
+        long = small.submit(prompt, n=2, max_tokens=200, ignore_eos=True)
+        waiting = small.submit(prompt, n=2, max_tokens=3, ignore_eos=True)  # no free sequence until `long` ends
+        started = small.steps
+        while small.steps < started + 2:  # `long` is decoding
+            threading.Event().wait(0.05)
+        assert long.cancel()
+        assert [g.tokens for g in waiting.result(timeout=60)] == [3, 3]
+        assert small.steps < started + 50  # `long` stopped costing at once
+        assert small.sample([prompt], n=1, max_tokens=3, ignore_eos=True) == [[waiting.result()[0]]]
+    finally:
+        small.close()
+    with pytest.raises(MdliteError, match="closed"):
+        small.submit(prompt, n=1)
+
+
+@pytest.mark.slow
+def test_an_engine_failure_reaches_every_waiting_caller(engine, monkeypatch):
+    broken = Engine(engine.path, max_paths=2, prefix_cache=0)
+    try:
+        monkeypatch.setattr(broken._llama, "llama_decode", lambda ctx, batch: 1)
+        prompts = [student_prompt(q, style="cot") for q in QUESTIONS]
+        futures = [broken.submit(p, n=2, max_tokens=8) for p in prompts]  # one admitted, two waiting
+        for future in futures:
+            with pytest.raises(MdliteError, match="llama_decode failed"):
+                future.result(timeout=60)
+    finally:
+        monkeypatch.undo()
+        broken.close()
 
 @pytest.mark.slow
 def test_batched_greedy_equals_sequential_greedy(engine, llm):

@@ -2,6 +2,7 @@
 voting), and the CLI end to end on the real Qwen2.5-Coder 0.5B demo GGUF (slow)."""
 
 import json
+from concurrent.futures import Future
 
 import pytest
 from click.testing import CliRunner
@@ -12,22 +13,21 @@ from mdlite.solve import solve_questions
 
 
 class ScriptedEngine:
-    """Stands in for Engine: answers each prompt with the next scripted text of its question and style."""
+    """Stands in for Engine: answers each prompt with the next scripted texts of its question and style."""
 
-    def __init__(self, script: dict[tuple[str, str], list[str]]) -> None:
-        self.script = script
+    def __init__(self, script: dict[tuple[str, str], list[str]], max_paths: int = 16) -> None:
+        self.script, self.max_paths = script, max_paths
         self.calls: list[dict] = []
 
-    def sample(self, prompts, *, n, temperature, top_p, top_k, max_tokens, stop, seed, first_path, stop_after):
-        self.calls.append({"prompts": prompts, "n": n, "first_path": first_path, "seed": seed, "stop": stop})
-        out = []
-        for prompt, count, first in zip(prompts, n, first_path, strict=True):
-            style = "pot" if "Python program" in prompt or "```python" in prompt else "cot"
-            question = next(q for q, s in self.script if s == style and q in prompt)
-            texts = self.script[question, style][first:first + count]
-            assert len(texts) == count, f"script too short for {question!r} {style}"
-            out.append([Generation(text, 5, "stop") for text in texts])
-        return out
+    def submit(self, prompt, *, n, temperature, top_p, top_k, max_tokens, stop, stop_after, seed, first_path):
+        self.calls.append({"prompt": prompt, "n": n, "first_path": first_path, "seed": seed, "stop": stop})
+        style = "pot" if "Python program" in prompt or "```python" in prompt else "cot"
+        question = next(q for q, s in self.script if s == style and q in prompt)
+        texts = self.script[question, style][first_path:first_path + n]
+        assert len(texts) == n, f"script too short for {question!r} {style}"
+        future = Future()
+        future.set_result([Generation(text, 5, "stop") for text in texts])
+        return future
 
 
 COT = "{} + {} = {}. The answer is {}."
@@ -54,10 +54,9 @@ def test_mixed_vote_over_both_styles_with_every_path_reported():
                                                                        "no program"]
     assert q2.paths[5].program is None
     assert q1.tokens == 30 and q1.paths_saved == 0
-    # both questions went into one engine call, each style's paths seeded from (seed, question, style)
-    [call] = engine.calls
-    assert call["n"] == [3, 3, 3, 3] and call["first_path"] == [0, 0, 0, 0]
-    assert call["seed"][:2] == [derive_seed(0, "Q1", "cot"), derive_seed(0, "Q1", "pot")]
+    # one request per question and style, each style's paths seeded from (seed, question, style)
+    assert [(c["n"], c["first_path"]) for c in engine.calls] == [(3, 0)] * 4
+    assert [c["seed"] for c in engine.calls[:2]] == [derive_seed(0, "Q1", "cot"), derive_seed(0, "Q1", "pot")]
     json.dumps(q1.to_dict())  # plain data
 
 
@@ -67,10 +66,10 @@ def test_early_stop_saves_the_paths_of_questions_whose_first_answers_agree():
                                program_timeout=0.5)
     assert (q1.answer, q1.paths_saved, len(q1.paths)) == (8, 6, 2)  # cot 0 and pot 0 both say 8
     assert q2.paths_saved == 0 and len(q2.paths) == 8  # the first program timed out: sample the rest
-    first, rest = engine.calls
-    assert first["n"] == [1, 1, 1, 1]
-    assert rest["n"] == [3, 3] and rest["first_path"] == [1, 1]  # only Q2, continuing at path 1
-    assert rest["seed"] == [derive_seed(0, "b", "cot"), derive_seed(0, "b", "pot")]
+    first, rest = engine.calls[:4], engine.calls[4:]
+    assert [c["n"] for c in first] == [1, 1, 1, 1]
+    assert [(c["n"], c["first_path"]) for c in rest] == [(3, 1), (3, 1)]  # only Q2, continuing at path 1
+    assert [c["seed"] for c in rest] == [derive_seed(0, "b", "cot"), derive_seed(0, "b", "pot")]
     assert q2.answer == 2
 
 
@@ -80,22 +79,21 @@ def test_hybrid_falls_back_to_cot_only_where_every_program_failed():
     assert (q1.answer, q1.vote.decided_by, {p.style for p in q1.paths}) == (8, "pot", {"pot"})
     assert (q2.answer, q2.vote.decided_by) == (2, "cot")
     assert [p.style for p in q2.paths] == ["pot"] * 3 + ["cot"] * 3
-    pot_round, cot_round = engine.calls
-    assert len(pot_round["prompts"]) == 2 and len(cot_round["prompts"]) == 1
+    assert [("Python program" in c["prompt"], c["n"]) for c in engine.calls] == [(True, 3), (True, 3), (False, 3)]
 
 
-def test_batch_paths_groups_questions_per_engine_call():
-    engine = ScriptedEngine(SCRIPT)
-    solve_questions(engine, ["Q1", "Q2"], mode="cot", paths=4, batch_paths=4)
-    assert [call["n"] for call in engine.calls] == [[4], [4]]
+def test_a_round_of_more_paths_than_the_engine_decodes_together_is_split():
+    engine = ScriptedEngine(SCRIPT, max_paths=3)
+    [q1] = solve_questions(engine, ["Q1"], mode="cot", paths=4)
+    assert [(c["n"], c["first_path"]) for c in engine.calls] == [(3, 0), (1, 3)]
+    assert [p.index for p in q1.paths] == [0, 1, 2, 3] and q1.answer == 8
 
 
 def test_few_shot_prompts_use_the_teacher_stops():
     engine = ScriptedEngine(SCRIPT)
     solve_questions(engine, ["Q1"], mode="mixed", paths=2, prompt_style="few-shot")
-    [call] = engine.calls
-    assert call["stop"] == [["\nQuestion:", "\n\n"], ["```", "\nQuestion:"]]
-    assert call["prompts"][1].endswith("Question: Q1\nProgram:\n```python\n")
+    assert [c["stop"] for c in engine.calls] == [["\nQuestion:", "\n\n"], ["```", "\nQuestion:"]]
+    assert engine.calls[1]["prompt"].endswith("Question: Q1\nProgram:\n```python\n")
 
 
 # ---- the command --------------------------------------------------------------------------------
