@@ -9,8 +9,9 @@
 `Engine.sample` evaluates each prompt once, copies its KV cells to its n sequences
 (`llama_memory_seq_cp`), then decodes every live sequence in one batch per step, each with its own
 sampler chain. A sequence ends on an end-of-generation token, a stop string (the text is cut before
-it), a `stop_after` pattern (the text is kept up to the end of its first match; e.g. the CoT answer
-sentence) or the `max_tokens` budget.
+it), a `stop_after` callable (given the text so far, the index where it is complete or None; the text
+is kept up to that index: prompts.STOP_AFTER ends CoT after its answer sentence and PoT after its
+program's closing fence) or the `max_tokens` budget.
 
 Prefix cache: the engine keeps the KV cells of its last `prefix_cache` prompts, one KV stream each
 (default 2: one per style). A new prompt that shares at least MIN_PREFIX leading tokens with a cached
@@ -62,8 +63,7 @@ import codecs
 import ctypes
 import hashlib
 import logging
-import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -154,21 +154,22 @@ class Engine:
     def sample(self, prompts: Sequence[str], *, n: int | Sequence[int] = 1, temperature: float = 0.0,
                top_p: float = 1.0, top_k: int = 0, max_tokens: int = 256,
                stop: Sequence[str] | Sequence[Sequence[str]] = (), seed: int | Sequence[int] = 0,
-               first_path: int | Sequence[int] = 0, stop_after: str | Sequence[str | None] | None = None,
+               first_path: int | Sequence[int] = 0,
+               stop_after: Callable[[str], int | None] | Sequence[Callable[[str], int | None] | None] | None = None,
                ignore_eos: bool = False) -> list[list[Generation]]:
         """`n` paths per prompt (an int, or one count per prompt), as result[prompt][path].
 
         `stop`: stop strings for every prompt, or one list per prompt. `seed`: one base seed, or one
         per prompt; `first_path`: the number of the first path, for all prompts or per prompt (see the
-        module docstring). `stop_after`: a regular expression, for every prompt or one (or None) per
-        prompt; a path ends right after its first match. `top_k` 0 and `top_p` 1 switch those filters
+        module docstring). `stop_after`: a callable, for every prompt or one (or None) per prompt; a path
+        ends as soon as it returns an index, cut there. `top_k` 0 and `top_p` 1 switch those filters
         off. `ignore_eos` bans end-of-generation tokens, so paths end on stop strings or max_tokens only
         (benchmarks).
         """
         counts = [n] * len(prompts) if isinstance(n, int) else list(n)
         firsts = [first_path] * len(prompts) if isinstance(first_path, int) else list(first_path)
         stops = _per_prompt(stop, len(prompts))
-        ends = [stop_after] * len(prompts) if stop_after is None or isinstance(stop_after, str) else list(stop_after)
+        ends = list(stop_after) if isinstance(stop_after, Sequence) else [stop_after] * len(prompts)
         seeds = [derive_seed(seed, p) for p in range(len(prompts))] if isinstance(seed, int) else list(seed)
         if not len(counts) == len(firsts) == len(seeds) == len(ends) == len(prompts):
             raise ValueError("n, seed, first_path and stop_after must be one value or have one entry per prompt")
@@ -357,9 +358,9 @@ class _Cached:
 class _Path:
     """The state of one sequence while it is being generated."""
 
-    def __init__(self, *, prompt: int, seq: int, sampler: Any, stop: list[str], end: str | None = None) -> None:
-        self.prompt, self.seq, self.sampler, self.stop = prompt, seq, sampler, stop
-        self.end = re.compile(end, re.DOTALL) if end else None
+    def __init__(self, *, prompt: int, seq: int, sampler: Any, stop: list[str],
+                 end: Callable[[str], int | None] | None = None) -> None:
+        self.prompt, self.seq, self.sampler, self.stop, self.end = prompt, seq, sampler, stop, end
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
         self.text = ""
         self.tokens = self.pos = self.last = 0
@@ -374,8 +375,8 @@ class _Path:
         if found:
             self.text = self.text[:min(found)]
             self.finish_reason = "stop"
-        elif self.end and (match := self.end.search(self.text)):
-            self.text = self.text[:match.end()]
+        elif self.end and (cut := self.end(self.text)) is not None:
+            self.text = self.text[:cut]
             self.finish_reason = "stop"
 
     def finish(self, tail: str, reason: str) -> None:

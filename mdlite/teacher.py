@@ -29,15 +29,16 @@ import asyncio
 import logging
 import os
 import random
-import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from mdlite import MdliteError
 
 log = logging.getLogger(__name__)
+StopAfter = Callable[[str], int | None]  # the text so far -> the index where it is complete, or None
 
 BACKENDS = ("ollama", "openai", "openai-chat", "llamacpp")
 
@@ -81,11 +82,11 @@ class Teacher(Protocol):
         """Reachable and serving the model (MdliteError if not); the model digest when known."""
         ...
 
-    async def complete(self, prompt: str, *, n: int = 1, temperature: float, max_tokens: int,
-                       stop: list[str], seed: int | None = None, stop_after: str | None = None) -> list[Completion]:
-        """`n` completions of `prompt`; sample j uses seed `seed + j`; a completion ends right after the
-        first match of the regular expression `stop_after` (servers: cut afterwards). TeacherError on
-        failure."""
+    async def complete(self, prompt: str, *, n: int = 1, temperature: float, max_tokens: int, stop: list[str],
+                       seed: int | None = None, stop_after: StopAfter | None = None) -> list[Completion]:
+        """`n` completions of `prompt`; sample j uses seed `seed + j`; a completion ends where `stop_after` (given
+        the text so far, the index where it is complete or None) cuts it (servers: cut afterwards).
+        TeacherError on failure."""
         ...
 
     async def aclose(self) -> None:
@@ -154,7 +155,7 @@ class TeacherPool:
         return digests[0]
 
     async def complete(self, prompt: str, *, n: int = 1, temperature: float, max_tokens: int, stop: list[str],
-                       seed: int | None = None, stop_after: str | None = None) -> list[Completion]:
+                       seed: int | None = None, stop_after: StopAfter | None = None) -> list[Completion]:
         """`Teacher.complete` on a free endpoint, retried on retryable errors; TeacherError once out of retries."""
         attempt = 0
         while True:
@@ -216,7 +217,7 @@ class OllamaTeacher:
                           f"run `ollama pull {self.model}` there (flag --teacher)")
 
     async def complete(self, prompt: str, *, n: int = 1, temperature: float, max_tokens: int, stop: list[str],
-                       seed: int | None = None, stop_after: str | None = None) -> list[Completion]:
+                       seed: int | None = None, stop_after: StopAfter | None = None) -> list[Completion]:
         completions = []
         for j in range(n):
             options = {"temperature": temperature, "num_predict": max_tokens, "num_ctx": self.num_ctx, "stop": stop}
@@ -271,7 +272,7 @@ class OpenAITeacher:
         return None
 
     async def complete(self, prompt: str, *, n: int = 1, temperature: float, max_tokens: int, stop: list[str],
-                       seed: int | None = None, stop_after: str | None = None) -> list[Completion]:
+                       seed: int | None = None, stop_after: StopAfter | None = None) -> list[Completion]:
         completions = []
         for j in range(n):
             body: dict[str, Any] = {"model": self.model, "max_tokens": max_tokens, "temperature": temperature}
@@ -279,7 +280,7 @@ class OpenAITeacher:
                 body["seed"] = seed + j
             if self.chat:
                 body["messages"] = [{"role": "user", "content": prompt}]
-                body["stop"] = [s for s in stop if not s.startswith("```")]
+                body["stop"] = [s for s in stop if "```" not in s]
             else:
                 body["prompt"], body["stop"] = prompt, stop
             start = time.perf_counter()
@@ -332,7 +333,7 @@ class LlamaCppTeacher:
         return await asyncio.to_thread(self._load)
 
     async def complete(self, prompt: str, *, n: int = 1, temperature: float, max_tokens: int, stop: list[str],
-                       seed: int | None = None, stop_after: str | None = None) -> list[Completion]:
+                       seed: int | None = None, stop_after: StopAfter | None = None) -> list[Completion]:
         future: asyncio.Future[list[Completion]] = asyncio.get_running_loop().create_future()
         seed = random.getrandbits(31) if seed is None else seed
         self._waiting.append((_Request(prompt, n, temperature, max_tokens, stop, seed, stop_after), future))
@@ -423,13 +424,13 @@ class _Request:
     max_tokens: int
     stop: list[str]
     seed: int
-    stop_after: str | None
+    stop_after: StopAfter | None
 
 
-def cut_after(text: str, pattern: str | None) -> str:
-    """`text` up to the end of the first match of `pattern` (all of it when there is none)."""
-    match = re.search(pattern, text, re.DOTALL) if pattern else None
-    return text[:match.end()] if match else text
+def cut_after(text: str, stop_after: StopAfter | None) -> str:
+    """`text` up to the index `stop_after` gives (all of it when it gives None or is None)."""
+    cut = stop_after(text) if stop_after else None
+    return text if cut is None else text[:cut]
 
 
 # ---- helpers ------------------------------------------------------------------------------------

@@ -94,7 +94,7 @@ def test_few_shot_prompts_use_the_teacher_stops():
     engine = ScriptedEngine(SCRIPT)
     solve_questions(engine, ["Q1"], mode="mixed", paths=2, prompt_style="few-shot")
     [call] = engine.calls
-    assert call["stop"] == [["\nQuestion:", "\n\n"], ["```", "\nQuestion:"]]
+    assert call["stop"] == [["\nQuestion:", "\n\n"], ["\n```", "\nQuestion:"]]
     assert call["prompts"][1].endswith("Question: Q1\nProgram:\n```python\n")
 
 
