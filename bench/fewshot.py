@@ -125,7 +125,8 @@ class SequentialTeacher(teacher.LlamaCppTeacher):
         return None
 
     async def complete(self, prompt: str, *, n: int = 1, temperature: float, max_tokens: int, stop: list[str],
-                       seed: int | None = None, stop_after: str | None = None) -> list[teacher.Completion]:
+                       seed: int | None = None,
+                       stop_after: teacher.StopAfter | None = None) -> list[teacher.Completion]:
         return await asyncio.to_thread(self._one, prompt, temperature, max_tokens, stop, seed)
 
     def _one(self, prompt: str, temperature: float, max_tokens: int, stop: list[str],

@@ -4,6 +4,9 @@
     7.0
     >>> answers_match(7.0, 7)
     True
+    >>> text = "3 + 4 = 7. The answer is 7. So Tom has 7 apples."
+    >>> text[:answer_sentence_end(text)]
+    '3 + 4 = 7. The answer is 7.'
 
 Pure functions; no model or I/O here.
 """
@@ -37,6 +40,12 @@ _LEAD = re.compile(r"(?:[\s*_:(\[\\~≈]|(?:therefore|thus|so|then|just|exactly|
 # An arithmetic expression before its result: "20 - 5 = " in "20 - 5 = 15" (up to the last "=").
 _EXPRESSION = re.compile(r"(?:\d\.\d|[\d \t,$€£%()+\-−*/×x÷^=])*=[ \t]*")
 _FRAC = re.compile(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}")  # LaTeX \frac{3}{4} -> 3/4
+# Where a sentence ends: after ".", "!" or "?" and any closing markup ("**", quotes, ")") once a line break
+# follows, or a space and then anything but a digit (in "12 ft. 6 in." the quantity goes on); or at a line
+# break. A period with nothing after it yet is no end: "The answer is 3." may become "3.5".
+_SENTENCE_END = re.compile(r"[.!?][*_\"'”’)\]}$`]*(?=[ \t]*\n|[ \t]+[^\s\d])|\n")
+# The phrases that close a rationale; "Answer: 3 apples and 5 more..." opens one.
+_CLOSING = re.compile(r"\bthe (?:final |correct )?answer is\b|####|\\boxed\{", re.IGNORECASE)
 
 
 def parse_number(text: str) -> float | None:
@@ -56,19 +65,34 @@ def extract_answer(text: str, *, style: str = "cot", strict: bool = False) -> fl
     if style not in ("cot", "pot"):
         raise ValueError(f"style must be 'cot' or 'pot', not {style!r}")
     if style == "cot":
-        text = _FRAC.sub(r"\1/\2", text).replace("{,}", ",")
-        found = sorted((m.start(), m.group("body")) for marker in _MARKERS for m in marker.finditer(text))
-        for _, body in reversed(found):
-            value = _marked_value(body)
-            if value is not None:
-                return value
-        if strict:
-            return None
+        text = _plain(text)
+        value = _stated_answer(text)
+        if value is not None or strict:
+            return value
     numbers = list(_NUMBER_RE.finditer(text))
     for match in reversed(numbers):
         value = _match_value(match)
         if value is not None:
             return value
+    return None
+
+
+def answer_sentence_end(text: str) -> int | None:
+    """The index just past the first complete answer sentence of a CoT rationale, or None while it has none.
+
+    An answer sentence closes the rationale ("the answer is", "the final / correct answer is", "####",
+    "\\boxed{") and `extract_answer` reads a number from it, from the sentence alone: "The answer is the
+    number of apples he has after he buys 5 more." and "The answer is not 5." are none. It ends at its first
+    sentence end (_SENTENCE_END): "The answer is 12 ft. 6 in." is one sentence, "**The answer is 8.**" ends
+    after the "**" once a line break follows, "The answer is 8." waits for what comes next. So the answer
+    `extract_answer` reads from `text[:end]` is the one that sentence states.
+    """
+    start = 0
+    for end in _SENTENCE_END.finditer(text):
+        sentence = text[start:end.end()]
+        if _CLOSING.search(sentence) and _stated_answer(_plain(sentence)) is not None:
+            return start + len(sentence.rstrip())
+        start = end.end()
     return None
 
 
@@ -87,6 +111,21 @@ def format_number(value: float) -> str:
     if float(value).is_integer():
         return str(int(value))
     return f"{value:.6f}".rstrip("0").rstrip(".")
+
+
+def _plain(text: str) -> str:
+    """LaTeX fractions and "{,}" separators as plain text: "\\frac{3}{4}" -> "3/4", "1{,}000" -> "1,000"."""
+    return _FRAC.sub(r"\1/\2", text).replace("{,}", ",")
+
+
+def _stated_answer(text: str) -> float | None:
+    """The number of the last explicit marker in `text` that a number follows, or None."""
+    found = sorted((m.start(), m.group("body")) for marker in _MARKERS for m in marker.finditer(text))
+    for _, body in reversed(found):
+        value = _marked_value(body)
+        if value is not None:
+            return value
+    return None
 
 
 def _marked_value(body: str) -> float | None:

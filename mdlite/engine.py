@@ -16,8 +16,9 @@ left for all of a request's paths: evaluate the prompt alone, copy its KV cells 
 with its own sampler chain; a path that ends frees its sequence for the next step, and a request whose
 paths have all ended resolves its future. Requests with different sampling settings share batches. A
 path ends on an end-of-generation token, a stop string (the text is cut before it), its `stop_after`
-callable (the text is kept up to the index it returns: e.g. the end of the CoT answer sentence) or its
-`max_tokens` budget. `sample()` is submit-all-and-wait.
+callable (given the text so far, the index where it is complete or None; the text is kept up to that
+index: prompts.STOP_AFTER ends CoT after its answer sentence and PoT after its program's closing fence)
+or its `max_tokens` budget. `sample()` is submit-all-and-wait.
 
 Context: `max_paths` sequences of `n_ctx` KV cells each, plus one per prefix-cache slot, allocated once.
 A request whose prompt + max_tokens exceeds n_ctx fails alone (MdliteError from `submit`). `n_ctx` 0

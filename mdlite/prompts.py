@@ -7,10 +7,13 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import re
 from functools import cache
 from importlib import resources
+
+from mdlite.answers import answer_sentence_end
 
 STYLES = ("cot", "pot")
 STUDENT_DIRECTIVES = {
@@ -19,16 +22,14 @@ STUDENT_DIRECTIVES = {
 }
 # The teacher's PoT prompt ends inside an opened code fence, so the completion is the program.
 _TEACHER_SUFFIX = {"cot": "Question: {question}\nAnswer:", "pot": "Question: {question}\nProgram:\n```python\n"}
-TEACHER_STOP = {"cot": ["\nQuestion:", "\n\n"], "pot": ["```", "\nQuestion:"]}
+# Plain stop strings (what a server gets; prompt_hash covers them). PoT's "\n```" is a fence at a line start,
+# which a valid program has only inside a triple-quoted string (`fence = '```'` is not cut; a program cut in
+# such a string fails to parse and is rejected, never mis-scored).
+TEACHER_STOP = {"cot": ["\nQuestion:", "\n\n"], "pot": ["\n```", "\nQuestion:"]}
 STUDENT_STOP = ["\nQuestion:"]
-# Where a rationale is complete: the engine (students, the in-process teacher) stops right after a match.
-# CoT: the answer sentence once it has a number and its closing period is followed by whitespace ("The
-# answer is 3.5" waits for its end, "The answer is:\n12." is not cut short); PoT: a fenced program's
-# closing fence (the teacher's PoT prompt opens the fence itself, so there the stop string "```" ends it).
-_STOP_AFTER_RE = {"cot": r"(?i)\bthe (?:final )?answer is\b[^\n]*?\d[^\n]*?\.(?=\s)", "pot": r"```[^\n]*\n.*?\n```"}
-STOP_AFTER = {style: (lambda text, _p=re.compile(p, re.DOTALL): (m.end() if (m := _p.search(text)) else None))
-              for style, p in _STOP_AFTER_RE.items()}  # TEMPORARY until issue23-stops lands
-_FENCE_RE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
+_FENCE_RE = re.compile(r"^```(?:python|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.MULTILINE)
+_FENCE_LINE = re.compile(r"^```", re.MULTILINE)
+_PROGRAM_RE = re.compile(r"^\s*def solution\(|^\s*(ans|answer)\s*=|print\(", re.MULTILINE)
 
 
 @cache
@@ -59,14 +60,52 @@ def prompt_hash(style: str) -> str:
 
 
 def extract_program(text: str) -> str | None:
-    """The Python program in a PoT completion: the first fenced block, else the text itself when
-    it defines `solution()` or assigns `ans`/`answer`; None when there is no program."""
+    """The Python program in a PoT completion: the first complete program (`program_end`), else the first
+    fenced block, else the text itself, when it defines `solution()`, assigns `ans`/`answer` or prints;
+    None when there is no program."""
+    complete = _complete_program(text)
     fenced = _FENCE_RE.search(text)
-    code = fenced.group(1) if fenced else text
+    code = complete[0] if complete else fenced.group(1) if fenced else text
     code = code.strip("\n")
-    if re.search(r"^\s*def solution\(|^\s*(ans|answer)\s*=|print\(", code, re.MULTILINE):
-        return code + "\n"
+    return code + "\n" if _PROGRAM_RE.search(code) else None
+
+
+def program_end(text: str) -> int | None:
+    """The index just past the closing fence of the first complete program in a PoT completion, or None.
+
+    A closing fence is "```" at a line start after a program that parses (`ast.parse`): the code from the
+    text's start (the teacher's prompt opened the fence) or from the end of an earlier fence line. So a
+    "```" inside a string (`fence = '```'`, or a line of a triple-quoted string) closes nothing.
+    """
+    complete = _complete_program(text)
+    return complete[1] if complete else None
+
+
+# Where a rationale is complete, as an index into the text so far (None: not yet): the engine (students, the
+# in-process teacher) ends a path there and HTTP teachers' replies are cut there. CoT: the end of the
+# first answer sentence, the one `extract_answer` reads its number from (answers.answer_sentence_end).
+# PoT: the closing fence of the first complete program, the one `extract_program` returns (program_end).
+STOP_AFTER = {"cot": answer_sentence_end, "pot": program_end}
+
+
+def _complete_program(text: str) -> tuple[str, int] | None:
+    """(code, end of its closing fence) of the first complete program in `text` (see `program_end`)."""
+    starts = [0]
+    for fence in _FENCE_LINE.finditer(text):
+        for start in starts:
+            code = text[start:fence.start()]
+            if _PROGRAM_RE.search(code) and _parses(code):
+                return code, fence.end()
+        starts.append(text.find("\n", fence.end()) + 1 or len(text))
     return None
+
+
+def _parses(code: str) -> bool:
+    try:
+        ast.parse(code)
+    except (SyntaxError, ValueError):
+        return False
+    return True
 
 
 def _check_style(style: str) -> None:

@@ -5,8 +5,9 @@
 
 For each question: prompts (`student_prompt` + STUDENT_STOP, or the teacher's few-shot prompts with
 `--prompt-style few-shot`) -> `Engine.submit` (the engine batches every question's paths continuously; the
-few-shot exemplars evaluated once by the prefix cache; a CoT path ends after its answer sentence, a PoT
-path after its closing fence: prompts.STOP_AFTER) -> CoT answers with `extract_answer`, PoT programs with
+few-shot exemplars evaluated once by the prefix cache; prompts.STOP_AFTER ends a CoT path after its answer
+sentence, the one `extract_answer` then reads, and a PoT path after the closing fence of a program that
+parses, the one `extract_program` then returns) -> CoT answers with `extract_answer`, PoT programs with
 `extract_program` and the sandbox -> `vote.vote`.
 
 Paths per style: cot and pot modes give all `paths` to their style; mixed gives ceil(paths/2) to PoT

@@ -84,8 +84,9 @@ class Teacher(Protocol):
 
     async def complete(self, prompt: str, *, n: int = 1, temperature: float, max_tokens: int, stop: list[str],
                        seed: int | None = None, stop_after: StopAfter | None = None) -> list[Completion]:
-        """`n` completions of `prompt`; sample j uses seed `seed + j`; a completion ends where `stop_after`
-        says it is complete (servers: cut afterwards). TeacherError on failure."""
+        """`n` completions of `prompt`; sample j uses seed `seed + j`; a completion ends where `stop_after` (given
+        the text so far, the index where it is complete or None) cuts it (servers: cut afterwards).
+        TeacherError on failure."""
         ...
 
     async def aclose(self) -> None:
@@ -281,7 +282,7 @@ class OpenAITeacher:
                 body["seed"] = seed + j
             if self.chat:
                 body["messages"] = [{"role": "user", "content": prompt}]
-                body["stop"] = [s for s in stop if not s.startswith("```")]
+                body["stop"] = [s for s in stop if "```" not in s]
             else:
                 body["prompt"], body["stop"] = prompt, stop
             start = time.perf_counter()

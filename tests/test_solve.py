@@ -92,7 +92,7 @@ def test_a_round_of_more_paths_than_the_engine_decodes_together_is_split():
 def test_few_shot_prompts_use_the_teacher_stops():
     engine = ScriptedEngine(SCRIPT)
     solve_questions(engine, ["Q1"], mode="mixed", paths=2, prompt_style="few-shot")
-    assert [c["stop"] for c in engine.calls] == [["\nQuestion:", "\n\n"], ["```", "\nQuestion:"]]
+    assert [c["stop"] for c in engine.calls] == [["\nQuestion:", "\n\n"], ["\n```", "\nQuestion:"]]
     assert engine.calls[1]["prompt"].endswith("Question: Q1\nProgram:\n```python\n")
 
 
