@@ -39,55 +39,68 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
-    ks = [int(k) for k in args.ks.split(",")]
-    llama_cpp_module()  # sets OMP_WAIT_POLICY before llama_cpp loads
-    engine = Engine(args.model, n_threads=args.threads)
-    prompt = teacher_prompt(QUESTION, style="cot")
-    prompt_tokens = len(engine.tokenize(prompt))
-    # llama-cpp-python's `Llama`, as a user's loop would use it, opened through mdlite's door with the same safe
-    # parameters (no repacked / AMX weights: llama.cpp's defaults segfault on some Xeons, llama.cpp #20824)
-    llm = open_llama(engine.path, n_ctx=prompt_tokens + args.max_tokens + 8, n_threads=args.threads,
-                     n_gpu_layers=engine.n_gpu_layers)
-    print(f"model {engine.path.name}, prompt {prompt_tokens} tokens, {args.max_tokens} new tokens per path, "
-          f"{args.threads} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
+    bench = Bench(args.model, max_tokens=args.max_tokens, threads=args.threads)
+    print(f"model {bench.engine.path.name}, prompt {bench.prompt_tokens} tokens, {args.max_tokens} new tokens per "
+          f"path, {args.threads} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
           f"llama-cpp-python {llama_cpp_module().__version__}")
-    engine.sample([prompt], n=1, max_tokens=4)  # warm-up: context creation, page-in
-    no_eog = {t: float("-inf") for t in range(llm.n_vocab()) if llama_cpp_module().llama_vocab_is_eog(
-        llm._model.vocab, t)}
+    names = list(bench.ways)
+    print(f"{'k':>3}  " + "  ".join(f"{name:>28}" for name in names) + "  batched/cache  batched/re-eval")
+    for k in [int(k) for k in args.ks.split(",")]:
+        rate = bench.rates(k, repeats=args.repeats)
+        print(f"{k:>3}  " + "  ".join(f"{rate[n]:>21.1f} tok/s" for n in names)
+              + f"  {rate[names[0]] / rate[names[1]]:>12.2f}x  {rate[names[0]] / rate[names[2]]:>14.2f}x")
+    bench.close()
 
-    def batched(k: int, seed: int) -> int:
-        [paths] = engine.sample([prompt], n=k, temperature=TEMPERATURE, max_tokens=args.max_tokens, seed=seed,
-                                ignore_eos=True)
-        return sum(p.tokens for p in paths)
 
-    def sequential(k: int, seed: int, *, reuse: bool) -> int:
-        total = 0
-        for j in range(k):
-            if not reuse:
-                llm.reset()
-            reply = llm.create_completion(prompt, max_tokens=args.max_tokens, temperature=TEMPERATURE,
-                                          top_k=0, top_p=1.0, min_p=0.0, seed=seed + j, logit_bias=no_eog)
-            total += reply["usage"]["completion_tokens"]
-        return total
+class Bench:
+    """The engine and llama-cpp-python's `Llama` on one model, and the three ways of sampling k paths."""
 
-    ways = {"batched": batched, "sequential (prompt cache)": lambda k, s: sequential(k, s, reuse=True),
-            "sequential (re-eval prompt)": lambda k, s: sequential(k, s, reuse=False)}
-    print(f"{'k':>3}  " + "  ".join(f"{name:>28}" for name in ways) + "  batched/cache  batched/re-eval")
-    for k in ks:
-        tokens = dict.fromkeys(ways, 0)
-        seconds = dict.fromkeys(ways, 0.0)
-        for repeat in range(args.repeats):
-            for name, way in ways.items():
-                llm.reset()  # each way starts without the prompt in llm's cache
+    def __init__(self, model: str, *, max_tokens: int = 128, threads: int = 2) -> None:
+        llama_cpp_module()  # sets OMP_WAIT_POLICY before llama_cpp loads
+        self.engine = Engine(model, n_threads=threads)
+        self.max_tokens = max_tokens
+        self.prompt = teacher_prompt(QUESTION, style="cot")
+        self.prompt_tokens = len(self.engine.tokenize(self.prompt))
+        # llama-cpp-python's `Llama`, as a user's loop would use it, opened through mdlite's door with the same safe
+        # parameters (no repacked / AMX weights: llama.cpp's defaults segfault on some Xeons, llama.cpp #20824)
+        self.llm = open_llama(self.engine.path, n_ctx=self.prompt_tokens + max_tokens + 8, n_threads=threads,
+                              n_gpu_layers=self.engine.n_gpu_layers)
+        self.engine.sample([self.prompt], n=1, max_tokens=4)  # warm-up: context creation, page-in
+        self.no_eog = {t: float("-inf") for t in range(self.llm.n_vocab())
+                       if llama_cpp_module().llama_vocab_is_eog(self.llm._model.vocab, t)}
+        self.ways = {"batched": self.batched, "sequential (prompt cache)": lambda k, s: self.sequential(k, s, True),
+                     "sequential (re-eval prompt)": lambda k, s: self.sequential(k, s, False)}
+
+    def rates(self, k: int, *, repeats: int = 1) -> dict[str, float]:
+        """Generated tokens/s of each way for k paths; the ways run in turn, `repeats` times."""
+        tokens = dict.fromkeys(self.ways, 0)
+        seconds = dict.fromkeys(self.ways, 0.0)
+        for repeat in range(repeats):
+            for name, way in self.ways.items():
+                self.llm.reset()  # each way starts without the prompt in llm's cache
                 start = time.perf_counter()
                 tokens[name] += way(k, 1000 * repeat)
                 seconds[name] += time.perf_counter() - start
-        rate = {name: tokens[name] / seconds[name] for name in ways}
-        names = list(ways)
-        print(f"{k:>3}  " + "  ".join(f"{rate[n]:>21.1f} tok/s" for n in names)
-              + f"  {rate[names[0]] / rate[names[1]]:>12.2f}x  {rate[names[0]] / rate[names[2]]:>14.2f}x")
-    engine.close()
-    llm.close()
+        return {name: tokens[name] / seconds[name] for name in self.ways}
+
+    def batched(self, k: int, seed: int) -> int:
+        [paths] = self.engine.sample([self.prompt], n=k, temperature=TEMPERATURE, max_tokens=self.max_tokens,
+                                     seed=seed, ignore_eos=True)
+        return sum(p.tokens for p in paths)
+
+    def sequential(self, k: int, seed: int, reuse: bool) -> int:
+        total = 0
+        for j in range(k):
+            if not reuse:
+                self.llm.reset()
+            reply = self.llm.create_completion(self.prompt, max_tokens=self.max_tokens, temperature=TEMPERATURE,
+                                               top_k=0, top_p=1.0, min_p=0.0, seed=seed + j, logit_bias=self.no_eog)
+            total += reply["usage"]["completion_tokens"]
+        return total
+
+    def close(self) -> None:
+        self.engine.close()
+        self.llm.close()
 
 
 if __name__ == "__main__":

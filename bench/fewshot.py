@@ -1,7 +1,7 @@
-"""Few-shot speed: mdlite's prefix cache and batched in-process teacher against their baselines.
+"""Few-shot speed: mdlite's prefix cache, continuous batching and in-process teacher against their baselines.
 
-    flock /tmp/mdlite-cpu.lock python bench/fewshot.py [--parts eval,teacher] [--problems 40]
-        [--teacher-problems 24] [--data-dir ../shared/data] [--threads 0]
+    flock /tmp/mdlite-cpu.lock python bench/fewshot.py [--parts eval,paths,teacher] [--problems 40]
+        [--teacher-problems 48] [--data-dir ../shared/data] [--threads 0]
 
 (a) eval: `mdlite eval` (evaluate.run) with the few-shot prompts, greedy CoT + PoT, on the first
 `--problems` SVAMP test problems, three ways: prefix cache on (the default), prefix cache off
@@ -9,16 +9,24 @@
 llama-cpp-python (`Llama.create_completion`, greedy, the same prompts and stop strings, all CoT
 problems then all PoT problems, so that llama-cpp-python reuses the shared exemplar block itself).
 Prints questions/s, the ratios cache-on/cache-off and cache-on/loop, and the answers that differ.
+(paths) the same eval with greedy + 4 sampled paths per style (modes cot, pot, mixed), continuous
+batching (evaluate.run: every path of every problem submitted to one engine, a finished path's place
+taken at once) against static batching, the way eval batched before the engine could admit paths mid-
+flight: a few problems and one (style, greedy) entry at a time, each call waiting for its longest path
+(mdlite.solve.solve_questions per chunk of batch_paths // paths problems). Prints questions/s, the
+ratio and the paths whose text differs (none should: a path's text does not depend on its batch).
 (b) teacher: `mdlite teach` (rationales.run) with the in-process `llamacpp:` teacher on
-`--teacher-problems` synthetic problems, 1 CoT + 2 PoT samples at T=0.6, on the batched engine
-against the sequential `create_completion` backend mdlite used before (kept below as
-`SequentialTeacher`). Prints samples/s, the ratio and the kept share of each.
+`--teacher-problems` synthetic problems, 1 CoT + 2 PoT samples at T=0.6, on the engine against the
+sequential `create_completion` backend mdlite used before (kept below as `SequentialTeacher`); then
+the ceiling on this machine, bench/engine.py's k=16 batched / prompt-cached sequential tokens/s, and the
+teacher's ratio as a share of it. Prints samples/s, the ratios and the kept share of each.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 import tempfile
@@ -28,6 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.engine import Bench  # noqa: E402
 from mdlite import evaluate, rationales, teacher  # noqa: E402
 from mdlite.answers import answers_match, extract_answer  # noqa: E402
 from mdlite.config import EvalConfig, TeachConfig  # noqa: E402
@@ -42,9 +51,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="eval,teacher")
+    parser.add_argument("--parts", default="eval,paths,teacher")
     parser.add_argument("--problems", type=int, default=40, help="SVAMP test problems for (a)")
-    parser.add_argument("--teacher-problems", type=int, default=24, help="synthetic problems for (b)")
+    parser.add_argument("--teacher-problems", type=int, default=48, help="synthetic problems for (b)")
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--threads", type=int, default=0, help="0: the physical cores")
     args = parser.parse_args()
@@ -52,6 +61,8 @@ def main() -> None:
     print(f"model {MODEL}, {threads} threads, llama-cpp-python {llama_cpp_module().__version__}")
     if "eval" in args.parts:
         bench_eval(args.problems, args.data_dir, threads)
+    if "paths" in args.parts:
+        bench_paths(args.problems, args.data_dir, threads)
     if "teacher" in args.parts:
         bench_teacher(args.teacher_problems, threads)
 
@@ -82,6 +93,48 @@ def bench_eval(count: int, data_dir: str, threads: int) -> None:
         texts = sum(r["text"] != answers[other][key]["text"] for key, r in answers["cache on"].items())
         print(f"cache on / {other}: {rates['cache on'] / rates[other]:.2f}x; answers differ on {len(differ)} of "
               f"{2 * count} paths {differ[:8]}; texts differ on {texts}")
+
+
+def bench_paths(count: int, data_dir: str, threads: int, paths: int = 4) -> None:
+    cfg = EvalConfig(model=MODEL, data="svamp:test", data_dir=data_dir, limit=count, mode=["cot", "pot", "mixed"],
+                     paths=paths, prompt_style="few-shot", max_tokens=200, n_threads=threads)
+    problems = load_problems("svamp:test", data_dir=data_dir, limit=count)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        out = evaluate.run(dataclasses.replace(cfg, output_dir=tmp))
+        continuous = count / (time.perf_counter() - start)
+        records = [json.loads(line) for line in out["samples.jsonl"].read_text().splitlines()]
+    texts = {(r["id"], r["style"], r["greedy"], r["path"]): r["text"] for r in records}
+    start = time.perf_counter()
+    static = static_eval(problems, cfg, threads)
+    static_rate = count / (time.perf_counter() - start)
+    differ = [key for key, text in static.items() if texts.get(key) != text]
+    print(f"\n(paths) few-shot eval, greedy + {paths} sampled paths per style, first {count} SVAMP test problems")
+    print(f"{'continuous batching':>22}: {continuous:.3f} questions/s\n{'static batching':>22}: {static_rate:.3f} "
+          f"questions/s\ncontinuous / static: {continuous / static_rate:.2f}x; texts differ on {len(differ)} of "
+          f"{len(static)} paths {differ[:4]}")
+
+
+def static_eval(problems: list[Any], cfg: EvalConfig, threads: int) -> dict[tuple[str, str, bool, int], str]:
+    """Eval's paths as it batched before continuous batching: `batch_paths // paths` problems and one (style,
+    greedy) entry at a time, every call waiting for its longest path; the text of each path."""
+    from mdlite.engine import Engine
+    from mdlite.solve import solve_questions
+
+    plan = evaluate.sampling_plan(cfg)
+    per_chunk = max(1, cfg.batch_paths // max(plan.values()))
+    texts = {}
+    with Engine(MODEL, max_paths=cfg.batch_paths, n_threads=threads) as engine:
+        for start in range(0, len(problems), per_chunk):
+            chunk = problems[start:start + per_chunk]
+            for (style, greedy), n in plan.items():
+                solutions = solve_questions(engine, [p.question for p in chunk], ids=[p.id for p in chunk],
+                                            mode=style, paths=n, prompt_style="few-shot",
+                                            temperature=0.0 if greedy else cfg.temperature, top_p=cfg.top_p,
+                                            max_tokens=cfg.max_tokens, seed=cfg.seed)
+                for problem, solution in zip(chunk, solutions, strict=True):
+                    texts.update({(problem.id, style, greedy, path.index): path.text for path in solution.paths})
+    return texts
 
 
 def user_loop(problems: list[Any], threads: int) -> dict[tuple[str, str], dict[str, Any]]:
@@ -168,7 +221,15 @@ def bench_teacher(count: int, threads: int) -> None:
         shares = "  ".join(f"{s} kept {sum(v)}/{len(v)} ({sum(v) / max(len(v), 1):.0%})" for s, v in kept.items())
         print(f"{name:>30}: {rate:.3f} samples/s   {shares}")
     [(_, (new, _)), (_, (old, _))] = rows.items()
-    print(f"engine / sequential: {new / old:.2f}x samples/s")
+    ceiling = Bench(MODEL, threads=threads)
+    try:
+        rates = ceiling.rates(16)
+    finally:
+        ceiling.close()
+    most = rates["batched"] / rates["sequential (prompt cache)"]
+    print(f"engine / sequential: {new / old:.2f}x samples/s; this machine's ceiling (bench/engine.py, k=16 batched "
+          f"{rates['batched']:.1f} / prompt-cached sequential {rates['sequential (prompt cache)']:.1f} tok/s): "
+          f"{most:.2f}x; the teacher reaches {new / old / most:.0%} of it")
 
 
 if __name__ == "__main__":

@@ -207,8 +207,8 @@ class EvalConfig:
     top_p: float = knob(0.95, "Nucleus sampling threshold of the sampled paths (1: off).")
     max_tokens: int = knob(256, "Max new tokens per path.")
     seed: int = knob(0, "Base seed; each path's seed is derived from (seed, problem id, style, path).")
-    batch_paths: int = knob(16, "Paths decoded together: problems are taken a few at a time, up to this many "
-                                "paths of one style per engine batch (teachers: requests issued together).")
+    batch_paths: int = knob(16, "GGUF: paths decoded together (the engine's sequences; a finished path's place "
+                                "is taken at once by the next); served models: requests issued together.")
     n_gpu_layers: int = knob(-1, "GGUF: layers offloaded to the GPU; -1: all when llama.cpp was built with GPU "
                                  "offload, else none; 0: CPU only (batch-invariant paths, see mdlite/engine.py).")
     n_threads: int = knob(0, "GGUF and llamacpp teachers: CPU threads; 0: the physical cores.")
@@ -335,7 +335,8 @@ class SolveConfig:
     early_stop: bool = knob(False, "Sample two paths first (mixed: one CoT, one PoT); stop there when they agree.")
     cot_weight: float = knob(1.0, "Vote weight of a CoT path (mixed mode; weighted voting).")
     pot_weight: float = knob(1.0, "Vote weight of a PoT path (mixed mode; weighted voting).")
-    batch_paths: int = knob(16, "Paths decoded together: questions are batched up to this many paths per step.")
+    batch_paths: int = knob(16, "Paths decoded together (the engine's sequences; a finished path's place is "
+                                "taken at once by the next).")
     num_ctx: int = knob(0, "KV cache cells per path (its prompt + max_tokens); 0: sized automatically.",
                         deprecated="--n-ctx")
     n_gpu_layers: int = knob(-1, "Layers offloaded to the GPU; -1: all when llama.cpp was built with GPU offload, "

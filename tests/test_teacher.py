@@ -10,6 +10,7 @@ real `ollama` package.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import socket
@@ -234,33 +235,35 @@ def test_mdlite_teach_against_llama_cpp_server(llama_server: str, shared_data: P
 
 @pytest.mark.slow
 def test_llamacpp_backend_in_process(shared_data: Path, tmp_path: Path) -> None:
-    """Requests in flight together are sampled in one engine call, each as it would be alone."""
+    """Requests in flight together share the engine's decode steps, each sampled as it would be alone."""
     async def go() -> tuple:
         pool = make_pool(f"llamacpp:{DEMO_TEACHER}", concurrency=1)
         try:
-            assert pool.slots == 16  # the engine's batch, whatever the concurrency asked for
+            assert pool.slots == 32  # twice the engine's sequences, whatever the concurrency asked for
             digest = await pool.check()
             prompts = [teacher_prompt(QUESTION, style="pot"), teacher_prompt(QUESTION, style="cot")]
             options = {"temperature": 0.8, "max_tokens": 40}
             requests = [(prompts[style], TEACHER_STOP[("pot", "cot")[style]], seed)
                         for style, seed in [(0, 11), (0, 11), (0, 12), (1, 13)]]
             [teacher] = pool.teachers
-            calls = []
-            sample = teacher._engine.sample
-            teacher._engine.sample = lambda prompts, **knobs: calls.append(len(prompts)) or sample(prompts, **knobs)
+            steps = [teacher._engine.steps]
             together = await asyncio.gather(*(pool.complete(p, stop=stop, seed=seed, **options)
                                               for p, stop, seed in requests))
+            steps.append(teacher._engine.steps)
             alone = [await pool.complete(p, stop=stop, seed=seed, **options) for p, stop, seed in requests]
-            return digest, together, alone, calls
+            steps.append(teacher._engine.steps)
+            return digest, together, alone, [b - a for a, b in itertools.pairwise(steps)]
         finally:
             await pool.aclose()
 
-    digest, together, alone, calls = asyncio.run(go())
+    digest, together, alone, steps = asyncio.run(go())
     assert digest == get_card(DEMO_TEACHER).gguf["sha256"]
     assert [c[0].text for c in together] == [c[0].text for c in alone]
     assert together[0][0].text == together[1][0].text  # same seed and prompt, same text
     assert 0 < together[0][0].tokens <= 40 and "def solution" in together[0][0].text
-    assert calls == [4, 1, 1, 1, 1]  # the four requests in one engine call, then one by one
+    steps_together, steps_alone = steps
+    assert steps_together <= max(c[0].tokens for c in together) + 3  # decoded side by side
+    assert steps_alone >= sum(c[0].tokens for c in alone) - 4
 
     stats = run(TeachConfig(data=str(shared_data / "svamp" / "train.jsonl"), limit=2,
                             teacher=f"llamacpp:{DEMO_TEACHER}", n_cot=1, n_pot=1, max_tokens=80,
@@ -271,7 +274,7 @@ def test_llamacpp_backend_in_process(shared_data: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_an_over_long_prompt_fails_alone() -> None:
-    """One request that does not fit num_ctx gets its own non-retryable error; the others in its batch are
+    """One request that does not fit num_ctx gets its own non-retryable error; the others beside it are
     sampled as they would be without it."""
     long_prompt = teacher_prompt(QUESTION + " More words." * 600, style="cot")
 
@@ -292,22 +295,27 @@ def test_an_over_long_prompt_fails_alone() -> None:
 
     mixed, alone = asyncio.run(go())
     assert isinstance(mixed[1], TeacherError) and not mixed[1].retryable
-    assert "does not fit num_ctx 1024" in str(mixed[1])
+    assert "needs 2206 KV cells per path, but n_ctx is 1024" in str(mixed[1])
     assert [mixed[0][0].text, mixed[2][0].text] == [alone[0][0].text, alone[1][0].text]
 
 
-def test_an_unexpected_error_in_a_batch_reaches_every_caller(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A MemoryError (or a llama.cpp failure) in the worker resolves every waiting request: teach cannot hang."""
-    teacher = make_teacher("llamacpp:unused.gguf")
-
-    def out_of_memory(requests: list) -> list:
+@pytest.mark.slow
+def test_an_engine_failure_reaches_every_caller(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A MemoryError (or a llama.cpp failure) in the engine's worker resolves every waiting request: teach
+    cannot hang."""
+    def out_of_memory(ctx: object, batch: object) -> int:
         raise MemoryError("no room for the KV cache")
 
-    monkeypatch.setattr(teacher, "_sample", out_of_memory)
-
     async def go() -> list:
-        calls = [teacher.complete(f"prompt {i}", temperature=0.5, max_tokens=8, stop=[], seed=i) for i in range(3)]
-        return await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), timeout=10)
+        teacher = make_teacher(f"llamacpp:{DEMO_TEACHER}")
+        try:
+            await teacher.check()
+            monkeypatch.setattr(teacher._engine._llama, "llama_decode", out_of_memory)
+            calls = [teacher.complete(f"prompt {i}", temperature=0.5, max_tokens=8, stop=[], seed=i) for i in range(3)]
+            return await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), timeout=60)
+        finally:
+            monkeypatch.undo()
+            await teacher.aclose()
 
     results = asyncio.run(go())
     assert [type(r) for r in results] == [MemoryError] * 3
