@@ -21,7 +21,7 @@ from mdlite.cli import cli
 from mdlite.config import ServeConfig
 from mdlite.engine import derive_seed
 from mdlite.prompts import student_prompt
-from mdlite.serve import bind, create_app
+from mdlite.serve import bind, check_context, create_app, server_config
 from mdlite.solve import solve_questions
 
 QUESTION = "Tom has 3 apples and buys 5 more. How many apples does he have?"
@@ -29,11 +29,15 @@ QUESTION = "Tom has 3 apples and buys 5 more. How many apples does he have?"
 
 class FakeEngine:
     """Stands in for Engine: path j of a prompt says 7, 8 or 9 by its seed alone (as the real engine's text depends
-    on the prompt and seed only), after `delay` seconds per call; a prompt containing 'explode' fails the call."""
+    on the prompt and seed only), after `delay` seconds per call; a prompt containing 'explode' fails the call.
+    A token is a byte."""
 
     def __init__(self, delay: float = 0.0) -> None:
         self.delay = delay
         self.calls: list[dict] = []
+
+    def tokenize(self, text):
+        return list(text.encode())
 
     def sample(self, prompts, *, n, temperature, top_p, top_k, max_tokens, stop, seed, first_path, stop_after):
         self.calls.append({"prompts": list(prompts), "n": list(n), "temperature": temperature})
@@ -46,7 +50,7 @@ class FakeEngine:
             texts = []
             for j in range(first, first + count):
                 value = 7 + derive_seed(base, j, temperature) % 3
-                texts.append(f"```python\ndef solution():\n    return {value}\n```" if pot
+                texts.append(f"```python\ndef solution():\n    print('working')\n    return {value}\n```" if pot
                              else f"3 + 5 = {value}. The answer is {value}.")
             out.append([_generation(text) for text in texts])
         return out
@@ -59,19 +63,21 @@ def _generation(text):
 
 
 @contextlib.contextmanager
-def serving(engine, **settings):
-    """A real uvicorn server on 127.0.0.1 (a free port) in a thread; yields (base URL, app, uvicorn server)."""
+def serving(engine, load=None, **settings):
+    """A real uvicorn server (mdlite's settings) on 127.0.0.1 (a free port) in a thread, once `engine` (or what
+    `load()` returns) is loaded (with `load`: once it listens); yields (base URL, app, uvicorn server)."""
     import uvicorn
 
     cfg = ServeConfig(model="fake.gguf", **settings)
     assert not cfg.problems()
-    app = create_app(cfg, engine, api_key=cfg.api_key)
+    loaded = threading.Event()
+    app = create_app(cfg, load or (lambda: engine), api_key=cfg.api_key, on_ready=loaded.set)
     sock = bind("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=cfg.shutdown_timeout_s))
+    server = uvicorn.Server(server_config(app, cfg))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 10
-    while not server.started:
+    while not (server.started and (load or loaded.is_set())):
         assert time.time() < deadline and thread.is_alive(), "server did not start"
         time.sleep(0.01)
     try:
@@ -89,10 +95,15 @@ def chat(url, question=QUESTION, timeout=30.0, **fields):
 
 
 def reference(question=QUESTION, *, mode="mixed", paths=10, seed=0, temperature=0.7):
-    """What `mdlite solve` answers with these settings (the same solve_questions on the same engine)."""
+    """What `mdlite solve` answers with these settings (the same solve_questions on the same engine), as a reply
+    carries it: programs' printed output left out unless asked for."""
     [solution] = solve_questions(FakeEngine(), [question], mode=mode, paths=paths, seed=seed, temperature=temperature,
                                  top_p=0.95)
-    return json.loads(json.dumps(solution.to_dict()))  # as the reply carries it
+    record = json.loads(json.dumps(solution.to_dict()))
+    assert {p["program_stdout"] for p in record["paths"] if p["style"] == "pot"} == {"working\n"}
+    for path in record["paths"]:
+        path["program_stdout"] = None
+    return record
 
 
 # ---- the API --------------------------------------------------------------------------------------
@@ -124,10 +135,11 @@ def test_completions_models_and_health():
         assert plain["choices"][0]["text"] == plain["mdlite"]["paths"][plain["mdlite"]["winner"]]["text"]
         # a prompt in the student template (mdlite eval --prompt-style student) is read back to its question and style
         templated = httpx.post(f"{url}/v1/completions", json={"prompt": student_prompt(QUESTION, style="pot"),
-                                                               "paths": 3}).json()
+                                                               "paths": 3, "seed": 0}).json()
         assert templated["mdlite"]["question"] == QUESTION and templated["mdlite"]["mode"] == "pot"
         assert templated["mdlite"]["answer"] == reference(mode="pot", paths=3)["answer"]
-        assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == "fake"
+        [model] = httpx.get(f"{url}/v1/models").json()["data"]
+        assert model["id"] == "fake" and model["owned_by"] == "mdlite"
         health = httpx.get(f"{url}/health").json()
         assert health["status"] == "ok" and health["admitted"] == 0
 
@@ -174,10 +186,17 @@ def test_per_request_settings_and_limits():
 @pytest.mark.parametrize(("body", "fragment"), [
     (b'{"messages": [', "not valid JSON"),
     (b"[1, 2]", "must be a JSON object"),
-    ({"messages": [{"role": "user", "content": QUESTION}], "logprobs": True}, "unknown field 'logprobs'"),
+    (b"[" * 100_000, "nested too deeply"),
+    ({"messages": [{"role": "user", "content": QUESTION}], "logprobs": True}, "logprobs true is not supported"),
+    ({"messages": [{"role": "user", "content": QUESTION}], "presence_penalty": 0.5}, "leave it out or send 0"),
+    ({"messages": [{"role": "user", "content": QUESTION}], "tools": [{"type": "function", "function": {"name": "f"}}]},
+     "tools [{"),
+    ({"messages": [{"role": "user", "content": QUESTION}], "response_format": {"type": "json_object"}},
+     'send {"type": "text"}'),
+    ({"messages": [{"role": "user", "content": QUESTION}], "mood": "happy"}, "unknown field 'mood'"),
     ({"messages": [{"role": "user", "content": QUESTION, "mood": "x"}]}, "unknown field 'mood'"),
     ({"messages": [{"role": "user", "content": "   "}]}, "the question is empty"),
-    ({"messages": [{"role": "user", "content": "x" * 5000}]}, "over the limit of 4000"),
+    ({"messages": [{"role": "user", "content": "x" * 5000}]}, "5000 tokens, over the limit of 1024"),
     ({"messages": [{"role": "system", "content": "be nice"}]}, "no user message"),
     ({"messages": []}, "non-empty list"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "only text content parts"),
@@ -187,9 +206,11 @@ def test_per_request_settings_and_limits():
     ({"messages": [{"role": "user", "content": QUESTION}], "paths": 2.5}, "paths must be an integer"),
     ({"messages": [{"role": "user", "content": QUESTION}], "mode": "vote"}, "mode must be one of"),
     ({"messages": [{"role": "user", "content": QUESTION}], "temperature": 3}, "temperature must be in [0, 2]"),
-    ({"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 100000}, "--max-tokens"),
+    ({"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 0}, "max_tokens must be in [1, "),
     ({"messages": [{"role": "user", "content": QUESTION}], "n": 3}, "n must be 1"),
-    ({"messages": [{"role": "user", "content": QUESTION}], "stream": True}, "stream: true is not supported"),
+    ({"messages": [{"role": "user", "content": QUESTION}], "stream": "yes"}, "stream must be a bool"),
+    ({"messages": [{"role": "user", "content": QUESTION}], "stream_options": {"include_usage": 1}},
+     "include_usage must be a bool"),
     ({"messages": [{"role": "user", "content": QUESTION}], "seed": True}, "seed must be an integer"),
 ])
 def test_bad_requests_get_a_clear_400_and_the_server_keeps_serving(body, fragment):
@@ -210,10 +231,12 @@ def test_unknown_routes_huge_bodies_and_engine_failures_are_json_errors():
         assert missing.status_code == 404 and "POST /v1/chat/completions" in missing.json()["error"]["message"]
         huge = httpx.post(f"{url}/v1/completions", content=b" " * 200_000, headers={"Content-Type": "application/json"})
         assert huge.status_code == 413 and "exceeds the limit" in huge.json()["error"]["message"]
-        # one request the engine cannot sample fails alone; the one batched with it is answered
+        # a request the engine fails on fails alone (503: what a request can cause is checked before it is admitted,
+        # so an engine failure is the server's); the one batched with it is answered
         with ThreadPoolExecutor(2) as pool:
-            bad, good = pool.map(lambda q: chat(url, q, paths=2), ["explode this", QUESTION])
-        assert bad.status_code == 400 and "exceeds the model's context" in bad.json()["error"]["message"]
+            bad, good = pool.map(lambda q: chat(url, q, paths=2, seed=0), ["explode this", QUESTION])
+        assert bad.status_code == 503 and "exceeds the model's context" in bad.json()["error"]["message"]
+        assert bad.json()["error"]["type"] == "server_error"
         assert good.status_code == 200 and good.json()["mdlite"]["answer"] == reference(paths=2)["answer"]
 
 
@@ -278,7 +301,8 @@ def test_serve_help_and_config_errors():
     result = CliRunner().invoke(cli, ["serve", "--help"])
     assert result.exit_code == 0
     for flag in ("--model", "--host", "--port", "--api-key", "--paths", "--max-paths", "--queue-size",
-                 "--max-prompt-chars", "Example:"):
+                 "--max-prompt-tokens", "--allowed-origins", "--allowed-hosts", "--insecure-no-key",
+                 "--read-timeout-s", "--limit-concurrency", "Open WebUI", "Example:"):
         assert flag in result.output
     assert "[default: 127.0.0.1]" in result.output
     bad = CliRunner().invoke(cli, ["serve", "--model", "x.gguf", "--paths", "40"])
