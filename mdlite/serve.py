@@ -495,7 +495,6 @@ class Scheduler:
                 self._jobs.remove(job)
 
 
-
 # ---- requests and replies ---------------------------------------------------------------------------
 
 
