@@ -514,25 +514,27 @@ def serve(config: Path | None, overrides: dict[str, Any]) -> None:
 
     POST /v1/chat/completions (the question: the last user message) and /v1/completions (`prompt`),
     GET /v1/models and /health. The reply's content is the voted answer with its winning rationale; its
-    `mdlite` field has every path and the vote. Requests may set `paths`, `mode`, `temperature`, `seed`
-    and `max_tokens` within the server's limits; requests that arrive together share engine batches.
-    Ctrl-C / SIGTERM finishes the requests in flight, then stops. Reads the `serve:` section of
-    --config; flags override it.
+    `mdlite` field has every path and the vote. `stream: true` sends it as Server-Sent Events (keep-alive
+    comments while the vote runs), so chat UIs such as Open WebUI can use http://127.0.0.1:PORT/v1.
+    Requests may set `paths`, `mode`, `temperature`, `seed` (none: a fresh random one) and `max_tokens`
+    (capped at --max-tokens); requests that arrive together share engine batches.
+
+    Security defaults: loopback only; a --host beyond it needs --api-key (or --insecure-no-key); web pages
+    are refused (POST must be application/json; Origin must be in --allowed-origins; Host must be an IP
+    address, localhost or in --allowed-hosts); programs' printed output only when a request asks
+    (`program_stdout: true`). Ctrl-C / SIGTERM finishes the requests in flight, then stops. Reads the
+    `serve:` section of --config; flags override it.
 
     \b
     Example:
       mdlite serve --model runs/export/student-Q4_K_M.gguf --port 8000 --paths 10
     """
-    import os
     import sys
 
     from mdlite.config import load_config
     from mdlite.serve import run
 
     cfg = load_config(ServeConfig, config, overrides, section="serve" if config else None)
-    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not (cfg.api_key or os.environ.get("MDLITE_API_KEY")):
-        click.echo(f"mdlite: warning: serving on {cfg.host} without --api-key: anyone who can reach it may use it",
-                   err=True)
     try:
         run(cfg, on_ready=lambda url: click.echo(f"serving {cfg.model} at {url} (Ctrl-C to stop)", err=True))
     except KeyboardInterrupt:

@@ -375,7 +375,14 @@ class ServeConfig:
     model: str = knob("", "GGUF file or registry name (e.g. a student from `mdlite export-gguf`).")
     host: str = knob("127.0.0.1", "Address to listen on; 0.0.0.0 exposes the server to the network.")
     port: int = knob(8000, "TCP port; 0: any free port (logged).")
-    api_key: str = knob("", "Require `Authorization: Bearer KEY` on /v1/*; empty: $MDLITE_API_KEY, else no key.")
+    api_key: str = knob("", "Require `Authorization: Bearer KEY` on /v1/*; empty: $MDLITE_API_KEY, else no key "
+                            "(refused with a --host beyond loopback unless --insecure-no-key).")
+    insecure_no_key: bool = knob(False, "Allow a --host beyond loopback without an API key: anyone who can reach the "
+                                        "port may sample paths and run model-written programs.")
+    allowed_origins: list[str] = knob([], "Web origins (http://host:port, comma-separated, like OLLAMA_ORIGINS) whose "
+                                          "pages may call the API from a browser; `*`: any. Others get 403.")
+    allowed_hosts: list[str] = knob([], "Host names the server answers to besides IP addresses, localhost and --host "
+                                        "(comma-separated; `*`: any); others get 403, a guard against DNS rebinding.")
     mode: str = knob("mixed", "Default vote: cot, pot, mixed or hybrid (a request's `mode` overrides it).")
     paths: int = knob(10, "Default paths per question (a request's `paths` overrides it, up to max_paths).")
     max_paths: int = knob(32, "Most paths a request may ask for.")
@@ -384,8 +391,10 @@ class ServeConfig:
     temperature: float = knob(0.7, "Default sampling temperature (a request's `temperature` overrides it, 0-2).")
     top_p: float = knob(0.95, "Default nucleus sampling threshold (1: off).")
     top_k: int = knob(0, "Default top-k filter (0: off).")
-    max_tokens: int = knob(256, "Max new tokens per path; a request's `max_tokens` may lower it.")
-    seed: int = knob(0, "Default base seed; the same seed gives the answers `mdlite solve` gives.")
+    max_tokens: int = knob(256, "Max new tokens per path; a request's `max_tokens` may lower it (a higher one is "
+                                "capped to it).")
+    seed: int = knob(-1, "Base seed of a request that sends none; -1: a fresh random one per request (reported in "
+                         "the reply's mdlite.seed). The same seed gives the answers `mdlite solve` gives.")
     early_stop: bool = knob(False, "Sample two paths first (mixed: one CoT, one PoT); stop there when they agree.")
     cot_weight: float = knob(1.0, "Vote weight of a CoT path (mixed mode; weighted voting).")
     pot_weight: float = knob(1.0, "Vote weight of a PoT path (mixed mode; weighted voting).")
@@ -394,7 +403,12 @@ class ServeConfig:
     batch_wait_ms: float = knob(10.0, "How long the engine waits for more requests before a batch while they keep "
                                       "arriving (ms).")
     queue_size: int = knob(64, "Requests admitted at once (waiting or being solved); more get 503 + Retry-After.")
-    max_prompt_chars: int = knob(4000, "Longest question (characters) a request may send; longer ones get 400.")
+    max_prompt_tokens: int = knob(1024, "Longest question (the model's tokens) a request may send; longer ones get "
+                                        "400. With the prompt template and max_tokens it must fit the context.")
+    read_timeout_s: float = knob(10.0, "Seconds a client has to send a request's headers (else its connection is "
+                                       "closed), and again its body (else 408).")
+    limit_concurrency: int = knob(128, "Connections and requests in progress at once (uvicorn's limit_concurrency); "
+                                       "more get 503.")
     shutdown_timeout_s: float = knob(30.0, "On Ctrl-C / SIGTERM: seconds to finish requests in flight before they "
                                            "are cancelled.")
     num_ctx: int = knob(0, "KV cache cells per path (its prompt + max_tokens); 0: sized automatically.")
@@ -405,6 +419,10 @@ class ServeConfig:
                                 "exemplars) is evaluated once; 0: off.")
     program_timeout_s: float = knob(2.0, "Wall-clock limit per PoT program in the sandbox.")
     program_memory_mb: int = knob(256, "Memory a PoT program may use in the sandbox.")
+
+    def __post_init__(self) -> None:
+        self.allowed_origins = [o.strip() for item in self.allowed_origins for o in item.split(",") if o.strip()]
+        self.allowed_hosts = [h.strip() for item in self.allowed_hosts for h in item.split(",") if h.strip()]
 
     def problems(self) -> list[str]:
         found = [] if self.model else ["no model given; set --model to a .gguf file or a registry name"]
@@ -417,8 +435,8 @@ class ServeConfig:
         if not 0 <= self.port <= 65535:
             found.append("port must be in [0, 65535] (flag --port)")
         found += [f"{name} must be >= 1 (flag --{name.replace('_', '-')})"
-                  for name in ("paths", "max_paths", "max_tokens", "batch_paths", "queue_size", "max_prompt_chars",
-                               "program_memory_mb") if getattr(self, name) < 1]
+                  for name in ("paths", "max_paths", "max_tokens", "batch_paths", "queue_size", "max_prompt_tokens",
+                               "limit_concurrency", "program_memory_mb") if getattr(self, name) < 1]
         found += [f"{name} must be >= 0 (flag --{name.replace('_', '-')})"
                   for name in ("top_k", "num_ctx", "n_threads", "prefix_cache", "batch_wait_ms", "shutdown_timeout_s")
                   if getattr(self, name) < 0]
@@ -435,6 +453,10 @@ class ServeConfig:
             found.append("cot_weight and pot_weight must be >= 0 and not both 0 (flags --cot-weight, --pot-weight)")
         if self.program_timeout_s <= 0:
             found.append("program_timeout_s must be > 0 (flag --program-timeout-s)")
+        if self.read_timeout_s <= 0:
+            found.append("read_timeout_s must be > 0 (flag --read-timeout-s)")
+        if self.seed < -1:
+            found.append("seed must be >= 0, or -1 for a fresh random seed per request (flag --seed)")
         return found
 
 

@@ -108,6 +108,20 @@ def run_programs(
     return _get_pool(workers).map(list(codes), timeout, memory_mb)
 
 
+def isolation() -> tuple[str, bool]:
+    """How programs are isolated on this machine, in words, from a lean worker's own report, and whether the OS
+    cuts them off from the network (the audit hook alone can be got around). MdliteError when no worker starts."""
+    worker = _Worker("plain")
+    try:
+        report = worker.ready()
+    finally:
+        worker.close()
+    user = "as user nobody" if report["nobody"] else "as the server's own user (it is not root)"
+    network = "in an empty network namespace" if report["network_namespace"] else \
+        "with the host's network (no network namespace here: only the audit hook refuses sockets)"
+    return f"{user}, {network}, under rlimits and an audit hook", report["network_namespace"]
+
+
 def extract_number(value: object) -> float | None:
     """A finite float from a program's answer, or None.
 
@@ -157,9 +171,12 @@ class _Worker:
         self.proc = subprocess.Popen([sys.executable, "-I", "-c", _BOOT, os.path.abspath(__file__), kind], cwd="/",
                                      env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
 
-    def ready(self) -> None:
+    def ready(self) -> dict[str, Any]:
+        """The worker's report once it has started: its kind and isolation (see _worker_main)."""
         try:
-            logger.debug("sandbox worker %d: %s", self.proc.pid, self._reply(time.monotonic() + 120))
+            report = self._reply(time.monotonic() + 120)
+            logger.debug("sandbox worker %d: %s", self.proc.pid, report)
+            return report
         except (_WorkerDied, ValueError):
             from mdlite import MdliteError
 

@@ -6,30 +6,52 @@
 
 Endpoints: POST /v1/chat/completions (the question: the last user message), POST /v1/completions (the
 question: `prompt`; a prompt written in the student template, as `mdlite eval --prompt-style student`
-sends it, is read back to its question, and its style is the default mode), GET /v1/models, GET /health.
+sends it, is read back to its question, and its style is the default mode), GET /v1/models (one model,
+`owned_by: "mdlite"`: how `mdlite eval` knows it talks to mdlite), GET /health (503 while the model loads,
+while shutting down, or when the engine's worker thread died).
 A question is solved exactly as `mdlite solve` solves it (mdlite.solve's `Question`, `next_round`,
 `sample_round`, `finish`): the same prompts, seeds (from the request's `seed` and the question's text),
 rounds and vote, so a request gives the answer `mdlite solve` gives with the same settings and seed.
 
-Request fields: the OpenAI ones `model` (any name), `messages` / `prompt`, `temperature` (0-2),
-`top_p`, `max_tokens` (chat also `max_completion_tokens`; at most the server's), `seed`, `n` (1 only),
-`stream` (false only: a vote needs complete paths), `stop` and `user` (accepted, unused: the template's
-own stop strings apply); mdlite's `paths` (1..max_paths) and `mode` (cot, pot, mixed, hybrid).
-Any other field, malformed JSON, an empty question or one over max_prompt_chars is a 400 with an
-OpenAI-style `{"error": {"message", "type", "param", "code"}}` body.
+Request fields: the OpenAI ones `model` (any name), `messages` / `prompt`, `temperature` (0-2), `top_p`,
+`max_tokens` (chat also `max_completion_tokens`; capped at the server's), `seed` (none: a fresh random one,
+reported in the reply), `n` (1 only), `stream`, `stream_options` (`include_usage`); accepted and unused:
+`stop` (the template's own stop strings apply), `user`, `metadata`, `service_tier`, `parallel_tool_calls`,
+and NEUTRAL's fields at their neutral value (`presence_penalty: 0`, `logprobs: false`, `tools: []`, ...;
+another value would change the meaning and is a 400). mdlite's own: `paths` (1..max_paths), `mode` (cot,
+pot, mixed, hybrid) and `program_stdout` (true: each PoT path's printed output in the reply; off by default,
+as it is a channel out of the sandbox). Any other field, malformed or deeply nested JSON, an empty question
+or one over max_prompt_tokens is a 400 with an OpenAI-style `{"error": {"message", "type", "param", "code"}}`
+body; a failure of the server's own (the engine, the sandbox) is a 503 or 500.
 
 Reply: choice 0's content is the winning rationale (the first path, PoT paths before CoT as in the
 vote's tie rule, whose answer is the voted one; a program in a fenced block) ending in "The answer is
 N."; the `mdlite` field holds the `Solution` as `mdlite solve --json` writes it (every path's style,
-text, answer, program, program error and output; the vote's tallies), plus the mode, seed, paths and
-temperature used and `winner` (the winning path's position in `paths`, None when no path answered).
+text, answer, program, program error and, when asked, output; the vote's tallies), plus the mode, seed,
+paths and temperature used and `winner` (the winning path's position in `paths`, None when no path
+answered). `usage.prompt_tokens` counts each sampled style's prompt once (its paths share its KV cells,
+as OpenAI counts a prompt once for n > 1); `completion_tokens` every path's tokens.
+With `stream: true` the reply is Server-Sent Events in OpenAI's chunk format: (chat) a chunk with the
+assistant role at once, ": keep-alive" comments every KEEP_ALIVE_S while the vote runs, the content a line
+per chunk (the same text as without streaming), a chunk with `finish_reason` and the `mdlite` field, with
+`stream_options.include_usage` a chunk with `usage` and no choices, then `data: [DONE]`. An error after the
+stream began is an `event: error` whose data is the error body (the openai client raises it).
+
+Callers: a POST must be `Content-Type: application/json` (415), so that a web page cannot send one without
+a CORS preflight; a request with an `Origin` header (a browser's) is refused (403) unless that origin is in
+allowed_origins (`*`: any; those also get CORS headers); a `Host` header other than an IP address,
+localhost, the --host name or one of allowed_hosts is refused (403), which defeats DNS rebinding. With an
+API key, /v1/* need `Authorization: Bearer KEY`; `run` refuses a --host beyond loopback without one unless
+insecure_no_key. A client gets read_timeout_s to send a request's headers (else its connection is closed)
+and again its body (408); at most limit_concurrency connections and requests at once (uvicorn's 503 past it).
 
 Batching: one worker thread owns the engine. Each engine call takes the rounds of every admitted
 request that it can hold (up to batch_paths paths, one sampling setting per call, oldest first), after
 waiting batch_wait_ms for more while requests keep arriving; a new request waits for the batch in
 flight, then joins the next one. Path j of a question's style has the same seed in any batch, and the
 engine's batch invariance makes its text the same too. At most queue_size requests are admitted at
-once; more get 503 with Retry-After. A client that disconnects is dropped before its next round.
+once; more get 503 with Retry-After. A request obtains its Solution by awaiting one future (`_submit`);
+cancelling it, as a client's disconnect does, drops the request before its next round.
 Ctrl-C / SIGTERM: the server stops accepting connections, finishes what is in flight for up to
 shutdown_timeout_s, cancels the rest, then stops the worker and frees the model (a second Ctrl-C quits
 at once).
@@ -39,10 +61,12 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import logging
 import math
 import os
+import random
 import socket
 import threading
 import time
@@ -52,48 +76,81 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from mdlite import MdliteError
 from mdlite.answers import answers_match, extract_answer, format_number
 from mdlite.config import ServeConfig
 from mdlite.prompts import STUDENT_DIRECTIVES, prompt_text
-from mdlite.solve import Question, Solution, finish, next_round, sample_round
+from mdlite.solve import Question, Solution, finish, next_round, prompt_for, sample_round
 from mdlite.vote import MODES
 
 log = logging.getLogger(__name__)
 
-COMMON_FIELDS = {"model", "temperature", "top_p", "max_tokens", "seed", "n", "stream", "stop", "user", "paths", "mode"}
+# OpenAI fields that change nothing here at their neutral value (or null): accepted; another value is a 400.
+NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "presence_penalty": (0,), "frequency_penalty": (0,), "logprobs": (False,), "top_logprobs": (0,),
+    "logit_bias": ({},), "tools": ([],), "tool_choice": ("none", "auto"), "response_format": ({"type": "text"},),
+    "store": (False,), "echo": (False,), "best_of": (1,), "suffix": ("",)}
+IGNORED = {"stop", "user", "metadata", "service_tier", "parallel_tool_calls"}  # accepted with any value, unused
+COMMON_FIELDS = {"model", "temperature", "top_p", "max_tokens", "seed", "n", "stream", "stream_options", "paths",
+                 "mode", "program_stdout"} | IGNORED | set(NEUTRAL)
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
 MESSAGE_FIELDS = {"role", "content", "name"}
+TICK_S = 0.25  # how often a waiting request checks its client and the engine's worker
+KEEP_ALIVE_S = 5.0  # seconds between SSE keep-alive comments while a streamed request's vote runs
 
 
 def run(cfg: ServeConfig, *, on_ready: Callable[[str], None] | None = None) -> None:
-    """Load cfg.model and serve until Ctrl-C / SIGTERM; `on_ready(base_url)` once it accepts requests."""
+    """Serve cfg.model until Ctrl-C / SIGTERM: listen at once (/health says loading), load the model in the
+    background, then `on_ready(base_url)`. MdliteError for an unsafe --host, a missing model or one that does
+    not load or fit."""
     import uvicorn
 
     from mdlite.engine import Engine
+    from mdlite.models import model_path
 
+    if not (cfg.api_key or os.environ.get("MDLITE_API_KEY")) and not cfg.insecure_no_key and not _loopback(cfg.host):
+        raise MdliteError(f"--host {cfg.host} lets other machines reach the server and no API key is set; set "
+                          "--api-key KEY (or $MDLITE_API_KEY), or pass --insecure-no-key to serve anyone who can "
+                          "reach the port")
+    path = model_path(cfg.model)
     sock = bind(cfg.host, cfg.port)
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
-    try:
-        engine = Engine(cfg.model, n_ctx=cfg.num_ctx, n_gpu_layers=cfg.n_gpu_layers, n_threads=cfg.n_threads,
+    failed: list[BaseException] = []
+
+    def load() -> Any:
+        _log_isolation()
+        engine = Engine(path, n_ctx=cfg.num_ctx, n_gpu_layers=cfg.n_gpu_layers, n_threads=cfg.n_threads,
                         prefix_cache=cfg.prefix_cache)
-    except BaseException:
-        sock.close()
-        raise
-    app = create_app(cfg, engine, on_ready=(lambda: on_ready(url)) if on_ready else None)
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="on",
-                                           timeout_graceful_shutdown=cfg.shutdown_timeout_s))  # type: ignore[arg-type]
+        try:
+            check_context(engine, cfg)
+        except MdliteError:
+            engine.close()
+            raise
+        return engine
+
+    def fail(error: BaseException) -> None:
+        failed.append(error)
+        server.should_exit = True
+
+    app = create_app(cfg, load, on_ready=(lambda: on_ready(url)) if on_ready else None, on_fail=fail)
+    server = uvicorn.Server(server_config(app, cfg))
+    log.info("listening at %s; loading %s", url, path)
     try:
         server.run(sockets=[sock])
     finally:
         sock.close()
-        if app.state.scheduler.stop(timeout=cfg.shutdown_timeout_s):  # forced exit: the lifespan did not stop it
-            engine.close()
-        else:
-            log.warning("the engine is still decoding a batch; exiting without freeing the model")
+        scheduler = app.state.scheduler
+        if scheduler is not None:
+            if scheduler.stop(timeout=cfg.shutdown_timeout_s):  # forced exit: the lifespan did not stop it
+                app.state.engine.close()
+            else:
+                log.warning("the engine is still decoding a batch; exiting without freeing the model")
+    if failed:
+        raise failed[0]
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -117,31 +174,79 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def create_app(cfg: ServeConfig, engine: Any, *, api_key: str | None = None,
-               on_ready: Callable[[], None] | None = None) -> Any:
-    """The FastAPI app serving `engine` (an Engine, or anything with its `sample`); its lifespan starts
-    and stops the worker thread (`app.state.scheduler`). `api_key` None: cfg.api_key, else $MDLITE_API_KEY."""
+def server_config(app: Any, cfg: ServeConfig) -> Any:
+    """uvicorn's settings for `app`: h11 with a deadline on each request's headers, limit_concurrency, and the
+    shutdown timeout."""
+    import uvicorn
+
+    return uvicorn.Config(app, http=_header_deadline(cfg.read_timeout_s), log_config=None, lifespan="on",
+                          limit_concurrency=cfg.limit_concurrency,
+                          timeout_graceful_shutdown=cfg.shutdown_timeout_s)  # type: ignore[arg-type]
+
+
+def check_context(engine: Any, cfg: ServeConfig) -> None:
+    """MdliteError unless the longest request (the longer style's prompt around a max_prompt_tokens question, plus
+    max_tokens) fits each path's context: then no request can make the engine fail, and what fails is the server's."""
+    template = max(len(engine.tokenize(prompt_for("", style, prompt_style=cfg.prompt_style)[0]))
+                   for style in ("cot", "pot"))
+    need, limit = template + cfg.max_prompt_tokens + cfg.max_tokens, cfg.num_ctx or engine.n_ctx_train
+    if need > limit:
+        raise MdliteError(f"the longest request needs {need} tokens per path (a {template}-token prompt template + "
+                          f"--max-prompt-tokens {cfg.max_prompt_tokens} + --max-tokens {cfg.max_tokens}), over the "
+                          f"context of {limit} ({'--num-ctx' if cfg.num_ctx else 'the model'}); lower "
+                          "--max-prompt-tokens or --max-tokens")
+
+
+def create_app(cfg: ServeConfig, load_engine: Callable[[], Any], *, api_key: str | None = None,
+               on_ready: Callable[[], None] | None = None,
+               on_fail: Callable[[BaseException], None] | None = None) -> Any:
+    """The FastAPI app serving the engine `load_engine()` returns (an Engine, or anything with its `sample` and
+    `tokenize`); its lifespan loads it in the background, then starts the worker thread (`app.state.scheduler`,
+    None until then) and calls `on_ready()`, or `on_fail(error)` if loading fails. `api_key` None: cfg.api_key,
+    else $MDLITE_API_KEY."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
+    from starlette.middleware.cors import CORSMiddleware
 
     key = (cfg.api_key or os.environ.get("MDLITE_API_KEY", "")) if api_key is None else api_key
     model_id = Path(cfg.model).name.removesuffix(".gguf") or "mdlite"
-    scheduler = Scheduler(engine, cfg)
+    hosts = {"localhost", cfg.host.lower(), *(h.lower() for h in cfg.allowed_hosts)}
+    origins = [o.rstrip("/") for o in cfg.allowed_origins]
+    started = int(time.time())
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def load() -> None:
+        try:
+            engine = await asyncio.to_thread(load_engine)
+        except Exception as error:  # noqa: BLE001 - reported to the caller, or logged
+            app.state.failed = f"{type(error).__name__}: {error}"
+            if on_fail:
+                on_fail(error)
+            else:
+                log.error("cannot load %s: %s", cfg.model, app.state.failed)
+            return
+        scheduler = Scheduler(engine, cfg)
         scheduler.start()
+        app.state.engine, app.state.scheduler = engine, scheduler
         log.info("serving %s (%s, %d paths by default)", model_id, cfg.mode, cfg.paths)
         if on_ready:
             on_ready()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loading = asyncio.create_task(load())
         try:
             yield
         finally:
-            await asyncio.to_thread(scheduler.stop, timeout=cfg.shutdown_timeout_s)
+            loading.cancel()
+            if app.state.scheduler is not None:
+                await asyncio.to_thread(app.state.scheduler.stop, timeout=cfg.shutdown_timeout_s)
 
     app = FastAPI(title="mdlite serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.scheduler = scheduler
+    app.state.engine = app.state.scheduler = app.state.failed = None
+    if origins:  # answer those origins' CORS preflights; other origins are refused in _check_caller
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
 
     @app.exception_handler(_HttpError)
     async def http_error(request: Request, error: _HttpError) -> JSONResponse:
@@ -160,42 +265,62 @@ def create_app(cfg: ServeConfig, engine: Any, *, api_key: str | None = None,
         return _error_response(_HttpError(500, f"internal error: {type(error).__name__}: {error}",
                                           kind="server_error"))
 
+    def ready() -> Scheduler:
+        if app.state.scheduler is None:
+            raise _HttpError(503, f"the model is not loaded ({app.state.failed or 'loading'}); retry shortly",
+                             kind="server_error", code="loading", headers={"Retry-After": "5"})
+        return app.state.scheduler
+
     async def health(request: Request) -> JSONResponse:
-        status = 503 if scheduler.stopping else 200
-        return JSONResponse({"status": "shutting down" if scheduler.stopping else "ok", "model": model_id,
-                             "admitted": scheduler.admitted, "batches": scheduler.batches}, status_code=status)
+        _check_caller(request, hosts, origins)
+        scheduler = app.state.scheduler
+        status = ("loading" if app.state.failed is None else f"failed: {app.state.failed}") if scheduler is None \
+            else "shutting down" if scheduler.stopping \
+            else "the engine's worker thread died; restart mdlite serve" if not scheduler.alive else "ok"
+        counts = {"admitted": scheduler.admitted, "batches": scheduler.batches} if scheduler else {}
+        return JSONResponse({"status": status, "model": model_id, **counts}, status_code=200 if status == "ok" else 503)
 
     async def models(request: Request) -> JSONResponse:
-        _check_key(request, key)
+        _check_caller(request, hosts, origins, key=key)
         return JSONResponse({"object": "list", "data": [{"id": model_id, "object": "model",
-                                                         "created": scheduler.started, "owned_by": "mdlite"}]})
+                                                         "created": started, "owned_by": "mdlite"}]})
 
-    async def chat_completions(request: Request) -> JSONResponse:
+    async def chat_completions(request: Request) -> Any:
         return await _answer(request, chat=True)
 
-    async def completions(request: Request) -> JSONResponse:
+    async def completions(request: Request) -> Any:
         return await _answer(request, chat=False)
 
-    async def _answer(request: Request, *, chat: bool) -> JSONResponse:
-        _check_key(request, key)
-        body = await _read_json(request, limit=4 * cfg.max_prompt_chars + 65536)
-        job = _parse(body, cfg, chat=chat)
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Solution] = loop.create_future()
-        job.deliver = lambda outcome: _call_soon(loop, _settle, future, outcome)
-        scheduler.submit(job)
+    async def _answer(request: Request, *, chat: bool) -> Any:
+        _check_caller(request, hosts, origins, key=key, post=True)
+        scheduler = ready()
+        body = await _read_json(request, limit=64 * cfg.max_prompt_tokens + 65536, timeout=cfg.read_timeout_s)
+        job, asked = _parse(body, cfg, chat=chat)
+        engine = app.state.engine
+        tokens = len(engine.tokenize(job.state.question))
+        if tokens > cfg.max_prompt_tokens:
+            raise _HttpError(400, f"the question has {tokens} tokens, over the limit of {cfg.max_prompt_tokens} "
+                                  "(mdlite serve --max-prompt-tokens)", param="messages" if chat else "prompt",
+                             code="context_length_exceeded")
+
+        def reply(solution: Solution) -> dict[str, Any]:
+            prompts = [prompt_for(solution.question, style, prompt_style=cfg.prompt_style)[0]
+                       for style in sorted({p.style for p in solution.paths})]
+            return _reply(solution, job, asked, model_id, prompt_tokens=sum(len(engine.tokenize(p)) for p in prompts))
+
+        future = _submit(scheduler, job)
+        ticks = _waiting(request, future, scheduler)
+        if asked.stream:
+            return StreamingResponse(_stream(ticks, future, asked, model_id, reply), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
-            while not future.done():
-                await asyncio.wait([future], timeout=0.25)
-                if not future.done() and await request.is_disconnected():
-                    job.cancelled = True
-                    log.info("client gone; request dropped (%s)", job.state.question[:60])
-                    return JSONResponse({"error": {"message": "client disconnected"}}, status_code=499)
-        except asyncio.CancelledError:  # the shutdown timeout passed
-            job.cancelled = True
-            raise
-        solution = future.result()  # an _HttpError for a request the engine could not sample
-        return JSONResponse(_reply(solution, job, model_id, chat=chat))
+            async for _ in ticks:
+                pass
+            if not future.done():
+                return JSONResponse({"error": {"message": "client disconnected"}}, status_code=499)
+            return JSONResponse(reply(future.result()))  # future.result(): an _HttpError when it could not be solved
+        finally:
+            future.cancel()  # a no-op once settled; else (a disconnect, the shutdown timeout) it drops the request
 
     # Plain Starlette routes: the endpoint gets the request as is (the body is parsed and checked here).
     app.add_route("/health", health, methods=["GET"])
@@ -242,6 +367,11 @@ class Scheduler:
     @property
     def admitted(self) -> int:
         return len(self._jobs)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread runs (False before start(), after stop(), and when it died)."""
+        return self._thread is not None and self._thread.is_alive()
 
     def submit(self, job: Job) -> None:
         """Admit `job`, or raise the 503 _HttpError of a full queue or a stopping server."""
@@ -353,8 +483,8 @@ class Scheduler:
 
     def _fail(self, job: Job, error: Exception) -> None:
         self._remove(job)
-        if isinstance(error, MdliteError):
-            job.deliver(_HttpError(400, str(error), code="cannot_sample"))
+        if isinstance(error, MdliteError):  # the server's: what a request can cause was checked when it came
+            job.deliver(_HttpError(503, str(error), kind="server_error", code="engine_error"))
         else:
             log.error("request failed: %s: %s", type(error).__name__, error)
             job.deliver(_HttpError(500, f"the engine failed: {type(error).__name__}: {error}", kind="server_error"))
@@ -377,12 +507,41 @@ class _HttpError(Exception):
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
         self.headers = headers or {}
 
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+@dataclass(frozen=True)
+class _Asked:
+    """What a request asks of its reply (its Job holds what it asks of the engine), and the reply's id and time."""
+
+    chat: bool
+    id: str
+    stream: bool = False
+    include_usage: bool = False
+    program_stdout: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+
 
 def _error_response(error: _HttpError) -> Any:
     from fastapi.responses import JSONResponse
 
-    body = {"error": {"message": error.message, "type": error.kind, "param": error.param, "code": error.code}}
-    return JSONResponse(body, status_code=error.status, headers=error.headers)
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def _submit(scheduler: Scheduler, job: Job) -> asyncio.Future[Solution]:
+    """Admit `job` (or raise its 503): the future its Solution (or _HttpError) settles. Cancelling the future
+    drops the request before its next round. This future is the one seam between a request and the engine."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Solution] = loop.create_future()
+    job.deliver = lambda outcome: _call_soon(loop, _settle, future, outcome)
+    scheduler.submit(job)
+
+    def dropped(done: asyncio.Future[Solution]) -> None:
+        job.cancelled = done.cancelled()
+
+    future.add_done_callback(dropped)
+    return future
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, *call: Any) -> None:
@@ -401,61 +560,163 @@ def _settle(future: asyncio.Future, outcome: Any) -> None:
         future.set_result(outcome)
 
 
-def _check_key(request: Any, key: str) -> None:
-    if not key:
+async def _waiting(request: Any, future: asyncio.Future[Solution], scheduler: Scheduler) -> AsyncIterator[None]:
+    """Yield every TICK_S while `future` is unsettled. Stop when it is settled, or when the client disconnects
+    (leaving it unsettled: the caller cancels it); settle it with a 503 when the engine's worker is gone."""
+    while not future.done():
+        await asyncio.wait([future], timeout=TICK_S)
+        if future.done():
+            return
+        if await request.is_disconnected():
+            log.info("client gone; request dropped")
+            return
+        if not scheduler.alive:
+            future.set_exception(_HttpError(503, "the engine's worker thread stopped; restart mdlite serve",
+                                            kind="server_error", code="engine_stopped"))
+            return
+        yield
+
+
+async def _stream(ticks: AsyncIterator[None], future: asyncio.Future[Solution], asked: _Asked, model_id: str,
+                  reply: Callable[[Solution], dict[str, Any]]) -> AsyncIterator[str]:
+    """The Server-Sent Events of a streamed reply (see the module docstring)."""
+
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+        body = {"id": asked.id, "object": "chat.completion.chunk" if asked.chat else "text_completion",
+                "created": asked.created, "model": model_id, "choices": choices, **extra}
+        return f"data: {json.dumps(body)}\n\n"
+
+    def choice(text: str | None, finish_reason: str | None = None, **delta: str) -> dict[str, Any]:
+        if not asked.chat:
+            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        content = {} if text is None else {"content": text}
+        return {"index": 0, "delta": {**delta, **content}, "logprobs": None, "finish_reason": finish_reason}
+
+    try:
+        if asked.chat:
+            yield chunk([choice("", role="assistant")])
+        last = time.monotonic()
+        async for _ in ticks:
+            if time.monotonic() - last >= KEEP_ALIVE_S:
+                yield ": keep-alive\n\n"
+                last = time.monotonic()
+        if not future.done():  # the client is gone
+            return
+        full = reply(future.result())
+    except _HttpError as error:
+        yield f"event: error\ndata: {json.dumps(error.body())}\n\n"
         return
-    given = request.headers.get("authorization", "")
-    if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+    except Exception as error:  # noqa: BLE001 - the status line is sent: the client hears of it in the stream
+        log.exception("streamed request failed")
+        failure = _HttpError(500, f"internal error: {type(error).__name__}: {error}", kind="server_error")
+        yield f"event: error\ndata: {json.dumps(failure.body())}\n\n"
+        return
+    finally:
+        future.cancel()  # a no-op once settled; else it drops the request
+    [final] = full["choices"]
+    for line in (final["message"]["content"] if asked.chat else final["text"]).splitlines(keepends=True):
+        yield chunk([choice(line)])
+    yield chunk([choice(None, final["finish_reason"])], mdlite=full["mdlite"])
+    if asked.include_usage:
+        yield chunk([], usage=full["usage"])
+    yield "data: [DONE]\n\n"
+
+
+def _check_caller(request: Any, hosts: set[str], origins: list[str], *, key: str = "", post: bool = False) -> None:
+    """Refuse what a web page could send (a foreign Host: DNS rebinding; an Origin not allowed; a POST that is not
+    JSON, the kind a page may send without a CORS preflight), then check the API key."""
+    host = request.headers.get("host")
+    if host is not None and not _known_host(host, hosts):
+        raise _HttpError(403, f"Host {host!r} is not a name this server answers to (a guard against DNS "
+                              "rebinding); use its address, or add the name with mdlite serve --allowed-hosts",
+                         code="host_not_allowed")
+    origin = request.headers.get("origin")
+    if origin is not None and "*" not in origins and origin.rstrip("/") not in origins and origin != f"http://{host}":
+        raise _HttpError(403, f"requests from web pages at {origin} are refused (a page open in a browser must not "
+                              f"use this server); allow that origin with mdlite serve --allowed-origins {origin}",
+                         code="origin_not_allowed")
+    if key and not hmac.compare_digest(request.headers.get("authorization", "").encode(), f"Bearer {key}".encode()):
         raise _HttpError(401, "missing or wrong API key; send the header 'Authorization: Bearer KEY' "
                               "(the key given to mdlite serve --api-key)", code="invalid_api_key")
+    kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if post and kind != "application/json":
+        raise _HttpError(415, f"Content-Type must be application/json, not {kind or 'none'!r}",
+                         code="unsupported_media_type")
 
 
-async def _read_json(request: Any, *, limit: int) -> dict[str, Any]:
+def _known_host(header: str, hosts: set[str]) -> bool:
+    """Whether a Host header names this server: an IP address (no DNS name, so no rebinding) or one of `hosts`."""
+    try:
+        name = urlsplit("//" + header).hostname or ""
+    except ValueError:  # a malformed [IPv6] literal
+        return False
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return name in hosts or "*" in hosts
+    return True
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+async def _read_json(request: Any, *, limit: int, timeout: float) -> dict[str, Any]:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise _HttpError(413, f"request body of {declared} bytes exceeds the limit of {limit}", code="too_large")
-    data = bytearray()
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > limit:
-            raise _HttpError(413, f"request body exceeds the limit of {limit} bytes", code="too_large")
+
+    async def read() -> bytes:
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > limit:
+                raise _HttpError(413, f"request body exceeds the limit of {limit} bytes", code="too_large")
+        return bytes(data)
+
+    try:
+        data = await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise _HttpError(408, f"the request body did not arrive within {timeout:g} s (mdlite serve --read-timeout-s)",
+                         code="timeout", headers={"Connection": "close"}) from None
     try:
         body = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise _HttpError(400, f"the request body is not valid JSON ({error})", code="invalid_json") from None
+    except RecursionError:
+        raise _HttpError(400, "the request body is JSON nested too deeply", code="invalid_json") from None
     if not isinstance(body, dict):
         raise _HttpError(400, f"the request body must be a JSON object, not {type(body).__name__}",
                          code="invalid_json")
     return body
 
 
-def _parse(body: dict[str, Any], cfg: ServeConfig, *, chat: bool) -> Job:
-    """The Job a request body asks for, or a 400 _HttpError naming the field and the fix."""
+def _parse(body: dict[str, Any], cfg: ServeConfig, *, chat: bool) -> tuple[Job, _Asked]:
+    """The Job a request body asks for and what it asks of the reply, or a 400 _HttpError naming the field."""
     allowed = CHAT_FIELDS if chat else COMPLETION_FIELDS
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise _HttpError(400, f"unknown field {unknown[0]!r}; this endpoint takes {', '.join(sorted(allowed))}",
                          param=unknown[0], code="unknown_field")
-    if body.get("stream"):
-        raise _HttpError(400, "stream: true is not supported: the reply is a vote over complete paths; "
-                              "send stream: false", param="stream", code="stream_unsupported")
-    _check_type(body, "stream", bool)
-    _check_type(body, "model", str)
-    _check_type(body, "user", str)
-    stop = body.get("stop")
-    if stop is not None and not isinstance(stop, str) and not (
-            isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
-        raise _HttpError(400, "stop must be a string or a list of strings", param="stop")
+    for name, neutral in NEUTRAL.items():
+        if body.get(name) is not None and body[name] not in neutral:
+            raise _HttpError(400, f"{name} {json.dumps(body[name])[:60]} is not supported: a reply is one answer "
+                                  f"voted from sampled paths; leave it out or send "
+                                  f"{' or '.join(json.dumps(value) for value in neutral)}", param=name,
+                             code="unsupported_value")
+    for name, kind in (("stream", bool), ("program_stdout", bool), ("stream_options", dict), ("model", str)):
+        _check_type(body, name, kind)
+    options = body.get("stream_options") or {}
+    _check_type(options, "include_usage", bool)
     if body.get("n") not in (None, 1) or isinstance(body.get("n"), bool):
         raise _HttpError(400, "n must be 1: one voted answer per request (ask for more `paths` instead)", param="n")
     text = _question(body) if chat else _prompt(body)
     question, style = _from_template(text)
     if not question:
         raise _HttpError(400, "the question is empty", param="messages" if chat else "prompt", code="empty_prompt")
-    if len(question) > cfg.max_prompt_chars:
-        raise _HttpError(400, f"the question has {len(question)} characters, over the limit of "
-                              f"{cfg.max_prompt_chars} (mdlite serve --max-prompt-chars)",
-                         param="messages" if chat else "prompt", code="context_length_exceeded")
     mode = body.get("mode", style or cfg.mode)
     if mode not in MODES:
         raise _HttpError(400, f"mode must be one of {', '.join(MODES)}, not {mode!r}", param="mode")
@@ -465,11 +726,16 @@ def _parse(body: dict[str, Any], cfg: ServeConfig, *, chat: bool) -> Job:
     if top_p <= 0:
         raise _HttpError(400, "top_p must be in (0, 1]", param="top_p")
     budget = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
-    max_tokens = _number(body, budget, int, cfg.max_tokens, 1, cfg.max_tokens, "mdlite serve --max-tokens")
-    seed = _number(body, "seed", int, cfg.seed, -2**63, 2**63 - 1)
-    return Job(state=Question(question, question, seed), mode=mode, paths=paths, early_stop=cfg.early_stop,
-               sampling=(temperature, top_p, cfg.top_k, max_tokens), cot_weight=cfg.cot_weight,
-               pot_weight=cfg.pot_weight)
+    max_tokens = min(_number(body, budget, int, cfg.max_tokens, 1, 2**31 - 1), cfg.max_tokens)
+    fresh = cfg.seed if cfg.seed >= 0 else random.getrandbits(31)  # 31 bits: exact in JavaScript clients too
+    seed = _number(body, "seed", int, fresh, -2**63, 2**63 - 1)
+    job = Job(state=Question(question, question, seed), mode=mode, paths=paths, early_stop=cfg.early_stop,
+              sampling=(temperature, top_p, cfg.top_k, max_tokens), cot_weight=cfg.cot_weight,
+              pot_weight=cfg.pot_weight)
+    asked = _Asked(chat=chat, id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+                   stream=bool(body.get("stream")), include_usage=bool(options.get("include_usage")),
+                   program_stdout=bool(body.get("program_stdout")))
+    return job, asked
 
 
 def _check_type(body: dict[str, Any], name: str, kind: type) -> None:
@@ -539,23 +805,27 @@ def _from_template(text: str) -> tuple[str, str | None]:
     return text.strip(), None
 
 
-def _reply(solution: Solution, job: Job, model_id: str, *, chat: bool) -> dict[str, Any]:
+def _reply(solution: Solution, job: Job, asked: _Asked, model_id: str, *, prompt_tokens: int) -> dict[str, Any]:
     """The OpenAI-shaped reply: the voted answer with its winning rationale, and the `mdlite` field."""
     winner = _winner(solution)
     content = _content(solution, winner)
     path = solution.paths[winner] if winner is not None else None
     choice: dict[str, Any] = {"index": 0, "finish_reason": path.finish_reason if path else "stop"}
-    if chat:
+    if asked.chat:
         choice["message"] = {"role": "assistant", "content": content}
     else:
         choice.update(text=content, logprobs=None)
+    record = solution.to_dict()
+    if not asked.program_stdout:
+        for each in record["paths"]:
+            each["program_stdout"] = None
     temperature, top_p, _, max_tokens = job.sampling
     return {
-        "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
-        "object": "chat.completion" if chat else "text_completion",
-        "created": int(time.time()), "model": model_id, "choices": [choice],
-        "usage": {"prompt_tokens": 0, "completion_tokens": solution.tokens, "total_tokens": solution.tokens},
-        "mdlite": {**solution.to_dict(), "mode": job.mode, "seed": job.state.seed, "paths_requested": job.paths,
+        "id": asked.id, "object": "chat.completion" if asked.chat else "text_completion",
+        "created": asked.created, "model": model_id, "choices": [choice],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": solution.tokens,
+                  "total_tokens": prompt_tokens + solution.tokens},
+        "mdlite": {**record, "mode": job.mode, "seed": job.state.seed, "paths_requested": job.paths,
                    "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "winner": winner},
     }
 
@@ -579,3 +849,44 @@ def _content(solution: Solution, winner: int | None) -> str:
     text = path.text.strip()
     stated = extract_answer(text, style="cot", strict=True)
     return text if stated is not None and answers_match(stated, solution.answer) else f"{text}\nThe answer is {answer}."
+
+
+# ---- the server's own guards ------------------------------------------------------------------------
+
+
+def _header_deadline(seconds: float) -> type:
+    """uvicorn's h11 protocol, closing a connection that sends no complete request headers within `seconds` of
+    opening or of its last response (uvicorn's own keep-alive timer stops at the first byte, so a client that
+    trickles bytes would hold its connection for ever)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._deadline(None)
+
+        def on_response_complete(self) -> None:
+            last = self.cycle
+            super().on_response_complete()
+            self._deadline(last)
+
+        def _deadline(self, last: Any) -> None:
+            def check() -> None:
+                if self.cycle is last and not self.transport.is_closing():
+                    self.transport.close()
+
+            self.loop.call_later(seconds, check)
+
+    return Protocol
+
+
+def _log_isolation() -> None:
+    """Log how PoT programs are isolated here (a warning when the OS does not cut them off from the network)."""
+    from mdlite.sandbox import isolation
+
+    try:
+        words, offline = isolation()
+    except MdliteError as error:
+        log.error("the PoT sandbox does not start (%s); requests with PoT paths will get 503", error)
+        return
+    log.log(logging.INFO if offline else logging.WARNING, "PoT programs run %s", words)

@@ -10,7 +10,10 @@ Teacher specs (`parse_teacher_spec`):
 - `openai:BASE_URL[#MODEL]` - an OpenAI-compatible `/v1/completions` (llama.cpp's server, vLLM,
   LM Studio, Ollama's /v1); `openai-chat:BASE_URL[#MODEL]` uses `/v1/chat/completions` instead, with
   the prompt as one user message and the code-fence stops left out (a chat reply opens its own fence).
-  MODEL defaults to the server's first listed model; `$OPENAI_API_KEY` is sent when set.
+  MODEL defaults to the server's first listed model; `$OPENAI_API_KEY` is sent when set. A server whose
+  /v1/models says `owned_by: "mdlite"` (`mdlite serve`, which votes over many paths per request) is asked
+  for `paths: 1` and `mode: STYLE`, and the completion is that one path's text from the reply's `mdlite`
+  field: each completion is one sampled path, as from any other server.
 - `llamacpp:PATH_OR_REGISTRY_NAME` - a GGUF loaded in this process on mdlite's continuously batching
   engine (mdlite.engine, prefix cache included): each request is submitted as it comes and decoded with
   up to `batch_paths` other paths (whatever `concurrency` says); the context is `num_ctx` cells per path,
@@ -37,6 +40,7 @@ from typing import Any, Protocol
 
 from mdlite import MdliteError
 from mdlite.engine import StopAfter
+from mdlite.prompts import STOP_AFTER
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +257,7 @@ class OpenAITeacher:
         import httpx
 
         self.name, self.model, self.chat, self.endpoint = name, model, chat, url
+        self.mdlite = False  # the server is `mdlite serve` (its /v1/models says owned_by: mdlite)
         key = os.environ.get("OPENAI_API_KEY")
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._client = httpx.AsyncClient(base_url=url + "/", headers=headers,
@@ -271,6 +276,7 @@ class OpenAITeacher:
             self.model = ids[0]
         elif self.model not in ids:
             log.warning("%s does not list model %r (it lists %s)", self.endpoint, self.model, ids)
+        self.mdlite = any(entry.get("id") == self.model and entry.get("owned_by") == "mdlite" for entry in listing)
         return None
 
     async def complete(self, prompt: str, *, n: int = 1, temperature: float, max_tokens: int, stop: list[str],
@@ -280,6 +286,11 @@ class OpenAITeacher:
             body: dict[str, Any] = {"model": self.model, "max_tokens": max_tokens, "temperature": temperature}
             if seed is not None:
                 body["seed"] = seed + j
+            if self.mdlite:  # one path (of the style whose stop_after eval and teach pass), not a vote over many
+                body["paths"] = 1
+                for style, pattern in STOP_AFTER.items():
+                    if pattern == stop_after:
+                        body["mode"] = style
             if self.chat:
                 body["messages"] = [{"role": "user", "content": prompt}]
                 body["stop"] = [s for s in stop if "```" not in s]
@@ -289,6 +300,9 @@ class OpenAITeacher:
             reply = await self._post_or_get("POST", "chat/completions" if self.chat else "completions", body)
             choice = reply["choices"][0]
             text = choice["message"]["content"] if self.chat else choice["text"]
+            if self.mdlite:  # the path as sampled (the content is the vote's rationale, rewritten)
+                [path] = reply["mdlite"]["paths"]
+                text, choice = path["text"], {"finish_reason": path["finish_reason"]}
             timings = reply.get("timings") or {}  # llama.cpp's llama-server reports these
             server_ms = timings.get("prompt_ms", 0) + timings.get("predicted_ms", 0)
             completions.append(Completion(

@@ -471,15 +471,23 @@ def test_eval_of_a_student_served_by_two_llama_cpp_servers(tiny_student: dict[st
 
 @pytest.mark.slow
 def test_eval_of_a_student_behind_mdlite_serve(tiny_student: dict[str, Path], tmp_path: Path) -> None:
-    """`mdlite serve` reads the student prompt back to its question and style; one greedy path per request
-    gives the engine's greedy answers."""
-    common = ["--data", str(tiny_student["problems"]), "--paths", "0", "--max-tokens", "40"]
+    """`mdlite serve` (10 voted paths per request by default) reads the student prompt back to its question and
+    style; eval sees owned_by mdlite and asks for one path per request: its greedy answers are the engine's, and
+    each sampled path is one path."""
+    import httpx
+
+    common = ["--data", str(tiny_student["problems"]), "--paths", "2", "--max-tokens", "40"]
     command = [str(Path(sys.executable).parent / "mdlite"), "serve", "--model", str(tiny_student["gguf"]),
-               "--paths", "1", "--max-tokens", "40", "--n-threads", "1"]
+               "--max-tokens", "40", "--n-threads", "1"]
     with _server(command, tmp_path / "serve.log") as url:
+        deadline = time.monotonic() + 60
+        while httpx.get(url.removesuffix("/v1") + "/health").status_code != 200:  # listening, still loading
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
         _eval(["--model", f"openai:{url}", "--prompt-style", "student", *common, "--output-dir", str(tmp_path / "s")])
     _eval(["--model", str(tiny_student["gguf"]), "--n-threads", "1", *common, "--output-dir", str(tmp_path / "l")])
     report = json.loads((tmp_path / "s" / "report.json").read_text())
-    assert report["greedy_accuracy"] == {"cot": 1.0, "pot": 1.0} and report["paths_decoded"] == 3 * 2
+    assert report["greedy_accuracy"] == {"cot": 1.0, "pot": 1.0} and report["paths_decoded"] == 3 * (2 + 2 + 2)
     assert _greedy(tmp_path / "s") == _greedy(tmp_path / "l")
-
+    samples = [json.loads(line) for line in (tmp_path / "s" / "samples.jsonl").read_text().splitlines()]
+    assert all(0 < record["tokens"] <= 40 for record in samples)  # one path's tokens, not a vote's

@@ -249,6 +249,12 @@ def test_workers_have_their_own_network_namespace() -> None:
         assert os.readlink(f"/proc/{worker.proc.pid}/ns/net") != os.readlink("/proc/self/ns/net")
 
 
+def test_isolation_says_what_the_workers_report() -> None:
+    words, offline = sandbox.isolation()
+    assert ("in an empty network namespace" in words) == offline and "audit hook" in words
+    assert ("as user nobody" in words) == (os.geteuid() == 0)
+
+
 NORMAL = [
     ("def solution():\n    return 3/4", 0.75),
     ("from fractions import Fraction\ndef solution():\n    return Fraction(1, 3) + Fraction(1, 6)", 0.5),

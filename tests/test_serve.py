@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -21,7 +22,7 @@ from mdlite.cli import cli
 from mdlite.config import ServeConfig
 from mdlite.engine import derive_seed
 from mdlite.prompts import student_prompt
-from mdlite.serve import bind, create_app
+from mdlite.serve import bind, check_context, create_app, server_config
 from mdlite.solve import solve_questions
 
 QUESTION = "Tom has 3 apples and buys 5 more. How many apples does he have?"
@@ -29,11 +30,15 @@ QUESTION = "Tom has 3 apples and buys 5 more. How many apples does he have?"
 
 class FakeEngine:
     """Stands in for Engine: path j of a prompt says 7, 8 or 9 by its seed alone (as the real engine's text depends
-    on the prompt and seed only), after `delay` seconds per call; a prompt containing 'explode' fails the call."""
+    on the prompt and seed only), after `delay` seconds per call; a prompt containing 'explode' fails the call.
+    A token is a byte."""
 
     def __init__(self, delay: float = 0.0) -> None:
         self.delay = delay
         self.calls: list[dict] = []
+
+    def tokenize(self, text):
+        return list(text.encode())
 
     def sample(self, prompts, *, n, temperature, top_p, top_k, max_tokens, stop, seed, first_path, stop_after):
         self.calls.append({"prompts": list(prompts), "n": list(n), "temperature": temperature})
@@ -46,7 +51,7 @@ class FakeEngine:
             texts = []
             for j in range(first, first + count):
                 value = 7 + derive_seed(base, j, temperature) % 3
-                texts.append(f"```python\ndef solution():\n    return {value}\n```" if pot
+                texts.append(f"```python\ndef solution():\n    print('working')\n    return {value}\n```" if pot
                              else f"3 + 5 = {value}. The answer is {value}.")
             out.append([_generation(text) for text in texts])
         return out
@@ -59,19 +64,21 @@ def _generation(text):
 
 
 @contextlib.contextmanager
-def serving(engine, **settings):
-    """A real uvicorn server on 127.0.0.1 (a free port) in a thread; yields (base URL, app, uvicorn server)."""
+def serving(engine, load=None, **settings):
+    """A real uvicorn server (mdlite's settings) on 127.0.0.1 (a free port) in a thread, once `engine` (or what
+    `load()` returns) is loaded (with `load`: once it listens); yields (base URL, app, uvicorn server)."""
     import uvicorn
 
     cfg = ServeConfig(model="fake.gguf", **settings)
     assert not cfg.problems()
-    app = create_app(cfg, engine, api_key=cfg.api_key)
+    loaded = threading.Event()
+    app = create_app(cfg, load or (lambda: engine), api_key=cfg.api_key, on_ready=loaded.set)
     sock = bind("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=cfg.shutdown_timeout_s))
+    server = uvicorn.Server(server_config(app, cfg))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 10
-    while not server.started:
+    while not (server.started and (load or loaded.is_set())):
         assert time.time() < deadline and thread.is_alive(), "server did not start"
         time.sleep(0.01)
     try:
@@ -89,10 +96,15 @@ def chat(url, question=QUESTION, timeout=30.0, **fields):
 
 
 def reference(question=QUESTION, *, mode="mixed", paths=10, seed=0, temperature=0.7):
-    """What `mdlite solve` answers with these settings (the same solve_questions on the same engine)."""
+    """What `mdlite solve` answers with these settings (the same solve_questions on the same engine), as a reply
+    carries it: programs' printed output left out unless asked for."""
     [solution] = solve_questions(FakeEngine(), [question], mode=mode, paths=paths, seed=seed, temperature=temperature,
                                  top_p=0.95)
-    return json.loads(json.dumps(solution.to_dict()))  # as the reply carries it
+    record = json.loads(json.dumps(solution.to_dict()))
+    assert {p["program_stdout"] for p in record["paths"] if p["style"] == "pot"} == {"working\n"}
+    for path in record["paths"]:
+        path["program_stdout"] = None
+    return record
 
 
 # ---- the API --------------------------------------------------------------------------------------
@@ -124,10 +136,11 @@ def test_completions_models_and_health():
         assert plain["choices"][0]["text"] == plain["mdlite"]["paths"][plain["mdlite"]["winner"]]["text"]
         # a prompt in the student template (mdlite eval --prompt-style student) is read back to its question and style
         templated = httpx.post(f"{url}/v1/completions", json={"prompt": student_prompt(QUESTION, style="pot"),
-                                                               "paths": 3}).json()
+                                                               "paths": 3, "seed": 0}).json()
         assert templated["mdlite"]["question"] == QUESTION and templated["mdlite"]["mode"] == "pot"
         assert templated["mdlite"]["answer"] == reference(mode="pot", paths=3)["answer"]
-        assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == "fake"
+        [model] = httpx.get(f"{url}/v1/models").json()["data"]
+        assert model["id"] == "fake" and model["owned_by"] == "mdlite"
         health = httpx.get(f"{url}/health").json()
         assert health["status"] == "ok" and health["admitted"] == 0
 
@@ -174,10 +187,17 @@ def test_per_request_settings_and_limits():
 @pytest.mark.parametrize(("body", "fragment"), [
     (b'{"messages": [', "not valid JSON"),
     (b"[1, 2]", "must be a JSON object"),
-    ({"messages": [{"role": "user", "content": QUESTION}], "logprobs": True}, "unknown field 'logprobs'"),
+    (b"[" * 100_000, "nested too deeply"),
+    ({"messages": [{"role": "user", "content": QUESTION}], "logprobs": True}, "logprobs true is not supported"),
+    ({"messages": [{"role": "user", "content": QUESTION}], "presence_penalty": 0.5}, "leave it out or send 0"),
+    ({"messages": [{"role": "user", "content": QUESTION}], "tools": [{"type": "function", "function": {"name": "f"}}]},
+     "tools [{"),
+    ({"messages": [{"role": "user", "content": QUESTION}], "response_format": {"type": "json_object"}},
+     'send {"type": "text"}'),
+    ({"messages": [{"role": "user", "content": QUESTION}], "mood": "happy"}, "unknown field 'mood'"),
     ({"messages": [{"role": "user", "content": QUESTION, "mood": "x"}]}, "unknown field 'mood'"),
     ({"messages": [{"role": "user", "content": "   "}]}, "the question is empty"),
-    ({"messages": [{"role": "user", "content": "x" * 5000}]}, "over the limit of 4000"),
+    ({"messages": [{"role": "user", "content": "x" * 5000}]}, "5000 tokens, over the limit of 1024"),
     ({"messages": [{"role": "system", "content": "be nice"}]}, "no user message"),
     ({"messages": []}, "non-empty list"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "only text content parts"),
@@ -187,9 +207,11 @@ def test_per_request_settings_and_limits():
     ({"messages": [{"role": "user", "content": QUESTION}], "paths": 2.5}, "paths must be an integer"),
     ({"messages": [{"role": "user", "content": QUESTION}], "mode": "vote"}, "mode must be one of"),
     ({"messages": [{"role": "user", "content": QUESTION}], "temperature": 3}, "temperature must be in [0, 2]"),
-    ({"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 100000}, "--max-tokens"),
+    ({"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 0}, "max_tokens must be in [1, "),
     ({"messages": [{"role": "user", "content": QUESTION}], "n": 3}, "n must be 1"),
-    ({"messages": [{"role": "user", "content": QUESTION}], "stream": True}, "stream: true is not supported"),
+    ({"messages": [{"role": "user", "content": QUESTION}], "stream": "yes"}, "stream must be a bool"),
+    ({"messages": [{"role": "user", "content": QUESTION}], "stream_options": {"include_usage": 1}},
+     "include_usage must be a bool"),
     ({"messages": [{"role": "user", "content": QUESTION}], "seed": True}, "seed must be an integer"),
 ])
 def test_bad_requests_get_a_clear_400_and_the_server_keeps_serving(body, fragment):
@@ -210,10 +232,12 @@ def test_unknown_routes_huge_bodies_and_engine_failures_are_json_errors():
         assert missing.status_code == 404 and "POST /v1/chat/completions" in missing.json()["error"]["message"]
         huge = httpx.post(f"{url}/v1/completions", content=b" " * 200_000, headers={"Content-Type": "application/json"})
         assert huge.status_code == 413 and "exceeds the limit" in huge.json()["error"]["message"]
-        # one request the engine cannot sample fails alone; the one batched with it is answered
+        # a request the engine fails on fails alone (503: what a request can cause is checked before it is admitted,
+        # so an engine failure is the server's); the one batched with it is answered
         with ThreadPoolExecutor(2) as pool:
-            bad, good = pool.map(lambda q: chat(url, q, paths=2), ["explode this", QUESTION])
-        assert bad.status_code == 400 and "exceeds the model's context" in bad.json()["error"]["message"]
+            bad, good = pool.map(lambda q: chat(url, q, paths=2, seed=0), ["explode this", QUESTION])
+        assert bad.status_code == 503 and "exceeds the model's context" in bad.json()["error"]["message"]
+        assert bad.json()["error"]["type"] == "server_error"
         assert good.status_code == 200 and good.json()["mdlite"]["answer"] == reference(paths=2)["answer"]
 
 
@@ -239,15 +263,21 @@ def test_a_full_queue_answers_503_with_retry_after():
         assert chat(url, paths=2).status_code == 200
 
 
-def test_a_client_that_disconnects_is_dropped_before_its_next_round():
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_disconnects_is_dropped_before_its_next_round(stream):
     engine = FakeEngine(delay=1.0)
     with serving(engine) as (url, app, _):
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(chat, url, "Q first?", paths=2, temperature=0.5)  # keeps the engine busy for 1 s
             time.sleep(0.1)
-            gone = pool.submit(chat, url, "Q gone?", paths=2, temperature=0.9, timeout=0.3)  # another batch
-            with pytest.raises(httpx.ReadTimeout):
-                gone.result()
+            # another sampling setting: another batch
+            body = {"messages": [{"role": "user", "content": "Q gone?"}], "paths": 2, "temperature": 0.9}
+            if stream:
+                with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}) as gone:
+                    assert '"role": "assistant"' in next(gone.iter_lines())  # then it hangs up
+            else:
+                with pytest.raises(httpx.ReadTimeout):
+                    httpx.post(f"{url}/v1/chat/completions", json=body, timeout=0.3)
             assert first.result().status_code == 200
         assert chat(url, paths=2).status_code == 200
         assert not any("Q gone?" in prompt for call in engine.calls for prompt in call["prompts"])
@@ -265,6 +295,245 @@ def test_shutdown_finishes_the_requests_in_flight():
     assert app.state.scheduler.stopping and app.state.scheduler.stop(timeout=0)
 
 
+# ---- the openai client: plain, neutral fields, streaming ------------------------------------------
+
+
+def openai_client(url):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+
+def test_the_openai_client_with_neutral_fields_and_a_long_max_tokens():
+    """What chat front ends send by default is accepted; max_tokens beyond the server's is capped; prompt_tokens
+    counts each sampled style's prompt once."""
+    with serving(FakeEngine(), paths=4) as (url, _, _):
+        client = openai_client(url)
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": QUESTION}]
+        reply = client.chat.completions.create(
+            model="student", messages=messages,
+            seed=3, max_tokens=4096, n=1, presence_penalty=0, frequency_penalty=0, logprobs=False, top_logprobs=0,
+            logit_bias={}, tools=[], tool_choice="none", parallel_tool_calls=False, response_format={"type": "text"},
+            store=False, user="someone", metadata={"chat": "1"}, stop=["\n\n"])
+        text = client.completions.create(model="student", prompt=QUESTION, seed=3, max_tokens=100_000, echo=False,
+                                         best_of=1, presence_penalty=0, extra_body={"paths": 4})
+    expected = reference(paths=4, seed=3)
+    extra = reply.model_extra["mdlite"]
+    assert extra["paths"] == expected["paths"] and extra["max_tokens"] == 256  # capped at the server's --max-tokens
+    assert text.choices[0].text == reply.choices[0].message.content and text.model_extra["mdlite"]["max_tokens"] == 256
+    prompt_tokens = sum(len(student_prompt(QUESTION, style=style).encode()) for style in ("cot", "pot"))
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (prompt_tokens, expected["tokens"])
+    assert reply.usage.total_tokens == prompt_tokens + expected["tokens"]
+
+
+def test_streaming_gives_the_same_content_with_keep_alives_usage_and_the_vote(monkeypatch):
+    monkeypatch.setattr("mdlite.serve.KEEP_ALIVE_S", 0.2)
+    question = [{"role": "user", "content": QUESTION}]
+    with serving(FakeEngine(delay=0.8)) as (url, _, _):
+        client = openai_client(url)
+        plain = client.chat.completions.create(model="student", messages=question, seed=3)
+        chunks = list(client.chat.completions.create(model="student", messages=question, seed=3, stream=True,
+                                                     stream_options={"include_usage": True}))
+        text = client.completions.create(model="student", prompt=QUESTION, seed=3)
+        text_chunks = list(client.completions.create(model="student", prompt=QUESTION, seed=3, stream=True))
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json={"messages": question, "stream": True}) as raw:
+            assert raw.headers["content-type"].startswith("text/event-stream")
+            events = "".join(raw.iter_text())
+    first, *middle, final, usage = chunks
+    assert first.choices[0].delta.role == "assistant" and len(middle) > 1  # the content a line per chunk
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks[:-1]) == plain.choices[0].message.content
+    assert final.choices[0].finish_reason == "stop" and final.model_extra["mdlite"] == plain.model_extra["mdlite"]
+    assert usage.choices == [] and usage.usage == plain.usage
+    assert {(chunk.id, chunk.object) for chunk in chunks} == {(first.id, "chat.completion.chunk")}
+    assert "".join(chunk.choices[0].text for chunk in text_chunks) == text.choices[0].text
+    assert text_chunks[-1].choices[0].finish_reason == "stop" and text_chunks[0].object == "text_completion"
+    assert ": keep-alive\n\n" in events and events.endswith("data: [DONE]\n\n")  # keep-alives while the vote ran
+
+
+def test_an_error_after_the_stream_began_is_raised_by_the_openai_client():
+    from openai import APIError, BadRequestError
+
+    with serving(FakeEngine()) as (url, _, _):
+        client = openai_client(url)
+        stream = client.chat.completions.create(model="student", messages=[{"role": "user", "content": "explode"}],
+                                                stream=True)
+        with pytest.raises(APIError, match="exceeds the model's context"):
+            list(stream)
+        with pytest.raises(BadRequestError, match="n must be 1"):  # before the stream: a plain 400
+            client.chat.completions.create(model="student", messages=[{"role": "user", "content": QUESTION}], n=2,
+                                           stream=True)
+        assert chat(url, paths=2).status_code == 200
+
+
+def test_a_request_without_seed_gets_a_fresh_one_that_reproduces_it():
+    with serving(FakeEngine()) as (url, _, _):
+        first, second = (chat(url, paths=6).json()["mdlite"] for _ in range(2))
+        again = chat(url, paths=6, seed=first["seed"]).json()["mdlite"]
+    assert first["seed"] != second["seed"]  # "regenerate" in a chat UI gives a new sample
+    assert again["paths"] == first["paths"] == reference(paths=6, seed=first["seed"])["paths"]
+    with serving(FakeEngine(), seed=5) as (url, _, _):  # a server started with --seed answers reproducibly
+        assert chat(url, paths=6).json()["mdlite"]["paths"] == reference(paths=6, seed=5)["paths"]
+
+
+def test_program_output_only_when_asked():
+    with serving(FakeEngine()) as (url, _, _):
+        quiet = chat(url, paths=2).json()["mdlite"]["paths"]
+        told = chat(url, paths=2, program_stdout=True).json()["mdlite"]["paths"]
+    assert [(p["style"], p["program_stdout"]) for p in quiet] == [("cot", None), ("pot", None)]
+    assert [(p["style"], p["program_stdout"]) for p in told] == [("cot", None), ("pot", "working\n")]
+
+
+# ---- callers: web pages, hosts, keys -----------------------------------------------------------------
+
+
+def test_web_pages_and_foreign_hosts_are_refused():
+    engine = FakeEngine()
+    body = json.dumps({"messages": [{"role": "user", "content": QUESTION}], "paths": 2}).encode()
+
+    def post(url, **headers):
+        return httpx.post(f"{url}/v1/chat/completions", content=body, headers=headers)
+
+    with serving(engine) as (url, _, _):
+        port = url.rsplit(":", 1)[1]
+        # a page's "simple request" (text/plain: no CORS preflight) from another origin
+        page = post(url, **{"Content-Type": "text/plain", "Origin": "http://evil.example"})
+        assert page.status_code == 403 and "--allowed-origins http://evil.example" in page.json()["error"]["message"]
+        assert post(url, **{"Content-Type": "application/json", "Origin": "http://evil.example"}).status_code == 403
+        plain = post(url, **{"Content-Type": "text/plain"})
+        assert plain.status_code == 415 and "must be application/json" in plain.json()["error"]["message"]
+        # DNS rebinding: a page whose name now resolves to 127.0.0.1 sends its own name as Host
+        rebound = post(url, **{"Content-Type": "application/json", "Host": f"evil.example:{port}"})
+        assert rebound.status_code == 403 and "--allowed-hosts" in rebound.json()["error"]["message"]
+        assert httpx.get(f"{url}/v1/models", headers={"Host": f"evil.example:{port}"}).status_code == 403
+        assert not engine.calls
+        for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "127.0.0.1"):
+            assert post(url, **{"Content-Type": "application/json; charset=utf-8", "Host": host}).status_code == 200
+    with serving(FakeEngine(), allowed_origins=["http://ui.example:3000/"], allowed_hosts=["box.lan"]) as (url, _, _):
+        port = url.rsplit(":", 1)[1]
+        ui = {"Origin": "http://ui.example:3000", "Host": f"box.lan:{port}"}
+        preflight = httpx.options(f"{url}/v1/chat/completions", headers={
+            **ui, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"})
+        assert preflight.status_code == 200
+        allowed = post(url, **ui, **{"Content-Type": "application/json"})
+        assert allowed.status_code == 200
+        assert allowed.headers["access-control-allow-origin"] == "http://ui.example:3000"
+        assert post(url, **{"Content-Type": "application/json", "Origin": "http://evil.example"}).status_code == 403
+
+
+def test_a_host_beyond_loopback_needs_an_api_key(monkeypatch):
+    monkeypatch.delenv("MDLITE_API_KEY", raising=False)
+    refused = CliRunner().invoke(cli, ["serve", "--model", "missing/student.gguf", "--host", "0.0.0.0"])
+    assert refused.exit_code == 2 and len(refused.output.strip().splitlines()) == 1
+    assert "--api-key" in refused.output and "--insecure-no-key" in refused.output
+    for flags in (["--insecure-no-key"], ["--api-key", "k"]):  # past the check: the next error is the model's
+        allowed = CliRunner().invoke(cli, ["serve", "--model", "missing/student.gguf", "--host", "0.0.0.0", *flags])
+        assert allowed.exit_code == 2 and "no such model file" in allowed.output
+
+
+# ---- limits, health, failures -----------------------------------------------------------------------
+
+
+def _read_until_closed(sock):
+    sock.settimeout(10)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def test_slow_clients_are_cut_off_while_others_are_served():
+    with serving(FakeEngine(), read_timeout_s=2) as (url, _, _):
+        address = ("127.0.0.1", int(url.rsplit(":", 1)[1]))
+        started = time.monotonic()
+        with socket.create_connection(address) as half, socket.create_connection(address) as trickle:
+            half.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+                         b"\r\nContent-Length: 200\r\n\r\n" + b'{"messages": [')  # half a body, then nothing
+            trickle.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # headers never end
+            assert chat(url, paths=2).status_code == 200 and time.monotonic() - started < 2  # served meanwhile
+            reply = _read_until_closed(half)
+            assert reply.startswith(b"HTTP/1.1 408") and b"--read-timeout-s" in reply
+            assert _read_until_closed(trickle) == b""  # closed without a word
+        assert 1.9 < time.monotonic() - started < 8
+
+
+def test_limit_concurrency():
+    with serving(FakeEngine(), limit_concurrency=3) as (url, _, _):
+        address = ("127.0.0.1", int(url.rsplit(":", 1)[1]))
+        idle = [socket.create_connection(address) for _ in range(2)]
+        time.sleep(0.2)
+        assert httpx.get(f"{url}/health").status_code == 503  # 2 idle connections + this one
+        for sock in idle:
+            sock.close()
+        time.sleep(0.2)
+        assert httpx.get(f"{url}/health").status_code == 200
+
+
+class CrashingEngine(FakeEngine):
+    def sample(self, prompts, **settings):
+        if any("crash" in prompt for prompt in prompts):
+            raise SystemExit  # not an Exception: it ends the worker thread
+        return super().sample(prompts, **settings)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_health_says_loading_until_the_model_is_in_and_reports_a_dead_worker():
+    release = threading.Event()
+
+    def load():
+        release.wait(10)
+        return CrashingEngine()
+
+    with serving(None, load=load) as (url, app, _):
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 503 and health.json()["status"] == "loading"
+        early = chat(url, paths=2)
+        assert early.status_code == 503 and early.json()["error"]["code"] == "loading" and early.headers["Retry-After"]
+        release.set()
+        deadline = time.time() + 10
+        while app.state.scheduler is None:
+            assert time.time() < deadline
+            time.sleep(0.01)
+        assert httpx.get(f"{url}/health").json()["status"] == "ok" and chat(url, paths=2).status_code == 200
+        crashed = chat(url, "crash now", paths=2)
+        assert crashed.status_code == 503 and "worker thread stopped" in crashed.json()["error"]["message"]
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 503 and "worker thread died" in health.json()["status"]
+
+
+def test_the_longest_request_must_fit_the_context():
+    engine = FakeEngine()
+    engine.n_ctx_train = 300  # the student template is at most 80 tokens here (a token is a byte)
+    check_context(engine, ServeConfig(model="x.gguf", max_prompt_tokens=100, max_tokens=64))
+    check_context(engine, ServeConfig(model="x.gguf", max_prompt_tokens=100, max_tokens=256, num_ctx=500))
+    with pytest.raises(MdliteError, match=r"over the context of 300 \(the model\); lower --max-prompt-tokens"):
+        check_context(engine, ServeConfig(model="x.gguf", max_prompt_tokens=100, max_tokens=256))
+
+
+# ---- mdlite eval over mdlite serve ---------------------------------------------------------------------
+
+
+def test_eval_of_a_served_mdlite_scores_paths_not_votes(tmp_path):
+    """/v1/models says owned_by mdlite, so eval asks for one path per request (paths: 1, mode: its style) and
+    records that path's own text and tokens, not a vote over the server's default 10."""
+    from mdlite.data import Problem, write_problems
+
+    write_problems([Problem(str(i), f"Tom has 3 apples and buys {i} more. How many apples?", 3 + i) for i in (4, 5)],
+                   tmp_path / "problems.jsonl")
+    engine = FakeEngine()
+    with serving(engine) as (url, _, _):
+        result = CliRunner().invoke(cli, ["eval", "--model", f"openai:{url}/v1", "--prompt-style", "student",
+                                          "--data", str(tmp_path / "problems.jsonl"), "--paths", "2",
+                                          "--output-dir", str(tmp_path / "eval")])
+        assert result.exit_code == 0, result.output
+    assert [call["n"] for call in engine.calls] == [[1]] * 2 * (1 + 1 + 2 + 2)  # greedy + 2 sampled per style
+    records = [json.loads(line) for line in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert len(records) == 2 * 6
+    for record in records:
+        assert record["text"].startswith("```python" if record["style"] == "pot" else "3 + 5 = ")
+        assert record["tokens"] == len(record["text"].split())  # the path's own, not the vote's sum
+        assert record["correct"] == (record["answer"] == record["gold"])
+
+
 def test_port_in_use_is_a_clear_error():
     taken = bind("127.0.0.1", 0)
     try:
@@ -278,7 +547,8 @@ def test_serve_help_and_config_errors():
     result = CliRunner().invoke(cli, ["serve", "--help"])
     assert result.exit_code == 0
     for flag in ("--model", "--host", "--port", "--api-key", "--paths", "--max-paths", "--queue-size",
-                 "--max-prompt-chars", "Example:"):
+                 "--max-prompt-tokens", "--allowed-origins", "--allowed-hosts", "--insecure-no-key",
+                 "--read-timeout-s", "--limit-concurrency", "Open WebUI", "Example:"):
         assert flag in result.output
     assert "[default: 127.0.0.1]" in result.output
     bad = CliRunner().invoke(cli, ["serve", "--model", "x.gguf", "--paths", "40"])
