@@ -398,10 +398,8 @@ class ServeConfig:
     early_stop: bool = knob(False, "Sample two paths first (mixed: one CoT, one PoT); stop there when they agree.")
     cot_weight: float = knob(1.0, "Vote weight of a CoT path (mixed mode; weighted voting).")
     pot_weight: float = knob(1.0, "Vote weight of a PoT path (mixed mode; weighted voting).")
-    batch_paths: int = knob(64, "Most paths decoded together: the requests waiting when the engine is free join "
-                                "one batch up to this many paths (>= max_paths).")
-    batch_wait_ms: float = knob(10.0, "How long the engine waits for more requests before a batch while they keep "
-                                      "arriving (ms).")
+    batch_paths: int = knob(32, "Paths decoded together (the engine's sequences): every request's paths share the "
+                                "engine's steps, a finished path's place taken at once by the next waiting one.")
     queue_size: int = knob(64, "Requests admitted at once (waiting or being solved); more get 503 + Retry-After.")
     max_prompt_tokens: int = knob(1024, "Longest question (the model's tokens) a request may send; longer ones get "
                                         "400. With the prompt template and max_tokens it must fit the context.")
@@ -438,13 +436,10 @@ class ServeConfig:
                   for name in ("paths", "max_paths", "max_tokens", "batch_paths", "queue_size", "max_prompt_tokens",
                                "limit_concurrency", "program_memory_mb") if getattr(self, name) < 1]
         found += [f"{name} must be >= 0 (flag --{name.replace('_', '-')})"
-                  for name in ("top_k", "num_ctx", "n_threads", "prefix_cache", "batch_wait_ms", "shutdown_timeout_s")
+                  for name in ("top_k", "num_ctx", "n_threads", "prefix_cache", "shutdown_timeout_s")
                   if getattr(self, name) < 0]
         if self.paths > self.max_paths:
             found.append(f"paths {self.paths} exceeds max_paths {self.max_paths} (flags --paths, --max-paths)")
-        if self.batch_paths < self.max_paths:
-            found.append(f"batch_paths {self.batch_paths} must be >= max_paths {self.max_paths}, so that one "
-                         "request fits a batch (flags --batch-paths, --max-paths)")
         if not 0 <= self.temperature <= 2:
             found.append("temperature must be in [0, 2] (flag --temperature)")
         if not 0 < self.top_p <= 1:

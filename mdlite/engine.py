@@ -153,6 +153,11 @@ class Engine:
                  trace: TracebackType | None) -> None:
         self.close()
 
+    @property
+    def alive(self) -> bool:
+        """False once the engine is closed or its worker thread died."""
+        return not self._closing and (self._worker is None or self._worker.is_alive())
+
     def close(self) -> None:
         """Fail what is waiting or in flight (MdliteError), stop the worker, free the context and the model."""
         with self._cond:

@@ -9,8 +9,8 @@ question: `prompt`; a prompt written in the student template, as `mdlite eval --
 sends it, is read back to its question, and its style is the default mode), GET /v1/models (one model,
 `owned_by: "mdlite"`: how `mdlite eval` knows it talks to mdlite), GET /health (503 while the model loads,
 while shutting down, or when the engine's worker thread died).
-A question is solved exactly as `mdlite solve` solves it (mdlite.solve's `Question`, `next_round`,
-`sample_round`, `finish`): the same prompts, seeds (from the request's `seed` and the question's text),
+A question is solved exactly as `mdlite solve` solves it (mdlite.solve's `Question`, `submit_round`,
+`take_round`, `finish`, in `solve_one`): the same prompts, seeds (from the request's `seed` and the question's text),
 rounds and vote, so a request gives the answer `mdlite solve` gives with the same settings and seed.
 
 Request fields: the OpenAI ones `model` (any name), `messages` / `prompt`, `temperature` (0-2), `top_p`,
@@ -45,16 +45,16 @@ API key, /v1/* need `Authorization: Bearer KEY`; `run` refuses a --host beyond l
 insecure_no_key. A client gets read_timeout_s to send a request's headers (else its connection is closed)
 and again its body (408); at most limit_concurrency connections and requests at once (uvicorn's 503 past it).
 
-Batching: one worker thread owns the engine. Each engine call takes the rounds of every admitted
-request that it can hold (up to batch_paths paths, one sampling setting per call, oldest first), after
-waiting batch_wait_ms for more while requests keep arriving; a new request waits for the batch in
-flight, then joins the next one. Path j of a question's style has the same seed in any batch, and the
-engine's batch invariance makes its text the same too. At most queue_size requests are admitted at
-once; more get 503 with Retry-After. A request obtains its Solution by awaiting one future (`_submit`);
-cancelling it, as a client's disconnect does, drops the request before its next round.
-Ctrl-C / SIGTERM: the server stops accepting connections, finishes what is in flight for up to
-shutdown_timeout_s, cancels the rest, then stops the worker and frees the model (a second Ctrl-C quits
-at once).
+Batching: the engine batches continuously (mdlite/engine.py): a request's paths join the paths being decoded
+at the engine's next step, up to batch_paths together, and a finished path's place goes to the next waiting
+one, whatever request it belongs to; paths of different requests and sampling settings share steps. Path j of
+a question's style has the same seed in any batch, and the engine's batch invariance makes its text the same
+too. At most queue_size requests are admitted at once; more get 503 with Retry-After (the recent time per
+request). Each admitted request is one task (`Scheduler.submit`); cancelling it, as a client's disconnect
+does, drops its paths at the engine's next decode step.
+Ctrl-C / SIGTERM: the server stops accepting connections, lets the requests in flight finish for up to
+shutdown_timeout_s (uvicorn's graceful shutdown), then cancels the rest, closes the engine and exits 0 (a
+second Ctrl-C quits at once).
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ import logging
 import math
 import os
 import random
+import signal
 import socket
 import threading
 import time
@@ -82,7 +83,7 @@ from mdlite import MdliteError
 from mdlite.answers import answers_match, extract_answer, format_number
 from mdlite.config import ServeConfig
 from mdlite.prompts import STUDENT_DIRECTIVES, prompt_text
-from mdlite.solve import Question, Solution, finish, next_round, prompt_for, sample_round
+from mdlite.solve import Question, Solution, prompt_for, solve_one
 from mdlite.vote import MODES
 
 log = logging.getLogger(__name__)
@@ -123,8 +124,8 @@ def run(cfg: ServeConfig, *, on_ready: Callable[[str], None] | None = None) -> N
 
     def load() -> Any:
         _log_isolation()
-        engine = Engine(path, n_ctx=cfg.num_ctx, n_gpu_layers=cfg.n_gpu_layers, n_threads=cfg.n_threads,
-                        prefix_cache=cfg.prefix_cache)
+        engine = Engine(path, n_ctx=cfg.num_ctx, max_paths=cfg.batch_paths, n_gpu_layers=cfg.n_gpu_layers,
+                        n_threads=cfg.n_threads, prefix_cache=cfg.prefix_cache)
         try:
             check_context(engine, cfg)
         except MdliteError:
@@ -139,16 +140,17 @@ def run(cfg: ServeConfig, *, on_ready: Callable[[str], None] | None = None) -> N
     app = create_app(cfg, load, on_ready=(lambda: on_ready(url)) if on_ready else None, on_fail=fail)
     server = uvicorn.Server(server_config(app, cfg))
     log.info("listening at %s; loading %s", url, path)
+    main = threading.current_thread() is threading.main_thread()
+    # uvicorn raises a SIGTERM again once its graceful shutdown is done; by then nothing is left to do: exit 0
+    previous = signal.signal(signal.SIGTERM, lambda *_: log.info("shut down")) if main else None
     try:
         server.run(sockets=[sock])
     finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
         sock.close()
-        scheduler = app.state.scheduler
-        if scheduler is not None:
-            if scheduler.stop(timeout=cfg.shutdown_timeout_s):  # forced exit: the lifespan did not stop it
-                app.state.engine.close()
-            else:
-                log.warning("the engine is still decoding a batch; exiting without freeing the model")
+        if app.state.engine is not None:
+            app.state.engine.close()  # after a forced exit the lifespan did not close it (closing twice is harmless)
     if failed:
         raise failed[0]
 
@@ -225,9 +227,7 @@ def create_app(cfg: ServeConfig, load_engine: Callable[[], Any], *, api_key: str
             else:
                 log.error("cannot load %s: %s", cfg.model, app.state.failed)
             return
-        scheduler = Scheduler(engine, cfg)
-        scheduler.start()
-        app.state.engine, app.state.scheduler = engine, scheduler
+        app.state.engine, app.state.scheduler = engine, Scheduler(engine, cfg)
         log.info("serving %s (%s, %d paths by default)", model_id, cfg.mode, cfg.paths)
         if on_ready:
             on_ready()
@@ -240,7 +240,7 @@ def create_app(cfg: ServeConfig, load_engine: Callable[[], Any], *, api_key: str
         finally:
             loading.cancel()
             if app.state.scheduler is not None:
-                await asyncio.to_thread(app.state.scheduler.stop, timeout=cfg.shutdown_timeout_s)
+                await app.state.scheduler.stop()
 
     app = FastAPI(title="mdlite serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = app.state.scheduler = app.state.failed = None
@@ -277,7 +277,7 @@ def create_app(cfg: ServeConfig, load_engine: Callable[[], Any], *, api_key: str
         status = ("loading" if app.state.failed is None else f"failed: {app.state.failed}") if scheduler is None \
             else "shutting down" if scheduler.stopping \
             else "the engine's worker thread died; restart mdlite serve" if not scheduler.alive else "ok"
-        counts = {"admitted": scheduler.admitted, "batches": scheduler.batches} if scheduler else {}
+        counts = {"admitted": scheduler.admitted, "steps": scheduler.engine.steps} if scheduler else {}
         return JSONResponse({"status": status, "model": model_id, **counts}, status_code=200 if status == "ok" else 503)
 
     async def models(request: Request) -> JSONResponse:
@@ -297,7 +297,7 @@ def create_app(cfg: ServeConfig, load_engine: Callable[[], Any], *, api_key: str
         body = await _read_json(request, limit=64 * cfg.max_prompt_tokens + 65536, timeout=cfg.read_timeout_s)
         job, asked = _parse(body, cfg, chat=chat)
         engine = app.state.engine
-        tokens = len(engine.tokenize(job.state.question))
+        tokens = len(engine.tokenize(job.question))
         if tokens > cfg.max_prompt_tokens:
             raise _HttpError(400, f"the question has {tokens} tokens, over the limit of {cfg.max_prompt_tokens} "
                                   "(mdlite serve --max-prompt-tokens)", param="messages" if chat else "prompt",
@@ -308,7 +308,7 @@ def create_app(cfg: ServeConfig, load_engine: Callable[[], Any], *, api_key: str
                        for style in sorted({p.style for p in solution.paths})]
             return _reply(solution, job, asked, model_id, prompt_tokens=sum(len(engine.tokenize(p)) for p in prompts))
 
-        future = _submit(scheduler, job)
+        future = scheduler.submit(job)
         ticks = _waiting(request, future, scheduler)
         if asked.stream:
             return StreamingResponse(_stream(ticks, future, asked, model_id, reply), media_type="text/event-stream",
@@ -330,169 +330,70 @@ def create_app(cfg: ServeConfig, load_engine: Callable[[], Any], *, api_key: str
     return app
 
 
-# ---- the worker -----------------------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class Job:
-    """One request's question, its settings and how to hand back its Solution (or an error)."""
-
-    state: Question
-    mode: str
-    paths: int
-    early_stop: bool
-    sampling: tuple[float, float, int, int]  # temperature, top_p, top_k, max_tokens: one engine call's settings
-    cot_weight: float = 1.0
-    pot_weight: float = 1.0
-    deliver: Callable[[Any], None] = field(default=lambda outcome: None, repr=False)
-    cancelled: bool = False
-    arrived: float = field(default_factory=time.perf_counter)
+# ---- the engine's front door -----------------------------------------------------------------------
 
 
 class Scheduler:
-    """The engine's worker thread: admits up to cfg.queue_size jobs and samples the next round of as
-    many as fit one engine call (see the module docstring)."""
+    """Admission in front of the engine: at most queue_size requests at once (more get 503 + Retry-After);
+    each admitted request is one coroutine solving its question on the continuously batching engine
+    (mdlite.solve.solve_one), so a request's paths join the engine's batch at its next step and a cancelled
+    request's paths leave it at the next step."""
 
     def __init__(self, engine: Any, cfg: ServeConfig) -> None:
         self.engine, self.cfg = engine, cfg
-        self.batches = 0
-        self.started = int(time.time())
         self.stopping = False
-        self._jobs: list[Job] = []  # admitted, unfinished, oldest first
-        self._arrivals = 0
-        self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._last_batch_s = 1.0
+        self._tasks: set[asyncio.Task[Solution]] = set()
+        self._seconds = 1.0  # a moving average of the time a request takes
 
     @property
     def admitted(self) -> int:
-        return len(self._jobs)
+        return len(self._tasks)
 
     @property
     def alive(self) -> bool:
-        """Whether the worker thread runs (False before start(), after stop(), and when it died)."""
-        return self._thread is not None and self._thread.is_alive()
+        """Whether the engine's worker thread can run (False once it died or the engine closed)."""
+        return self.engine.alive
 
-    def submit(self, job: Job) -> None:
-        """Admit `job`, or raise the 503 _HttpError of a full queue or a stopping server."""
-        with self._cond:
-            if self.stopping:
-                raise _HttpError(503, "the server is shutting down", kind="server_error", code="shutting_down")
-            if len(self._jobs) >= self.cfg.queue_size:
-                wait = max(1, math.ceil(self._last_batch_s))
-                raise _HttpError(503, f"the server is busy ({len(self._jobs)} requests admitted, the limit of "
-                                      "--queue-size); retry later", kind="server_error", code="queue_full",
-                                 headers={"Retry-After": str(wait)})
-            self._jobs.append(job)
-            self._arrivals += 1
-            self._cond.notify()
+    def submit(self, question: Question) -> asyncio.Task[Solution]:
+        """The task solving `question` (its result the Solution, or an _HttpError), or the 503 _HttpError of a full
+        queue or a stopping server. Cancelling the task drops the request's paths at the engine's next step."""
+        if self.stopping:
+            raise _HttpError(503, "the server is shutting down", kind="server_error", code="shutting_down")
+        if len(self._tasks) >= self.cfg.queue_size:
+            raise _HttpError(503, f"the server is busy ({len(self._tasks)} requests admitted, the limit of "
+                                  "--queue-size); retry later", kind="server_error", code="queue_full",
+                             headers={"Retry-After": str(max(1, math.ceil(self._seconds)))})
+        task = asyncio.create_task(self._solve(question))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="mdlite-engine", daemon=True)
-        self._thread.start()
+    async def stop(self) -> None:
+        """Refuse new requests, cancel those in flight (uvicorn gave them shutdown_timeout_s already) and close
+        the engine."""
+        self.stopping = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.to_thread(self.engine.close)
 
-    def stop(self, timeout: float | None = None) -> bool:
-        """Finish the batch in flight, fail the jobs left with 503 and end the thread; False if it is
-        still busy after `timeout` seconds."""
-        with self._cond:
-            self.stopping = True
-            self._cond.notify()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            return not self._thread.is_alive()
-        return True
-
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._jobs and not self.stopping:
-                    self._cond.wait()
-                if self.stopping:
-                    left, self._jobs = self._jobs, []
-                    break
-                self._gather()
-            batch = self._next_batch()
-            if batch:
-                self._sample(batch)
-        for job in left:
-            job.deliver(_HttpError(503, "the server shut down before this request was answered",
-                                   kind="server_error", code="shutting_down"))
-
-    def _gather(self) -> None:
-        """(Lock held.) Wait batch_wait_ms at a time while new requests keep arriving, up to a full batch."""
-        wait = self.cfg.batch_wait_ms / 1000
-        while wait > 0 and not self.stopping and len(self._jobs) * self.cfg.paths < self.cfg.batch_paths:
-            before = self._arrivals
-            self._cond.wait(wait)
-            if self._arrivals == before:
-                break
-
-    def _next_batch(self) -> list[tuple[Job, dict[str, int]]]:
-        """Drop cancelled jobs, deliver finished ones, and pick the rounds of the next engine call."""
-        with self._cond:
-            jobs = list(self._jobs)
-        pending, done = [], []
-        for job in jobs:
-            targets = None if job.cancelled else next_round(job.state.found, mode=job.mode, paths=job.paths,
-                                                             early_stop=job.early_stop)
-            (pending if targets else done).append((job, targets))
-        for job, _ in done:
-            self._remove(job)
-            if not job.cancelled:
-                solution = finish(job.state, mode=job.mode, paths=job.paths, cot_weight=job.cot_weight,
-                                  pot_weight=job.pot_weight)
-                log.info("answered in %.2f s: %s -> %s", time.perf_counter() - job.arrived, job.state.question[:60],
-                         solution.answer)
-                job.deliver(solution)
-        if not pending:
-            return []
-        sampling = pending[0][0].sampling
-        batch, size = [], 0
-        for job, targets in pending:
-            have = {style: sum(p.style == style for p in job.state.found) for style in targets}
-            count = sum(max(0, target - have[style]) for style, target in targets.items())
-            if job.sampling == sampling and (not batch or size + count <= self.cfg.batch_paths):
-                batch.append((job, targets))
-                size += count
-        return batch
-
-    def _sample(self, batch: list[tuple[Job, dict[str, int]]]) -> None:
+    async def _solve(self, question: Question) -> Solution:
         started = time.perf_counter()
         try:
-            self._round(batch)
-        except Exception as error:  # noqa: BLE001 - a bad request must not take the others down
-            if len(batch) == 1:
-                self._fail(batch[0][0], error)
-            else:  # find the culprit: each request alone
-                log.warning("a batch of %d requests failed (%s); retrying them one by one", len(batch), error)
-                for item in batch:
-                    try:
-                        self._round([item])
-                    except Exception as alone:  # noqa: BLE001
-                        self._fail(item[0], alone)
-        self.batches += 1
-        self._last_batch_s = time.perf_counter() - started
-        log.debug("batch %d: %d requests in %.2f s", self.batches, len(batch), self._last_batch_s)
-
-    def _round(self, batch: list[tuple[Job, dict[str, int]]]) -> None:
-        temperature, top_p, top_k, max_tokens = batch[0][0].sampling
-        sample_round(self.engine, [(job.state, targets) for job, targets in batch],
-                     prompt_style=self.cfg.prompt_style, temperature=temperature, top_p=top_p, top_k=top_k,
-                     max_tokens=max_tokens, program_timeout=self.cfg.program_timeout_s,
-                     program_memory_mb=self.cfg.program_memory_mb)
-
-    def _fail(self, job: Job, error: Exception) -> None:
-        self._remove(job)
-        if isinstance(error, MdliteError):  # the server's: what a request can cause was checked when it came
-            job.deliver(_HttpError(503, str(error), kind="server_error", code="engine_error"))
-        else:
-            log.error("request failed: %s: %s", type(error).__name__, error)
-            job.deliver(_HttpError(500, f"the engine failed: {type(error).__name__}: {error}", kind="server_error"))
-
-    def _remove(self, job: Job) -> None:
-        with self._cond:
-            if job in self._jobs:
-                self._jobs.remove(job)
+            solution = await solve_one(self.engine, question, program_timeout=self.cfg.program_timeout_s,
+                                       program_memory_mb=self.cfg.program_memory_mb)
+        except MdliteError as error:  # requests were checked on arrival: what fails now is the server's
+            log.error("request failed: %s", error)
+            raise _HttpError(503, str(error), kind="server_error", code="cannot_sample") from None
+        except (asyncio.CancelledError, _HttpError):
+            raise
+        except Exception as error:  # noqa: BLE001 - one request's failure is its own 500
+            log.exception("request failed")
+            raise _HttpError(500, f"the engine failed: {type(error).__name__}: {error}", kind="server_error") from None
+        seconds = time.perf_counter() - started
+        self._seconds = 0.8 * self._seconds + 0.2 * seconds
+        log.info("answered in %.2f s: %s -> %s", seconds, question.question[:60], solution.answer)
+        return solution
 
 
 # ---- requests and replies ---------------------------------------------------------------------------
@@ -513,7 +414,8 @@ class _HttpError(Exception):
 
 @dataclass(frozen=True)
 class _Asked:
-    """What a request asks of its reply (its Job holds what it asks of the engine), and the reply's id and time."""
+    """What a request asks of its reply (its Question holds what it asks of the engine), and the reply's id and
+    time."""
 
     chat: bool
     id: str
@@ -529,40 +431,9 @@ def _error_response(error: _HttpError) -> Any:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
-def _submit(scheduler: Scheduler, job: Job) -> asyncio.Future[Solution]:
-    """Admit `job` (or raise its 503): the future its Solution (or _HttpError) settles. Cancelling the future
-    drops the request before its next round. This future is the one seam between a request and the engine."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[Solution] = loop.create_future()
-    job.deliver = lambda outcome: _call_soon(loop, _settle, future, outcome)
-    scheduler.submit(job)
-
-    def dropped(done: asyncio.Future[Solution]) -> None:
-        job.cancelled = done.cancelled()
-
-    future.add_done_callback(dropped)
-    return future
-
-
-def _call_soon(loop: asyncio.AbstractEventLoop, *call: Any) -> None:
-    try:
-        loop.call_soon_threadsafe(*call)
-    except RuntimeError:  # the loop is closed: the server was forced to exit
-        pass
-
-
-def _settle(future: asyncio.Future, outcome: Any) -> None:
-    if future.done():  # its client is gone
-        return
-    if isinstance(outcome, BaseException):
-        future.set_exception(outcome)
-    else:
-        future.set_result(outcome)
-
-
 async def _waiting(request: Any, future: asyncio.Future[Solution], scheduler: Scheduler) -> AsyncIterator[None]:
     """Yield every TICK_S while `future` is unsettled. Stop when it is settled, or when the client disconnects
-    (leaving it unsettled: the caller cancels it); settle it with a 503 when the engine's worker is gone."""
+    (leaving it unsettled: the caller cancels it); cancel it and raise a 503 when the engine's worker is gone."""
     while not future.done():
         await asyncio.wait([future], timeout=TICK_S)
         if future.done():
@@ -571,9 +442,9 @@ async def _waiting(request: Any, future: asyncio.Future[Solution], scheduler: Sc
             log.info("client gone; request dropped")
             return
         if not scheduler.alive:
-            future.set_exception(_HttpError(503, "the engine's worker thread stopped; restart mdlite serve",
-                                            kind="server_error", code="engine_stopped"))
-            return
+            future.cancel()
+            raise _HttpError(503, "the engine's worker thread stopped; restart mdlite serve", kind="server_error",
+                             code="engine_stopped")
         yield
 
 
@@ -694,8 +565,9 @@ async def _read_json(request: Any, *, limit: int, timeout: float) -> dict[str, A
     return body
 
 
-def _parse(body: dict[str, Any], cfg: ServeConfig, *, chat: bool) -> tuple[Job, _Asked]:
-    """The Job a request body asks for and what it asks of the reply, or a 400 _HttpError naming the field."""
+def _parse(body: dict[str, Any], cfg: ServeConfig, *, chat: bool) -> tuple[Question, _Asked]:
+    """The Question a request body asks to solve and what it asks of the reply, or a 400 _HttpError naming the
+    field."""
     allowed = CHAT_FIELDS if chat else COMPLETION_FIELDS
     unknown = sorted(set(body) - allowed)
     if unknown:
@@ -729,9 +601,9 @@ def _parse(body: dict[str, Any], cfg: ServeConfig, *, chat: bool) -> tuple[Job, 
     max_tokens = min(_number(body, budget, int, cfg.max_tokens, 1, 2**31 - 1), cfg.max_tokens)
     fresh = cfg.seed if cfg.seed >= 0 else random.getrandbits(31)  # 31 bits: exact in JavaScript clients too
     seed = _number(body, "seed", int, fresh, -2**63, 2**63 - 1)
-    job = Job(state=Question(question, question, seed), mode=mode, paths=paths, early_stop=cfg.early_stop,
-              sampling=(temperature, top_p, cfg.top_k, max_tokens), cot_weight=cfg.cot_weight,
-              pot_weight=cfg.pot_weight)
+    job = Question(question, question, seed, mode=mode, paths=paths, prompt_style=cfg.prompt_style,
+                   temperature=temperature, top_p=top_p, top_k=cfg.top_k, max_tokens=max_tokens,
+                   early_stop=cfg.early_stop, cot_weight=cfg.cot_weight, pot_weight=cfg.pot_weight)
     asked = _Asked(chat=chat, id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
                    stream=bool(body.get("stream")), include_usage=bool(options.get("include_usage")),
                    program_stdout=bool(body.get("program_stdout")))
@@ -805,7 +677,7 @@ def _from_template(text: str) -> tuple[str, str | None]:
     return text.strip(), None
 
 
-def _reply(solution: Solution, job: Job, asked: _Asked, model_id: str, *, prompt_tokens: int) -> dict[str, Any]:
+def _reply(solution: Solution, job: Question, asked: _Asked, model_id: str, *, prompt_tokens: int) -> dict[str, Any]:
     """The OpenAI-shaped reply: the voted answer with its winning rationale, and the `mdlite` field."""
     winner = _winner(solution)
     content = _content(solution, winner)
@@ -819,14 +691,13 @@ def _reply(solution: Solution, job: Job, asked: _Asked, model_id: str, *, prompt
     if not asked.program_stdout:
         for each in record["paths"]:
             each["program_stdout"] = None
-    temperature, top_p, _, max_tokens = job.sampling
     return {
         "id": asked.id, "object": "chat.completion" if asked.chat else "text_completion",
         "created": asked.created, "model": model_id, "choices": [choice],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": solution.tokens,
                   "total_tokens": prompt_tokens + solution.tokens},
-        "mdlite": {**record, "mode": job.mode, "seed": job.state.seed, "paths_requested": job.paths,
-                   "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "winner": winner},
+        "mdlite": {**record, "mode": job.mode, "seed": job.seed, "paths_requested": job.paths,
+                   "temperature": job.temperature, "top_p": job.top_p, "max_tokens": job.max_tokens, "winner": winner},
     }
 
 

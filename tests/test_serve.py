@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -29,32 +29,59 @@ QUESTION = "Tom has 3 apples and buys 5 more. How many apples does he have?"
 
 
 class FakeEngine:
-    """Stands in for Engine: path j of a prompt says 7, 8 or 9 by its seed alone (as the real engine's text depends
-    on the prompt and seed only), after `delay` seconds per call; a prompt containing 'explode' fails the call.
-    A token is a byte."""
+    """Stands in for the continuously batching Engine: `submit` returns a future settled `delay` seconds later
+    (one cancelled before then is dropped: `decoded` never sees it). Path j of a prompt says 7, 8 or 9 by its seed
+    alone (as the real engine's text depends on the prompt and seed only); a prompt containing 'explode' fails
+    as a llama.cpp failure would. A token is a byte."""
+
+    max_paths = 16
 
     def __init__(self, delay: float = 0.0) -> None:
         self.delay = delay
-        self.calls: list[dict] = []
+        self.calls: list[dict] = []  # every request submitted
+        self.decoded: list[dict] = []  # those answered (not cancelled first)
+        self.steps = self.in_flight = self.most_in_flight = 0
+        self.alive = True
+        self._lock = threading.Lock()
 
     def tokenize(self, text):
         return list(text.encode())
 
-    def sample(self, prompts, *, n, temperature, top_p, top_k, max_tokens, stop, seed, first_path, stop_after):
-        self.calls.append({"prompts": list(prompts), "n": list(n), "temperature": temperature})
-        time.sleep(self.delay)
-        if any("explode" in prompt for prompt in prompts):
-            raise MdliteError("a prompt of 99999 tokens + max_tokens 256 exceeds the model's context")
-        out = []
-        for prompt, count, first, base in zip(prompts, n, first_path, seed, strict=True):
-            pot = "Python program" in prompt
-            texts = []
-            for j in range(first, first + count):
-                value = 7 + derive_seed(base, j, temperature) % 3
-                texts.append(f"```python\ndef solution():\n    print('working')\n    return {value}\n```" if pot
-                             else f"3 + 5 = {value}. The answer is {value}.")
-            out.append([_generation(text) for text in texts])
-        return out
+    def close(self):
+        self.alive = False
+
+    def submit(self, prompt, *, n, temperature, top_p, top_k, max_tokens, stop, stop_after, seed, first_path):
+        call = {"prompt": prompt, "n": n, "temperature": temperature}
+        self.calls.append(call)
+        future = Future()
+        with self._lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+
+        def settle():
+            with self._lock:
+                self.in_flight -= 1
+                self.steps += 1
+            if not future.set_running_or_notify_cancel():
+                return
+            self.decoded.append(call)
+            if "explode" in prompt:
+                failure = "a prompt of 99999 tokens + max_tokens 256 exceeds the model's context"
+                future.set_exception(MdliteError(failure))
+            else:
+                future.set_result([_generation(text) for text in self.texts(prompt, n, first_path, seed, temperature)])
+
+        if self.delay:
+            threading.Timer(self.delay, settle).start()
+        else:
+            settle()
+        return future
+
+    def texts(self, prompt, n, first, seed, temperature):
+        pot = "Python program" in prompt
+        values = [7 + derive_seed(seed, j, temperature) % 3 for j in range(first, first + n)]
+        return [f"```python\ndef solution():\n    print('working')\n    return {value}\n```" if pot
+                else f"3 + 5 = {value}. The answer is {value}." for value in values]
 
 
 def _generation(text):
@@ -146,9 +173,8 @@ def test_completions_models_and_health():
 
 
 class ClueLessEngine(FakeEngine):
-    def sample(self, prompts, *, n, **settings):
-        super().sample(prompts, n=n, **settings)
-        return [[_generation("I have no idea.") for _ in range(count)] for count in n]
+    def texts(self, prompt, n, *_):
+        return ["I have no idea."] * n
 
 
 def test_a_question_no_path_answers_says_so():
@@ -159,16 +185,16 @@ def test_a_question_no_path_answers_says_so():
     assert [p["program_error"] for p in reply["mdlite"]["paths"]] == [None, "no program"]
 
 
-def test_requests_that_arrive_together_share_engine_batches_and_keep_their_answers():
+def test_requests_that_arrive_together_are_decoded_together_and_keep_their_answers():
     engine = FakeEngine(delay=1.0)
     questions = [f"Question number {i}: how many?" for i in range(6)]
     with serving(engine) as (url, _, _):
         with ThreadPoolExecutor(6) as pool:
             first = pool.submit(chat, url, questions[0], paths=4, seed=1)
-            time.sleep(0.2)  # its batch is in flight: the other five arrive meanwhile and wait for it
+            time.sleep(0.2)  # its paths are being decoded: the other five join them, no waiting for a batch's end
             rest = list(pool.map(lambda q: chat(url, q, paths=4, seed=1), questions[1:]))
             replies = [reply.json() for reply in [first.result(), *rest]]
-    assert [len(call["prompts"]) for call in engine.calls] == [2, 10]  # CoT + PoT prompt per request
+    assert engine.most_in_flight == 12  # CoT + PoT request of all six at once
     for question, reply in zip(questions, replies, strict=True):
         assert reply["mdlite"]["paths"] == reference(question, paths=4, seed=1)["paths"]
 
@@ -179,7 +205,7 @@ def test_per_request_settings_and_limits():
         reply = chat(url, mode="hybrid", paths=8, temperature=0.2, seed=11, max_tokens=64).json()
         assert reply["mdlite"]["answer"] == reference(mode="hybrid", paths=8, seed=11, temperature=0.2)["answer"]
         assert (reply["mdlite"]["temperature"], reply["mdlite"]["max_tokens"]) == (0.2, 64)
-        assert engine.calls[-1]["temperature"] == 0.2 and engine.calls[-1]["n"] == [8]
+        assert engine.calls[-1]["temperature"] == 0.2 and engine.calls[-1]["n"] == 8
         too_many = chat(url, paths=9)
         assert too_many.status_code == 400 and "--max-paths" in too_many.json()["error"]["message"]
 
@@ -264,13 +290,12 @@ def test_a_full_queue_answers_503_with_retry_after():
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_client_that_disconnects_is_dropped_before_its_next_round(stream):
+def test_a_client_that_disconnects_stops_costing_at_once(stream):
     engine = FakeEngine(delay=1.0)
     with serving(engine) as (url, app, _):
         with ThreadPoolExecutor(2) as pool:
-            first = pool.submit(chat, url, "Q first?", paths=2, temperature=0.5)  # keeps the engine busy for 1 s
+            first = pool.submit(chat, url, "Q first?", paths=2, temperature=0.5)
             time.sleep(0.1)
-            # another sampling setting: another batch
             body = {"messages": [{"role": "user", "content": "Q gone?"}], "paths": 2, "temperature": 0.9}
             if stream:
                 with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}) as gone:
@@ -280,7 +305,8 @@ def test_a_client_that_disconnects_is_dropped_before_its_next_round(stream):
                     httpx.post(f"{url}/v1/chat/completions", json=body, timeout=0.3)
             assert first.result().status_code == 200
         assert chat(url, paths=2).status_code == 200
-        assert not any("Q gone?" in prompt for call in engine.calls for prompt in call["prompts"])
+        assert any("Q gone?" in call["prompt"] for call in engine.calls)  # submitted, then dropped undecoded
+        assert not any("Q gone?" in call["prompt"] for call in engine.decoded)
         assert app.state.scheduler.admitted == 0
 
 
@@ -292,7 +318,7 @@ def test_shutdown_finishes_the_requests_in_flight():
             time.sleep(0.2)
             server.should_exit = True  # what Ctrl-C / SIGTERM set
             assert pending.result().status_code == 200
-    assert app.state.scheduler.stopping and app.state.scheduler.stop(timeout=0)
+    assert app.state.scheduler.stopping and not engine.alive  # the engine was closed
 
 
 # ---- the openai client: plain, neutral fields, streaming ------------------------------------------
@@ -469,10 +495,11 @@ def test_limit_concurrency():
 
 
 class CrashingEngine(FakeEngine):
-    def sample(self, prompts, **settings):
-        if any("crash" in prompt for prompt in prompts):
-            raise SystemExit  # not an Exception: it ends the worker thread
-        return super().sample(prompts, **settings)
+    def submit(self, prompt, **settings):
+        if "crash" in prompt:
+            self.alive = False  # its worker thread died: the future is never settled
+            return Future()
+        return super().submit(prompt, **settings)
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
@@ -525,7 +552,7 @@ def test_eval_of_a_served_mdlite_scores_paths_not_votes(tmp_path):
                                           "--data", str(tmp_path / "problems.jsonl"), "--paths", "2",
                                           "--output-dir", str(tmp_path / "eval")])
         assert result.exit_code == 0, result.output
-    assert [call["n"] for call in engine.calls] == [[1]] * 2 * (1 + 1 + 2 + 2)  # greedy + 2 sampled per style
+    assert [call["n"] for call in engine.calls] == [1] * 2 * (1 + 1 + 2 + 2)  # greedy + 2 sampled per style
     records = [json.loads(line) for line in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
     assert len(records) == 2 * 6
     for record in records:
@@ -620,8 +647,10 @@ def test_32_concurrent_clients_get_the_answers_mdlite_solve_gives():
             pending = pool.submit(httpx.post, f"{url}/chat/completions", json=body, timeout=300)
             time.sleep(1.0)
             process.send_signal(signal.SIGTERM)
+            signalled = time.perf_counter()
             assert pending.result().json()["mdlite"]["paths"] == served[0]["paths"]
-        assert process.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert process.wait(timeout=60) == 0  # a clean exit: the request in flight answered, the engine closed
+        assert time.perf_counter() - signalled < 30 + 5  # within --shutdown-timeout-s (30 s by default)
     finally:
         if process.poll() is None:
             process.kill()
