@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import logging
 import sys
 import tempfile
 import time
@@ -95,10 +96,25 @@ def bench_eval(count: int, data_dir: str, threads: int) -> None:
               f"{2 * count} paths {differ[:8]}; texts differ on {texts}")
 
 
+class EngineProfile(logging.Handler):
+    """The engine's profile line, logged when it closes (steps, paths per step, seconds decoding)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+        logging.getLogger("mdlite.engine").addHandler(self)
+        logging.getLogger("mdlite.engine").setLevel(logging.INFO)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("engine:"):
+            self.lines.append(record.getMessage())
+
+
 def bench_paths(count: int, data_dir: str, threads: int, paths: int = 4) -> None:
     cfg = EvalConfig(model=MODEL, data="svamp:test", data_dir=data_dir, limit=count, mode=["cot", "pot", "mixed"],
                      paths=paths, prompt_style="few-shot", max_tokens=200, n_threads=threads)
     problems = load_problems("svamp:test", data_dir=data_dir, limit=count)
+    profile = EngineProfile()
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         out = evaluate.run(dataclasses.replace(cfg, output_dir=tmp))
@@ -109,10 +125,12 @@ def bench_paths(count: int, data_dir: str, threads: int, paths: int = 4) -> None
     static = static_eval(problems, cfg, threads)
     static_rate = count / (time.perf_counter() - start)
     differ = [key for key, text in static.items() if texts.get(key) != text]
+    continuous_profile, static_profile = profile.lines[-2:]
     print(f"\n(paths) few-shot eval, greedy + {paths} sampled paths per style, first {count} SVAMP test problems")
     print(f"{'continuous batching':>22}: {continuous:.3f} questions/s\n{'static batching':>22}: {static_rate:.3f} "
           f"questions/s\ncontinuous / static: {continuous / static_rate:.2f}x; texts differ on {len(differ)} of "
           f"{len(static)} paths {differ[:4]}")
+    print(f"profile, continuous: {continuous_profile}\nprofile, static: {static_profile}")
 
 
 def static_eval(problems: list[Any], cfg: EvalConfig, threads: int) -> dict[tuple[str, str, bool, int], str]:
@@ -163,11 +181,15 @@ def user_loop(problems: list[Any], threads: int) -> dict[tuple[str, str], dict[s
     return found
 
 
-class SequentialTeacher(teacher.LlamaCppTeacher):
-    """The in-process teacher as it was before the engine: one `create_completion` at a time."""
+class SequentialTeacher:
+    """The in-process teacher as it was before the engine: one `create_completion` at a time (one slot in
+    the pool: llama-cpp-python's `Llama` takes one call at a time)."""
 
-    def __init__(self, name: str, model: str, *, num_ctx: int, n_threads: int, **_: Any) -> None:
-        super().__init__(name, model, num_ctx=num_ctx, n_threads=n_threads, batch_paths=1)
+    max_concurrency = 1
+
+    def __init__(self, name: str, model: str, *, num_ctx: int, n_threads: int) -> None:
+        self.name, self.model, self.num_ctx, self.n_threads = name, model, num_ctx, n_threads
+        self.endpoint = f"in-process {model}"
         self._llm: Any = None
 
     async def check(self) -> str | None:

@@ -72,6 +72,7 @@ import ctypes
 import hashlib
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -128,7 +129,8 @@ class Engine:
             raise MdliteError(f"max_paths {max_paths} with prefix_cache {prefix_cache} leaves no sequence to sample "
                               "on; raise max_paths (flag --batch-paths) or lower prefix_cache")
         self.prompt_tokens = self.cached_tokens = 0  # prompt tokens asked for / taken from the prefix cache
-        self.steps = 0  # decode steps so far
+        self.steps = self.rows = 0  # decode steps so far, and the paths they decoded (rows per step = rows / steps)
+        self.step_s = self.prompt_s = 0.0  # seconds in llama_decode: steps, and prompts (profiling, bench/)
         self.n_gpu_layers = gpu_layers(n_gpu_layers)
         self._model = load_model(self.path, n_gpu_layers=self.n_gpu_layers)
         self._vocab = llama.llama_model_get_vocab(self._model)
@@ -165,6 +167,10 @@ class Engine:
             self._cond.notify()
         if self._worker is not None and self._worker is not threading.current_thread():
             self._worker.join()
+        if self.steps:
+            log.info("engine: %d steps, %.1f paths per step; %.1f s decoding steps, %.1f s prompts (%d of %d prompt "
+                     "tokens from the prefix cache)", self.steps, self.rows / self.steps, self.step_s, self.prompt_s,
+                     self.cached_tokens, self.prompt_tokens)
         if self._ctx:
             self._llama.llama_free(self._ctx)
             self._ctx = None
@@ -209,8 +215,8 @@ class Engine:
             request.future.set_result([])
             return request.future
         with self._cond:
-            if self._closing:
-                raise MdliteError("the engine is closed")
+            if not self.alive:
+                raise MdliteError("the engine is closed" if self._closing else "the engine's worker thread died")
             self._waiting.append(request)
             if self._worker is None:
                 self._worker = threading.Thread(target=self._work, name="mdlite-engine", daemon=True)
@@ -338,8 +344,9 @@ class Engine:
         if live:
             for i, path in enumerate(live):
                 _put(batch, i, path.last, path.pos, path.seq, logits=True)
-            self._decode(batch, len(live))
+            self.step_s += self._decode(batch, len(live))
             self.steps += 1
+            self.rows += len(live)
             for i, path in enumerate(live):
                 path.pos += 1
                 self._sample_token(path, i)
@@ -373,7 +380,7 @@ class Engine:
             chunk = prompt[start:start + self.n_batch]
             for i, token in enumerate(chunk):
                 _put(batch, i, token, start + i, first, logits=start + i == len(prompt) - 1)
-            self._decode(batch, len(chunk))
+            self.prompt_s += self._decode(batch, len(chunk))
         self._remember_prompt(prompt, first)
         mem = llama.llama_get_memory(self._ctx)
         for path in request.paths:
@@ -466,12 +473,15 @@ class Engine:
         self._cached.remove(entry)
         self._cached.append(entry)
 
-    def _decode(self, batch: Any, count: int) -> None:
+    def _decode(self, batch: Any, count: int) -> float:
+        """Decode the first `count` tokens of `batch`; the seconds it took."""
         batch.n_tokens = count
+        started = time.perf_counter()
         status = self._llama.llama_decode(self._ctx, batch)
         if status != 0:
             raise MdliteError(f"llama_decode failed (status {status}) on a batch of {count} tokens "
                               f"with a KV cache of {self._ctx_cells} cells; lower paths or max_tokens")
+        return time.perf_counter() - started
 
     def _sample_token(self, path: _Path, row: int) -> None:
         """Sample `path`'s next token from the logits of batch row `row` and add it to the path, ending it on
