@@ -340,7 +340,10 @@ class Engine:
         self._live += admitted  # before any starts: a failure below releases them all
         for request in admitted:
             self._start(request, batch)
-        live = [path for request in self._live for path in request.paths if not path.finish_reason]
+        # In sequence order: llama.cpp splits a batch into one ubatch per run of consecutive sequence ids
+        # (its KV streams), and each ubatch reads all the weights again.
+        live = sorted((path for request in self._live for path in request.paths if not path.finish_reason),
+                      key=lambda path: path.seq)
         if live:
             for i, path in enumerate(live):
                 _put(batch, i, path.last, path.pos, path.seq, logits=True)
