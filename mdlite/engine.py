@@ -70,6 +70,7 @@ from __future__ import annotations
 import codecs
 import ctypes
 import hashlib
+import heapq
 import logging
 import threading
 import time
@@ -130,6 +131,7 @@ class Engine:
                               "on; raise max_paths (flag --batch-paths) or lower prefix_cache")
         self.prompt_tokens = self.cached_tokens = 0  # prompt tokens asked for / taken from the prefix cache
         self.steps = self.rows = 0  # decode steps so far, and the paths they decoded (rows per step = rows / steps)
+        self.moves = 0  # paths moved to a lower sequence (_pack)
         self.step_s = self.prompt_s = 0.0  # seconds in llama_decode: steps, and prompts (profiling, bench/)
         self.n_gpu_layers = gpu_layers(n_gpu_layers)
         self._model = load_model(self.path, n_gpu_layers=self.n_gpu_layers)
@@ -138,7 +140,7 @@ class Engine:
         self._ctx: Any = None
         self._ctx_cells = 0  # KV cells per sequence of the current context
         self._cached: list[_Cached] = []  # least recently used first
-        self._free: list[int] = []  # sequences without a path
+        self._free: list[int] = []  # sequences without a path, a min-heap (see _pack)
         self._waiting: deque[_Request] = deque()
         self._live: list[_Request] = []
         self._cond = threading.Condition()
@@ -168,9 +170,9 @@ class Engine:
         if self._worker is not None and self._worker is not threading.current_thread():
             self._worker.join()
         if self.steps:
-            log.info("engine: %d steps, %.1f paths per step; %.1f s decoding steps, %.1f s prompts (%d of %d prompt "
-                     "tokens from the prefix cache)", self.steps, self.rows / self.steps, self.step_s, self.prompt_s,
-                     self.cached_tokens, self.prompt_tokens)
+            log.info("engine: %d steps, %.1f paths per step, %d moved; %.1f s decoding steps, %.1f s prompts (%d of "
+                     "%d prompt tokens from the prefix cache)", self.steps, self.rows / self.steps, self.moves,
+                     self.step_s, self.prompt_s, self.cached_tokens, self.prompt_tokens)
         if self._ctx:
             self._llama.llama_free(self._ctx)
             self._ctx = None
@@ -326,7 +328,7 @@ class Engine:
             if len(request.tokens) + request.max_tokens > self._ctx_cells or request.n > len(self._free):
                 break  # it waits for free sequences or, with n_ctx 0, for the context to regrow
             self._waiting.popleft()
-            request.seqs = [self._free.pop() for _ in range(request.n)]
+            request.seqs = [heapq.heappop(self._free) for _ in range(request.n)]
             admitted.append(request)
         return admitted
 
@@ -340,10 +342,7 @@ class Engine:
         self._live += admitted  # before any starts: a failure below releases them all
         for request in admitted:
             self._start(request, batch)
-        # In sequence order: llama.cpp splits a batch into one ubatch per run of consecutive sequence ids
-        # (its KV streams), and each ubatch reads all the weights again.
-        live = sorted((path for request in self._live for path in request.paths if not path.finish_reason),
-                      key=lambda path: path.seq)
+        live = self._pack()
         if live:
             for i, path in enumerate(live):
                 _put(batch, i, path.last, path.pos, path.seq, logits=True)
@@ -362,10 +361,30 @@ class Engine:
                     llama.llama_memory_seq_rm(mem, path.seq, -1, -1)
                     request.seqs.remove(path.seq)
                     with self._cond:
-                        self._free.append(path.seq)
+                        heapq.heappush(self._free, path.seq)
             if all(path.finish_reason for path in request.paths):
                 self._live.remove(request)
                 request.succeed()
+
+    def _pack(self) -> list[_Path]:
+        """The live paths in sequence order, holding consecutive ids: llama.cpp splits a batch into one ubatch
+        per run of consecutive sequence ids (its KV streams), each reading all the weights again. A path on
+        the highest id moves into the lowest free one (llama.cpp copies its KV stream: the text is the same)."""
+        live = sorted(((path, request) for request in self._live for path in request.paths if not path.finish_reason),
+                      key=lambda item: item[0].seq)
+        mem = self._llama.llama_get_memory(self._ctx)
+        moved = []
+        with self._cond:
+            while live and self._free and self._free[0] < live[-1][0].seq:
+                path, request = live.pop()
+                seq = heapq.heappushpop(self._free, path.seq)
+                self._llama.llama_memory_seq_cp(mem, path.seq, seq, -1, -1)
+                self._llama.llama_memory_seq_rm(mem, path.seq, -1, -1)
+                request.seqs[request.seqs.index(path.seq)] = seq
+                path.seq = seq
+                moved.append((path, request))
+        self.moves += len(moved)
+        return sorted((path for path, _ in live + moved), key=lambda path: path.seq)
 
     def _start(self, request: _Request, batch: Any) -> None:
         """Evaluate `request`'s prompt alone on its first sequence (after the cells of its longest cached
@@ -402,7 +421,7 @@ class Engine:
         with self._cond:
             for seq in request.seqs:
                 self._llama.llama_memory_seq_rm(mem, seq, -1, -1)
-                self._free.append(seq)
+                heapq.heappush(self._free, seq)
         request.seqs = []
 
     def _new_context(self, cells: int) -> None:
@@ -424,7 +443,7 @@ class Engine:
                               "sequences; lower n_ctx (flag --num-ctx), max_tokens or batch_paths")
         self._ctx_cells = cells
         self._cached = [_Cached(seq=i) for i in range(self.prefix_cache)]
-        self._free = list(range(seqs - 1, self.prefix_cache - 1, -1))  # popped from the end: lowest first
+        self._free = list(range(self.prefix_cache, seqs))  # sorted, so already a heap
         log.debug("context: %d cells per sequence, %d sequences", cells, seqs)
 
     def _sampler(self, temperature: float, top_p: float, top_k: int, seed: int, *, ignore_eos: bool) -> Any:

@@ -164,6 +164,31 @@ def test_every_step_sees_the_same_logits_bytes_alone_batched_joining_and_cached(
 
 
 @pytest.mark.slow
+def test_a_path_moved_to_a_lower_sequence_sees_the_same_logits_bytes(engine):
+    """When a short path ends and nothing waits, the path on the highest sequence moves into its place (so a
+    step stays one llama.cpp ubatch); llama.cpp copies its KV stream, and its logits stay the same, byte for
+    byte."""
+    prompt = teacher_prompt(QUESTIONS[1], style="cot")
+    knobs = {"temperature": 0.8, "ignore_eos": True}
+    alone = LogitsRecorder(engine.path, prefix_cache=0)
+    try:
+        alone.sample([prompt], n=3, seed=[7], max_tokens=24, **knobs)
+    finally:
+        alone.close()
+    packed = LogitsRecorder(engine.path, max_paths=4, prefix_cache=0)
+    try:
+        short = packed.submit(prompt, n=1, seed=8, max_tokens=4, **knobs)  # sequence 0, ends first
+        long = packed.submit(prompt, n=3, seed=7, max_tokens=24, **knobs)  # sequences 1-3
+        assert [g.tokens for g in short.result(timeout=60)] == [4]
+        assert [g.tokens for g in long.result(timeout=60)] == [24, 24, 24]
+    finally:
+        packed.close()
+    assert packed.moves == 1  # path 2 of `long`: sequence 3 -> 0
+    for j in range(3):
+        assert packed.logits[(7, j)] == alone.logits[(7, j)]
+
+
+@pytest.mark.slow
 def test_cancelled_requests_free_their_paths_and_others_finish(engine):
     small = Engine(engine.path, max_paths=2, prefix_cache=0)
     try:
