@@ -186,6 +186,7 @@ class SequentialTeacher:
     the pool: llama-cpp-python's `Llama` takes one call at a time)."""
 
     max_concurrency = 1
+    profile = ""  # llama.cpp's own timings of the last run, set on close
 
     def __init__(self, name: str, model: str, *, num_ctx: int, n_threads: int) -> None:
         self.name, self.model, self.num_ctx, self.n_threads = name, model, num_ctx, n_threads
@@ -215,12 +216,16 @@ class SequentialTeacher:
 
     async def aclose(self) -> None:
         if self._llm is not None:
+            perf = llama_cpp_module().llama_perf_context(self._llm._ctx.ctx)
+            SequentialTeacher.profile = (f"{perf.n_eval} tokens decoded in {perf.t_eval_ms / 1000:.1f} s, "
+                                         f"{perf.n_p_eval} prompt tokens in {perf.t_p_eval_ms / 1000:.1f} s")
             self._llm.close()
 
 
 def bench_teacher(count: int, threads: int) -> None:
     rows = {}
     real_make_teacher = teacher.make_teacher
+    profile = EngineProfile()
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("engine (batched)", "sequential create_completion"):
             if name.startswith("sequential"):
@@ -252,6 +257,7 @@ def bench_teacher(count: int, threads: int) -> None:
     print(f"engine / sequential: {new / old:.2f}x samples/s; this machine's ceiling (bench/engine.py, k=16 batched "
           f"{rates['batched']:.1f} / prompt-cached sequential {rates['sequential (prompt cache)']:.1f} tok/s): "
           f"{most:.2f}x; the teacher reaches {new / old / most:.0%} of it")
+    print(f"profile, engine: {profile.lines[0]}\nprofile, sequential: {SequentialTeacher.profile}")
 
 
 if __name__ == "__main__":

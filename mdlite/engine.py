@@ -14,11 +14,14 @@ llama.cpp context and repeats one step: admit waiting requests (oldest first) wh
 left for all of a request's paths: evaluate the prompt alone, copy its KV cells to its n sequences
 (`llama_memory_seq_cp`), sample each path's first token; then decode every live path in one batch, each
 with its own sampler chain; a path that ends frees its sequence for the next step, and a request whose
-paths have all ended resolves its future. Requests with different sampling settings share batches. A
-path ends on an end-of-generation token, a stop string (the text is cut before it), its `stop_after`
-callable (given the text so far, the index where it is complete or None; the text is kept up to that
-index: prompts.STOP_AFTER ends CoT after its answer sentence and PoT after its program's closing fence)
-or its `max_tokens` budget. `sample()` is submit-all-and-wait.
+paths have all ended resolves its future. Live paths hold consecutive sequence ids (llama.cpp splits a
+batch into one ubatch per run of consecutive ids, and each ubatch reads all the weights again): a freed
+sequence nobody takes is filled by moving the path on the highest id into it (its KV stream copied).
+Requests with different sampling settings share batches. A path ends on an end-of-generation token, a
+stop string (the text is cut before it), its `stop_after` callable (given the text so far, the index
+where it is complete or None; the text is kept up to that index: prompts.STOP_AFTER ends CoT after its
+answer sentence and PoT after its program's closing fence) or its `max_tokens` budget. `sample()` is
+submit-all-and-wait.
 
 Context: `max_paths` sequences of `n_ctx` KV cells each, plus one per prefix-cache slot, allocated once.
 A request whose prompt + max_tokens exceeds n_ctx fails alone (MdliteError from `submit`). `n_ctx` 0

@@ -177,8 +177,9 @@ def test_a_path_moved_to_a_lower_sequence_sees_the_same_logits_bytes(engine):
         alone.close()
     packed = LogitsRecorder(engine.path, max_paths=4, prefix_cache=0)
     try:
-        short = packed.submit(prompt, n=1, seed=8, max_tokens=4, **knobs)  # sequence 0, ends first
-        long = packed.submit(prompt, n=3, seed=7, max_tokens=24, **knobs)  # sequences 1-3
+        with packed._cond:  # both admitted in one step (the lock is reentrant)
+            short = packed.submit(prompt, n=1, seed=8, max_tokens=4, **knobs)  # sequence 0, ends first
+            long = packed.submit(prompt, n=3, seed=7, max_tokens=24, **knobs)  # sequences 1-3
         assert [g.tokens for g in short.result(timeout=60)] == [4]
         assert [g.tokens for g in long.result(timeout=60)] == [24, 24, 24]
     finally:
