@@ -556,8 +556,11 @@ def serve(config: Path | None, overrides: dict[str, Any]) -> None:
 @click.option("--force", multiple=True, type=click.Choice(
     ["teach", "train", "export", "export-base", "eval-base", "eval-student"]),
               help="Rerun this stage even when it is up to date (repeatable).  [default: none]")
+@click.option("--pack-reusable", type=click.Path(path_type=Path), default=None,
+              help="Run nothing: copy this run's finished teach/ (and eval-teacher/) with their records and "
+                   "the data files' sha256 to this folder, which distill.teach_from accepts elsewhere.")
 def distill(config_file: Path | None, config: Path | None, output_dir: str | None, dry_run: bool,
-            force: tuple[str, ...]) -> None:
+            force: tuple[str, ...], pack_reusable: Path | None) -> None:
     """Run teach -> train -> export-gguf -> eval from CONFIG_FILE, skipping finished stages.
 
     The untrained student is evaluated too, so summary.md shows accuracy before vs after. An
@@ -566,6 +569,7 @@ def distill(config_file: Path | None, config: Path | None, output_dir: str | Non
     \b
     Example:
       mdlite distill -c configs/demo.yaml --dry-run
+      mdlite distill configs/svamp-strong.yaml --pack-reusable my-rationales/   # share a finished teach stage
     """
     from mdlite import distill as pipeline
 
@@ -575,8 +579,19 @@ def distill(config_file: Path | None, config: Path | None, output_dir: str | Non
     if config_file is None:
         raise MdliteError("no config file given; mdlite distill CONFIG or mdlite distill -c CONFIG")
     overrides = {"output_dir": output_dir}
+    if pack_reusable:
+        from mdlite.config import DistillConfig, load_config
+
+        run_folder = Path(load_config(DistillConfig, config_file, overrides, section="distill").output_dir)
+        packed = pipeline.pack_reusable(run_folder, pack_reusable)
+        click.echo(f"packed {', '.join(packed)} of {run_folder} into {pack_reusable} "
+                   f"(distill.teach_from: {pack_reusable})")
+        return
     if dry_run:
-        click.echo(pipeline.format_dry_run(pipeline.dry_run(config_file, overrides, force=force)))
+        report = pipeline.dry_run(config_file, overrides, force=force)
+        click.echo(pipeline.format_dry_run(report))
+        if report["waiting"]:
+            raise SystemExit(1)  # the plan is fine, but the run cannot start yet
         return
     result = pipeline.run(config_file, overrides, force=force)
     click.echo(result["summary"])

@@ -51,6 +51,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,7 @@ from mdlite.runinfo import write_json
 log = logging.getLogger(__name__)
 
 STATE = "pipeline.json"
+DATA_SHA256 = "sha256.json"  # a packed run's data/: the hashes of the split files its stages read
 SUMMARY = "summary.md"
 PLOT = "accuracy.png"
 DATA_FILE = {"teach": "train.jsonl", "eval": "test.jsonl"}  # by stage kind: the split file a stage reads
@@ -101,7 +103,7 @@ def plan(config_path: Path, overrides: dict[str, Any], *, force: tuple[str, ...]
         raise MdliteError("; ".join(problems))
     out = Path(cfg.output_dir)
     attempt(lambda: _check_writable(out))
-    source = attempt(lambda: _teach_source(cfg.teach_from, out)) if cfg.teach_from else None
+    source = attempt(lambda: _teach_source(cfg.teach_from, out, must_exist=download)) if cfg.teach_from else None
     sources = {"teacher": f"not run here: its stages are copied from {source}" if source else
                attempt(lambda: _describe_teacher(cfg.teacher), "distill.teacher: "),
                "student": attempt(lambda: _describe_student(cfg.student), "distill.student: ")}
@@ -208,10 +210,14 @@ def dry_run(config_path: Path, overrides: dict[str, Any], *, force: tuple[str, .
     hashes = {file: _problems_sha256(data[split]) if data[split] is not None else None
               for file, split in (("train.jsonl", "train"), ("test.jsonl", "test"))}
     fates: dict[str, str] = {}
+    waiting = {name: source for name, source in reused.items() if not (source.parent / STATE).is_file()}
     for name, stage_cfg in stages.items():
         rerun = [u for u in upstream[name] if fates[u] != "up to date"]
         data_file = DATA_FILE.get(_kind(name))
         data_hash = hashes.get(data_file or "")
+        if name in waiting:
+            fates[name] = f"waits for {waiting[name].parent}: {_how_to_make(waiting[name].parent, config_path)}"
+            continue
         if name in reused and data_hash:  # checked even when forced: the copy must be usable
             fingerprint = _reused_fingerprint(name, stage_cfg, reused[name], data_hash)
         if name in force:
@@ -227,7 +233,7 @@ def dry_run(config_path: Path, overrides: dict[str, Any], *, force: tuple[str, .
                 fingerprint = _stage_fingerprint(stage_cfg, upstream[name], state, data_hash)
             status = _status(name, stage_cfg, state.get(name, {}), fingerprint, force)
             fates[name] = f"reused from {reused[name]}" if name in reused and status != "up to date" else status
-    return resolved | {"config": str(config_path), "data": data, "fates": fates}
+    return resolved | {"config": str(config_path), "data": data, "fates": fates, "waiting": list(waiting)}
 
 
 def format_dry_run(report: dict[str, Any]) -> str:
@@ -254,6 +260,9 @@ def format_dry_run(report: dict[str, Any]) -> str:
         lines.append(f"  {number:>2}. {name:<17} {f'{action} ({fate})':<25} {detail}")
     to_run = sum(fate != "up to date" for fate in report["fates"].values())
     lines.append(f"{to_run} of {len(stages)} stages would run")
+    if report["waiting"]:
+        name = report["waiting"][0]
+        lines.append(f"the run would stop before {name}: {report['fates'][name]}")
     return "\n".join(lines)
 
 
@@ -491,18 +500,78 @@ def _overridden(config_path: Path, linked: dict[str, list[dict[str, Any]]]) -> l
     return warnings
 
 
-def _teach_source(teach_from: str, out: Path) -> Path:
-    """The distill run folder that `teach_from` names (the folder itself, or its teach/)."""
+def _teach_source(teach_from: str, out: Path, *, must_exist: bool = True) -> Path:
+    """The distill run folder that `teach_from` names (the folder itself, or its teach/), or the dataset
+    shipped with mdlite that `dataset:NAME` names. A folder that does not exist yet is accepted unless
+    `must_exist` (a dry run reports it as a stage that waits)."""
+    if teach_from.startswith("dataset:"):
+        return shipped_dataset(teach_from.removeprefix("dataset:"))
     folder = Path(teach_from)
     if folder.name == "teach" and not (folder / STATE).exists():
         folder = folder.parent
+    if not folder.exists() and not must_exist:
+        return folder
     if not (folder / STATE).is_file():
         raise MdliteError(f"distill.teach_from: {teach_from} is not a distill run folder (it has no {STATE}); point "
-                          "it at one, e.g. ~/mdlite-runs/svamp-small")
+                          "it at one, e.g. ~/mdlite-runs/svamp-small, or at a shipped dataset: "
+                          f"{', '.join('dataset:' + name for name in shipped_datasets())}")
     if folder.resolve() == out.resolve():
         raise MdliteError(f"distill.teach_from: {teach_from} is this run's own output_dir; point it at another run "
                           "or remove it")
     return folder
+
+
+def datasets_folder() -> Path:
+    """Where the finished teach stages that ship with mdlite live: resources/datasets/NAME, each a packed run."""
+    return Path(str(resources.files("mdlite").joinpath("resources/datasets")))
+
+
+def shipped_datasets() -> list[str]:
+    """The names of the shipped datasets (`teach_from: dataset:NAME`)."""
+    folder = datasets_folder()
+    return sorted(p.name for p in folder.iterdir() if (p / STATE).is_file()) if folder.is_dir() else []
+
+
+def shipped_dataset(name: str) -> Path:
+    """The folder of shipped dataset `name`: a packed distill run (`pack_reusable`) that `teach_from` accepts."""
+    if name not in shipped_datasets():
+        raise MdliteError(f"distill.teach_from: no shipped dataset {name!r}; known: "
+                          f"{', '.join('dataset:' + n for n in shipped_datasets()) or 'none'}")
+    return datasets_folder() / name
+
+
+def pack_reusable(run_folder: Path, dest: Path) -> list[str]:
+    """Copy a run's finished reusable stages (teach/, and eval-teacher/ when it finished) into `dest` with
+    their pipeline.json records and the sha256 of the data files they read (not the data itself): a folder
+    that `teach_from` accepts on another machine. Returns the stages packed."""
+    state = _read_state(run_folder / STATE)
+    names = [name for name in REUSABLE if state.get(name, {}).get("stamp")]
+    if "teach" not in names:
+        raise MdliteError(f"{run_folder}: its teach stage has not finished (no completion stamp in {STATE}); "
+                          "let the run finish it first")
+    if dest.resolve() == run_folder.resolve():
+        raise MdliteError(f"--pack-reusable: {dest} is the run folder itself; give a new folder")
+    for name in names:
+        if (dest / name).exists():
+            shutil.rmtree(dest / name)
+        shutil.copytree(run_folder / name, dest / name, ignore=shutil.ignore_patterns(".*.lock", "*.partial"))
+    files = {DATA_FILE[_kind(name)] for name in names}
+    write_json(dest / "data" / DATA_SHA256, {file: hashlib.sha256((run_folder / "data" / file).read_bytes())
+                                             .hexdigest() for file in sorted(files)})
+    write_json(dest / STATE, {name: state[name] for name in names})
+    return names
+
+
+def _how_to_make(run_folder: Path, config_path: Path) -> str:
+    """What makes the distill run folder `run_folder`: the config beside `config_path` whose output_dir it is."""
+    for other in sorted(Path(config_path).parent.glob("*.y*ml")):
+        try:
+            output_dir = (yaml.safe_load(other.read_text(encoding="utf-8")) or {}).get("distill", {}).get("output_dir")
+        except (yaml.YAMLError, AttributeError, OSError):
+            continue
+        if output_dir and Path(output_dir).expanduser().resolve() == run_folder.resolve():
+            return f"run `mdlite distill {other}` first"
+    return "no config beside this one makes it; run the distill config whose output_dir it is first"
 
 
 def _reused_fingerprint(name: str, cfg: Any, source: Path, data_hash: str | None) -> str:
@@ -538,7 +607,9 @@ def _differences(name: str, cfg: Any, ran: dict[str, Any], data_file: Path, data
     found = [f"{'distill.teacher' if key in ('teacher', 'model') else f'{section}.{key}'} {theirs[key]!r} there, "
              f"{mine[key]!r} here" for key in mine
              if key in theirs and key not in ("data", "output_dir") and theirs[key] != mine[key]]
-    if data_hash and (not data_file.exists() or hashlib.sha256(data_file.read_bytes()).hexdigest() != data_hash):
+    theirs_hash = hashlib.sha256(data_file.read_bytes()).hexdigest() if data_file.exists() else \
+        _read_json(data_file.parent / DATA_SHA256).get(data_file.name)  # a packed run keeps the hash only
+    if data_hash and theirs_hash != data_hash:
         found.append(f"its {data_file} holds other problems")
     prompts = ran.get("inputs", {}).get("prompt_hash") if name == "teach" else ran.get("sampling", {}).get(
         "prompt_sha256")

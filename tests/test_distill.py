@@ -450,6 +450,46 @@ def test_teach_from_copies_the_teach_stage_and_teacher_row_without_the_teacher(
     assert _state(out)["teach"]["stamp"] != state["teach"]["stamp"]
 
 
+def test_a_packed_teach_stage_is_reused_without_the_data_or_the_run_folder(
+        teacher_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--pack-reusable keeps teach/, eval-teacher/, their records and the data files' sha256, not the data:
+    the packed folder alone is accepted by teach_from (as dataset:NAME when shipped), and refused when the
+    data differs, with the message naming it."""
+    import shutil
+
+    import mdlite.distill as distill
+
+    source_config = _teach_from_config(tmp_path / "src")
+    run(source_config, {})
+    packed = tmp_path / "packed"
+    result = CliRunner().invoke(cli, ["distill", str(source_config), "--pack-reusable", str(packed)])
+    assert result.exit_code == 0 and "packed teach, eval-teacher of" in result.output, result.output
+    shutil.rmtree(tmp_path / "src")  # the run folder is gone (another machine)
+    assert sorted(p.name for p in packed.iterdir()) == ["data", "eval-teacher", "pipeline.json", "teach"]
+    assert [p.name for p in (packed / "data").iterdir()] == ["sha256.json"]  # hashes only, no problems
+
+    shipped = tmp_path / "datasets"
+    shipped.mkdir()
+    shutil.copytree(packed, shipped / "tiny")
+    monkeypatch.setattr(distill, "datasets_folder", lambda: shipped)
+    assert distill.shipped_datasets() == ["tiny"]
+    for teach_from in (packed, "dataset:tiny"):
+        config = _teach_from_config(tmp_path / "copy", teach_from)
+        plan_text = CliRunner().invoke(cli, ["distill", str(config), "--dry-run"]).output
+        assert "teach             copy (reused from" in plan_text and "eval-teacher      copy" in plan_text, plan_text
+    calls = _recording_runners(monkeypatch)
+    monkeypatch.setattr("mdlite.teacher.make_pool", lambda *a, **k: pytest.fail("the teacher was started"))
+    run(config, {})
+    assert [kind for kind, _ in calls] == ["train", "export", "evaluate"]
+    out = tmp_path / "copy" / "out"
+    assert (out / "teach" / "rationales.jsonl").read_bytes() == (packed / "teach" / "rationales.jsonl").read_bytes()
+
+    other_data = _teach_from_config(tmp_path / "other", "dataset:tiny", distill={"train_data": "synth:6:3"})
+    _one_line_error(CliRunner().invoke(cli, ["distill", str(other_data), "--dry-run"]), "holds other problems")
+    _one_line_error(CliRunner().invoke(cli, ["distill", str(_teach_from_config(tmp_path / "x", "dataset:nope")),
+                                             "--dry-run"]), "no shipped dataset 'nope'; known: dataset:tiny")
+
+
 @pytest.mark.parametrize(("changes", "needle"), [
     ({"distill": {"teacher": "ollama:other"}}, "distill.teacher 'ollama:teacher' there, 'ollama:other' here"),
     ({"distill": {"train_data": "synth:6:3"}}, "data/train.jsonl holds other problems"),
@@ -506,7 +546,42 @@ def test_teach_from_must_be_another_finished_run(teacher_server: Any, tmp_path: 
     _one_line_error(runner.invoke(cli, ["distill", str(itself), "--dry-run"]), "is this run's own output_dir")
 
 
-def test_the_gemma_config_would_reuse_svamp_smalls_teach_and_teacher_row(home: Path, tmp_path: Path) -> None:
+@pytest.fixture
+def fresh_home(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty HOME (and MDLITE_HOME), also the working directory: a shipped config's run folder
+    (`~/mdlite-runs/...`, `runs/demo`) names nothing that exists."""
+    folder = tmp_path / "fresh-home"
+    folder.mkdir()
+    monkeypatch.setenv("HOME", str(folder))
+    monkeypatch.chdir(folder)
+    return folder
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in DEMO.parent.glob("*.yaml")))
+def test_every_shipped_configs_dry_run_works_on_a_fresh_machine(fresh_home: Path, config: str) -> None:
+    """No run folder exists: the plan is printed in full; a `teach_from` run that is not there yet is the
+    line of the stage that copies it, naming the config that makes it, and only then is the exit non-zero; a
+    shipped dataset (`dataset:NAME`) is copied."""
+    path = DEMO.parent / config
+    teach_from = yaml.safe_load(path.read_text())["distill"].get("teach_from")
+    result = CliRunner().invoke(cli, ["distill", str(path), "--dry-run"])
+    assert "Traceback" not in result.output and "error" not in result.output, result.output
+    assert result.output.startswith(f"distill plan for {path}") and "stages would run" in result.output
+    assert "up to date" not in result.output and "resume" not in result.output  # nothing ran here
+    if teach_from is None or teach_from.startswith("dataset:"):  # nothing to wait for: a shipped dataset is here
+        assert result.exit_code == 0, result.output
+        assert teach_from is None or "teach             copy (reused from" in result.output
+        return
+    source = Path(teach_from).expanduser()
+    makes = [p for p in DEMO.parent.glob("*.yaml")
+             if Path(yaml.safe_load(p.read_text())["distill"]["output_dir"]).expanduser() == source]
+    assert result.exit_code == 1 and len(makes) == 1
+    teach_line = next(line for line in result.output.splitlines() if line.strip().startswith("1. teach"))
+    assert f"copy (waits for {source}: run `mdlite distill {makes[0]}` first)" in teach_line
+    assert result.output.splitlines()[-1].startswith("the run would stop before teach: waits for")
+
+
+def test_the_gemma_config_would_reuse_svamp_smalls_teach_and_teacher_row(fresh_home: Path, tmp_path: Path) -> None:
     """configs/svamp-gemma.yaml's teach and eval-teacher stages have svamp-small's fingerprints (paths aside)."""
     import dataclasses
 
@@ -515,8 +590,8 @@ def test_the_gemma_config_would_reuse_svamp_smalls_teach_and_teacher_row(home: P
     configs = DEMO.parent
     small = plan(configs / "svamp-small.yaml", {"output_dir": str(tmp_path / "small")}, download=False)
     gemma = plan(configs / "svamp-gemma.yaml", {"output_dir": str(tmp_path / "gemma")}, download=False)
-    small_run = plan(configs / "svamp-small.yaml", {}, download=False)["distill"].output_dir
-    assert gemma["distill"].teach_from == small_run  # svamp-small's own run folder
+    small_run = yaml.safe_load((configs / "svamp-small.yaml").read_text())["distill"]["output_dir"]
+    assert gemma["distill"].teach_from == str(Path(small_run).expanduser())  # svamp-small's own run folder
     for name in ("teach", "eval-teacher"):
         theirs = small["stages"][name]
         ours = dataclasses.replace(gemma["stages"][name], data=theirs.data, output_dir=theirs.output_dir)
