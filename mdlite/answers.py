@@ -49,7 +49,8 @@ _CLOSING = re.compile(r"\bthe (?:final |correct )?answer is\b|####|\\boxed\{", r
 
 
 def parse_number(text: str) -> float | None:
-    """The first number in `text` as a float ("$1,234.50" -> 1234.5, "3/4" -> 0.75, "50%" -> 50)."""
+    """The first number in `text` as a float ("$1,234.50" -> 1234.5, "3/4" -> 0.75, "50%" -> 50); None when it
+    is none or not finite as a float ("1e999", "3/0")."""
     match = _NUMBER_RE.search(text)
     return _match_value(match) if match else None
 
@@ -61,6 +62,7 @@ def extract_answer(text: str, *, style: str = "cot", strict: bool = False) -> fl
     that a number follows (after markup or a word like "approximately"; "the answer is 20 - 5 = 15" gives
     the result, 15; "She answered 18" is no marker), else (unless `strict`) the last number in the text.
     style "pot": `text` is a program's printed output; its last number is the answer.
+    A number no float holds ("1e999", 400 digits) is none: non-finite values are no answer.
     """
     if style not in ("cot", "pot"):
         raise ValueError(f"style must be 'cot' or 'pot', not {style!r}")
@@ -147,4 +149,4 @@ def _match_value(match: re.Match[str]) -> float | None:
         value += float(match.group("whole"))
     if match.group("sign"):
         value = -value
-    return value
+    return value if math.isfinite(value) else None  # "1e999", a 400-digit number: no answer

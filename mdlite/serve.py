@@ -20,9 +20,10 @@ reported in the reply), `n` (1 only), `stream`, `stream_options` (`include_usage
 and NEUTRAL's fields at their neutral value (`presence_penalty: 0`, `logprobs: false`, `tools: []`, ...;
 another value would change the meaning and is a 400). mdlite's own: `paths` (1..max_paths), `mode` (cot,
 pot, mixed, hybrid) and `program_stdout` (true: each PoT path's printed output in the reply; off by default,
-as it is a channel out of the sandbox). Any other field, malformed or deeply nested JSON, an empty question
-or one over max_prompt_tokens is a 400 with an OpenAI-style `{"error": {"message", "type", "param", "code"}}`
-body; a failure of the server's own (the engine, the sandbox) is a 503 or 500.
+as it is a channel out of the sandbox). Any other field, malformed or deeply nested JSON, a lone surrogate escape
+("\\ud800"), an integer past Python's digit limit, an empty question or one over max_prompt_tokens is a 400 with
+an OpenAI-style `{"error": {"message", "type", "param", "code"}}` body; a failure of the server's own (the
+engine, the sandbox) is a 503 or 500.
 
 Reply: choice 0's content is the winning rationale (the first path, PoT paths before CoT as in the
 vote's tie rule, whose answer is the voted one; a program in a fenced block) ending in "The answer is
@@ -69,6 +70,7 @@ import os
 import random
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -555,8 +557,15 @@ async def _read_json(request: Any, *, limit: int, timeout: float) -> dict[str, A
                          code="timeout", headers={"Connection": "close"}) from None
     try:
         body = json.loads(data)
+        json.dumps(body, ensure_ascii=False).encode()  # "\ud800" parses to a lone surrogate, which is no text
+    except UnicodeEncodeError as error:
+        raise _HttpError(400, f"the request body escapes a lone surrogate ({error.object[error.start]!r}), which is "
+                              "no character", code="invalid_json") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise _HttpError(400, f"the request body is not valid JSON ({error})", code="invalid_json") from None
+    except ValueError:  # json.loads turns a number into int(text), which Python refuses past its digit limit
+        raise _HttpError(400, f"the request body holds a number of over {sys.get_int_max_str_digits()} digits",
+                         code="invalid_json") from None
     except RecursionError:
         raise _HttpError(400, "the request body is JSON nested too deeply", code="invalid_json") from None
     if not isinstance(body, dict):

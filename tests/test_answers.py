@@ -73,6 +73,10 @@ COT_CASES = [
     ("The answer is **15**.", 15),
     ("So the answer is therefore 15.", 15),
     ("The answer is approximately 3.5 hours.", 3.5),
+    # a number no float holds is no answer (the vote, and JSON replies, would get inf)
+    ("The answer is 1e999.", None),
+    ("The answer is " + "9" * 400 + ".", None),
+    ("The answer is 8. Tom then counts to 1e999.", 8),
 ]
 
 
@@ -146,6 +150,8 @@ def test_number_helpers() -> None:
     assert parse_number("costs $1,234.50 total") == 1234.5
     assert parse_number("nothing") is None
     assert parse_number("3/0") is None
+    assert parse_number("1e999") is None and parse_number("-" + "9" * 400) is None
+    assert extract_answer("1e999\n", style="pot") is None
     assert format_number(7.0) == "7"
     assert format_number(2.5) == "2.5"
     assert format_number(-0.125) == "-0.125"
