@@ -20,7 +20,9 @@ reported in the reply), `n` (1 only), `stream`, `stream_options` (`include_usage
 and NEUTRAL's fields at their neutral value (`presence_penalty: 0`, `logprobs: false`, `tools: []`, ...;
 another value would change the meaning and is a 400). mdlite's own: `paths` (1..max_paths), `mode` (cot,
 pot, mixed, hybrid) and `program_stdout` (true: each PoT path's printed output in the reply; off by default,
-as it is a channel out of the sandbox). Any other field, malformed or deeply nested JSON, a lone surrogate escape
+as it is a channel out of the sandbox). A message has `role`, `content` and `name`, and may carry back
+REPLY_FIELDS (what the openai SDK's `message.model_dump()` of a reply holds: `refusal`, `tool_calls`, ...)
+while they are null or empty. Any other field, malformed or deeply nested JSON, a lone surrogate escape
 ("\\ud800"), an integer past Python's digit limit, an empty question or one over max_prompt_tokens is a 400 with
 an OpenAI-style `{"error": {"message", "type", "param", "code"}}` body; a failure of the server's own (the
 engine, the sandbox) is a 503 or 500.
@@ -101,6 +103,7 @@ COMMON_FIELDS = {"model", "temperature", "top_p", "max_tokens", "seed", "n", "st
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
 MESSAGE_FIELDS = {"role", "content", "name"}
+REPLY_FIELDS = ("refusal", "tool_calls", "function_call", "audio", "annotations")  # accepted when null or empty
 TICK_S = 0.25  # how often a waiting request checks its client and the engine's worker
 KEEP_ALIVE_S = 5.0  # seconds between SSE keep-alive comments while a streamed request's vote runs
 
@@ -648,10 +651,15 @@ def _question(body: dict[str, Any]) -> str:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise _HttpError(400, f"messages[{i}] must be an object with a role and a content", param="messages")
-        unknown = sorted(set(message) - MESSAGE_FIELDS)
+        unknown = sorted(set(message) - MESSAGE_FIELDS - set(REPLY_FIELDS))
         if unknown:
             raise _HttpError(400, f"messages[{i}]: unknown field {unknown[0]!r}; a message has role, content "
                                   "and name", param="messages", code="unknown_field")
+        carried = next((name for name in REPLY_FIELDS if message.get(name) not in (None, [], {}, "")), None)
+        if carried:
+            raise _HttpError(400, f"messages[{i}]: {carried} {json.dumps(message[carried])[:60]} is not supported: "
+                                  "mdlite answers questions in text, without tools or audio; send it empty or "
+                                  "leave it out", param="messages", code="unsupported_value")
     users = [m for m in messages if m["role"] == "user"]
     if not users:
         raise _HttpError(400, "no user message: the question is the last message whose role is user",

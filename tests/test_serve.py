@@ -243,6 +243,8 @@ def test_per_request_settings_and_limits():
     (b'{"messages": [{"role": "user", "content": "How many \\ud800 apples?"}]}', "lone surrogate ('\\ud800')"),
     (b'{"messages": [{"role": "user", "content": "How many?"}], "seed": ' + b"9" * 5000 + b"}",
      "a number of over 4300 digits"),
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function"}]},
+                   {"role": "user", "content": QUESTION}]}, "messages[0]: tool_calls [{"),
 ])
 def test_bad_requests_get_a_clear_400_and_the_server_keeps_serving(body, fragment):
     with serving(FakeEngine()) as (url, _, _):
@@ -393,6 +395,23 @@ def test_an_error_after_the_stream_began_is_raised_by_the_openai_client():
             client.chat.completions.create(model="student", messages=[{"role": "user", "content": QUESTION}], n=2,
                                            stream=True)
         assert chat(url, paths=2).status_code == 200
+
+
+def test_a_multi_turn_client_sends_the_replies_back():
+    """The openai SDK's `message.model_dump()` of a reply (refusal, tool_calls, function_call, audio: None; OpenAI's
+    own server also sends annotations: []) goes back in the conversation; the question is the last user message."""
+    with serving(FakeEngine(), paths=2) as (url, _, _):
+        client = openai_client(url)
+        messages = [{"role": "user", "content": QUESTION}]
+        reply = client.chat.completions.create(model="student", messages=messages).choices[0].message.model_dump()
+        assert {"refusal", "tool_calls", "function_call", "audio", "annotations"} <= set(reply)
+        messages += [reply, {"role": "user", "content": "And with 2 more?"}]
+        second = client.chat.completions.create(model="student", messages=messages)
+        messages += [{**second.choices[0].message.model_dump(), "annotations": []},
+                     {"role": "user", "content": "And with 3 more?"}]
+        third = client.chat.completions.create(model="student", messages=messages)
+    assert second.model_extra["mdlite"]["question"] == "And with 2 more?"
+    assert third.model_extra["mdlite"]["question"] == "And with 3 more?"
 
 
 class HugeAnswerEngine(FakeEngine):
