@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from mdlite.answers import answers_match, extract_answer, format_number, parse_number
+from mdlite.answers import answer_sentence_end, answers_match, extract_answer, format_number, parse_number
 
 COT_CASES = [
     ("There are 3 + 4 = 7 apples. The answer is 7.", 7),
@@ -155,3 +155,10 @@ def test_number_helpers() -> None:
     assert format_number(7.0) == "7"
     assert format_number(2.5) == "2.5"
     assert format_number(-0.125) == "-0.125"
+
+
+@pytest.mark.parametrize("bold", ["**", "__", "_"])
+def test_an_answer_sentence_in_markdown_emphasis_ends_the_rationale(bold: str) -> None:
+    text = f"3 + 11 = 14.\n{bold}The answer is 14.{bold}\nExplanation: he buys 11 more."
+    assert text[:answer_sentence_end(text)] == f"3 + 11 = 14.\n{bold}The answer is 14.{bold}"
+    assert answer_sentence_end("Bathe answer is 14.\nMore") is None  # "the" must be a word of its own
