@@ -49,7 +49,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mdlite import MdliteError, check_output_dir, mdlite_home, release_gpu_memory
+from mdlite import MdliteError, check_output_dir, import_peft, mdlite_home, peft_quietly, release_gpu_memory
 from mdlite.config import ExportConfig, to_dict
 from mdlite.models import HUB_ID, registry, resolve_base_model
 from mdlite.prompts import STUDENT_DIRECTIVES, STUDENT_STOP, STYLES, prompt_text, student_prompt
@@ -121,6 +121,7 @@ def run(cfg: ExportConfig) -> ExportResult:
     timings: dict[str, float] = {}
     clock = time.monotonic()
     merged = staging / "merged"
+    import_peft()  # the export never loads a 4-bit model
     model, tokenizer = build_model_folder(source, merged, load=cfg.parity, placement=placement)
     add_bos = source.add_bos if source.add_bos is not None else tokenizer_adds_bos(tokenizer)
     write_chat_template(merged, add_bos=add_bos)
@@ -417,7 +418,8 @@ def build_model_folder(source: Source, folder: Path, *, load: bool,
     from peft import PeftModel
 
     try:
-        model = PeftModel.from_pretrained(model, source.adapter_dir).merge_and_unload()
+        with peft_quietly():
+            model = PeftModel.from_pretrained(model, source.adapter_dir).merge_and_unload()
     except (RuntimeError, ValueError, KeyError) as error:
         raise MdliteError(f"{source.adapter_dir}: cannot load the adapter onto {source.base_dir} "
                           f"({str(error).splitlines()[0]})") from None
