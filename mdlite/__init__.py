@@ -1,6 +1,10 @@
 """mdlite: distil CoT + PoT reasoning from a local teacher into a small local student."""
 
+import contextlib
+import logging
 import os
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 __version__ = "0.1.0"
@@ -40,3 +44,29 @@ def release_gpu_memory() -> None:
         return
     gc.collect()
     torch.cuda.empty_cache()
+
+
+def import_peft(*, four_bit: bool = False) -> None:
+    """Import peft, which imports bitsandbytes, without the note bitsandbytes logs at its import on CPUs with
+    AVX512-BF16 ("Failed to load CPU gemm_4bit_forward ... pip install kernels"): its optional CPU 4-bit kernel
+    matters to a 4-bit model only. Call it before anything else imports peft (transformers' set_seed does)."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return four_bit or "gemm_4bit_forward" not in record.getMessage()
+
+    note = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    note.addFilter(keep)
+    try:
+        with contextlib.suppress(ImportError):  # without peft, the stage says what to install
+            import peft  # noqa: F401
+    finally:
+        note.removeFilter(keep)
+
+
+@contextlib.contextmanager
+def peft_quietly() -> Iterator[None]:
+    """Run peft without transformers' FutureWarning that peft reads the deprecated `is_gradient_checkpointing`
+    (peft's to change, nothing the user can do)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        yield

@@ -44,12 +44,14 @@ _FRAC = re.compile(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}")  # LaTeX \frac{3}{4} 
 # follows, or a space and then anything but a digit (in "12 ft. 6 in." the quantity goes on); or at a line
 # break. A period with nothing after it yet is no end: "The answer is 3." may become "3.5".
 _SENTENCE_END = re.compile(r"[.!?][*_\"'”’)\]}$`]*(?=[ \t]*\n|[ \t]+[^\s\d])|\n")
-# The phrases that close a rationale; "Answer: 3 apples and 5 more..." opens one.
-_CLOSING = re.compile(r"\bthe (?:final |correct )?answer is\b|####|\\boxed\{", re.IGNORECASE)
+# The phrases that close a rationale; "Answer: 3 apples and 5 more..." opens one. An underscore may come right
+# before "the": markdown bold or italics ("__The answer is 14.__").
+_CLOSING = re.compile(r"(?<![^\W_])the (?:final |correct )?answer is\b|####|\\boxed\{", re.IGNORECASE)
 
 
 def parse_number(text: str) -> float | None:
-    """The first number in `text` as a float ("$1,234.50" -> 1234.5, "3/4" -> 0.75, "50%" -> 50)."""
+    """The first number in `text` as a float ("$1,234.50" -> 1234.5, "3/4" -> 0.75, "50%" -> 50); None when it
+    is none or not finite as a float ("1e999", "3/0")."""
     match = _NUMBER_RE.search(text)
     return _match_value(match) if match else None
 
@@ -61,6 +63,7 @@ def extract_answer(text: str, *, style: str = "cot", strict: bool = False) -> fl
     that a number follows (after markup or a word like "approximately"; "the answer is 20 - 5 = 15" gives
     the result, 15; "She answered 18" is no marker), else (unless `strict`) the last number in the text.
     style "pot": `text` is a program's printed output; its last number is the answer.
+    A number no float holds ("1e999", 400 digits) is none: non-finite values are no answer.
     """
     if style not in ("cot", "pot"):
         raise ValueError(f"style must be 'cot' or 'pot', not {style!r}")
@@ -83,9 +86,9 @@ def answer_sentence_end(text: str) -> int | None:
     An answer sentence closes the rationale ("the answer is", "the final / correct answer is", "####",
     "\\boxed{") and `extract_answer` reads a number from it, from the sentence alone: "The answer is the
     number of apples he has after he buys 5 more." and "The answer is not 5." are none. It ends at its first
-    sentence end (_SENTENCE_END): "The answer is 12 ft. 6 in." is one sentence, "**The answer is 8.**" ends
-    after the "**" once a line break follows, "The answer is 8." waits for what comes next. So the answer
-    `extract_answer` reads from `text[:end]` is the one that sentence states.
+    sentence end (_SENTENCE_END): "The answer is 12 ft. 6 in." is one sentence, "**The answer is 8.**" (or
+    "__The answer is 8.__") ends after the "**" once a line break follows, "The answer is 8." waits for what
+    comes next. So the answer `extract_answer` reads from `text[:end]` is the one that sentence states.
     """
     start = 0
     for end in _SENTENCE_END.finditer(text):
@@ -147,4 +150,4 @@ def _match_value(match: re.Match[str]) -> float | None:
         value += float(match.group("whole"))
     if match.group("sign"):
         value = -value
-    return value
+    return value if math.isfinite(value) else None  # "1e999", a 400-digit number: no answer

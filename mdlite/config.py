@@ -270,7 +270,8 @@ class ExportConfig:
                               "threshold below is crossed.")
     parity_data: str = knob("", "Parity problems: a JSONL file or NAME[:SPLIT] (read from $MDLITE_DATA); "
                                 "empty: synthetic problems.")
-    parity_problems: int = knob(8, "Problems in the parity check, each prompted in CoT and PoT style.")
+    parity_problems: int = knob(8, "Problems in the parity check, each prompted in the styles the adapter "
+                                   "was trained on (mdlite.json's styles; CoT and PoT for a full model).")
     parity_max_tokens: int = knob(128, "Token budget of each greedy answer in the parity check.")
     min_token_match: float = knob(1.0, "Share of prompts whose GGUF token ids must equal training's.")
     min_greedy_match: float = knob(1.0, "Share of prompts whose F16 greedy answer must equal the merged model's; "

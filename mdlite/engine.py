@@ -214,7 +214,7 @@ class Engine:
             raise ValueError("max_tokens must be >= 1 and n >= 0")
         tokens = self.tokenize(prompt)
         self._check(tokens, n, max_tokens)
-        request = _Request(tokens, n, (temperature, top_p, top_k, ignore_eos), max_tokens, list(stop),
+        request = _Request(tokens, n, (temperature, top_p, top_k, ignore_eos), max_tokens, _stop_strings(stop),
                            stop_after, seed, first_path)
         if n == 0:
             request.future.set_result([])
@@ -611,7 +611,15 @@ def _each(value: Any, count: int, name: str) -> list[Any]:
 
 def _per_prompt(stop: Sequence[str] | Sequence[Sequence[str]], count: int) -> list[list[str]]:
     if all(isinstance(item, str) for item in stop):
-        return [list(stop)] * count  # type: ignore[arg-type]
+        return [_stop_strings(stop)] * count  # type: ignore[arg-type]
     if len(stop) != count:
         raise ValueError("stop must be a list of strings or one list of strings per prompt")
-    return [list(item) for item in stop]
+    return [_stop_strings(item) for item in stop]
+
+
+def _stop_strings(stop: Sequence[str]) -> list[str]:
+    """`stop` as a list; ValueError for a bare string (each of its characters would stop) or an empty stop string
+    (it would cut after the first character)."""
+    if isinstance(stop, str) or not all(isinstance(item, str) and item for item in stop):
+        raise ValueError(f"stop must be a list of non-empty strings, not {stop!r}")
+    return list(stop)

@@ -15,10 +15,11 @@ Convert: `convert_hf_to_gguf.py` with its own `gguf-py`, from `$LLAMA_CPP_DIR` w
 the installed llama-cpp-python (fetched once with pip into `$MDLITE_HOME/llama.cpp-<version>/`), so the converter
 matches the llama.cpp that loads the file. It writes the F16 GGUF; every other type is quantized from it with
 `llama_cpp.llama_model_quantize`.
-Parity (on by default): for the student prompts of N problems, in both styles, the GGUF's token ids equal the
-ones training used; the F16 file's greedy answers equal the merged model's (else the first divergence and the
-merged model's logit gap there are reported); each quantized file's answers agree with F16's; and every answer
-ends with EOS or a stop string within the budget. Thresholds are config knobs; crossing one exits with 1.
+Parity (on by default): for the student prompts of N problems, in the styles the adapter was trained on
+(its mdlite.json's `styles`; both for a full model folder), the GGUF's token ids equal the ones training used;
+the F16 file's greedy answers equal the merged model's (else the first divergence and the merged model's logit
+gap there are reported); each quantized file's answers agree with F16's; and every answer ends with EOS or a
+stop string within the budget. Thresholds are config knobs; crossing one exits with 1.
 
 Outputs in `output_dir`: merged/ (adapter input only), <name>-<TYPE>.gguf per quant type (F16 only when asked
 for), Modelfile (for the first type), parity.json and run.json. Everything is built in `.export.partial/` and
@@ -48,7 +49,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mdlite import MdliteError, check_output_dir, mdlite_home, release_gpu_memory
+from mdlite import MdliteError, check_output_dir, import_peft, mdlite_home, peft_quietly, release_gpu_memory
 from mdlite.config import ExportConfig, to_dict
 from mdlite.models import HUB_ID, registry, resolve_base_model
 from mdlite.prompts import STUDENT_DIRECTIVES, STUDENT_STOP, STYLES, prompt_text, student_prompt
@@ -80,6 +81,7 @@ class Source:
     base_dir: Path
     adapter_dir: Path | None
     add_bos: bool | None  # what training did (mdlite.json); None: as the tokenizer does
+    styles: tuple[str, ...] = STYLES  # the styles it was trained on (mdlite.json), which the parity check prompts
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,7 @@ def run(cfg: ExportConfig) -> ExportResult:
     timings: dict[str, float] = {}
     clock = time.monotonic()
     merged = staging / "merged"
+    import_peft()  # the export never loads a 4-bit model
     model, tokenizer = build_model_folder(source, merged, load=cfg.parity, placement=placement)
     add_bos = source.add_bos if source.add_bos is not None else tokenizer_adds_bos(tokenizer)
     write_chat_template(merged, add_bos=add_bos)
@@ -141,7 +144,7 @@ def run(cfg: ExportConfig) -> ExportResult:
     report = None
     if cfg.parity:
         clock = time.monotonic()
-        report = check_parity(model, tokenizer, files, cfg, add_bos=add_bos)
+        report = check_parity(model, tokenizer, files, cfg, add_bos=add_bos, styles=source.styles)
         timings["parity_s"] = time.monotonic() - clock
         write_json(staging / "parity.json", report)
     del model
@@ -213,7 +216,8 @@ def resolve_source(input_dir: Path) -> Source:
             raise MdliteError(f"{input_dir}: names no base model (mdlite.json base_model or adapter_config.json "
                               "base_model_name_or_path); add it")
         base = _local_base(str(spec), input_dir)
-    return Source(input_dir, base, input_dir, meta.get("add_bos"))
+    styles = tuple(style for style in STYLES if style in meta.get("styles", STYLES)) or STYLES
+    return Source(input_dir, base, input_dir, meta.get("add_bos"), styles)
 
 
 def check_source(source: Source) -> dict[str, Any]:
@@ -414,7 +418,8 @@ def build_model_folder(source: Source, folder: Path, *, load: bool,
     from peft import PeftModel
 
     try:
-        model = PeftModel.from_pretrained(model, source.adapter_dir).merge_and_unload()
+        with peft_quietly():
+            model = PeftModel.from_pretrained(model, source.adapter_dir).merge_and_unload()
     except (RuntimeError, ValueError, KeyError) as error:
         raise MdliteError(f"{source.adapter_dir}: cannot load the adapter onto {source.base_dir} "
                           f"({str(error).splitlines()[0]})") from None
@@ -620,14 +625,15 @@ def register_ollama(gguf: Path, name: str, *, num_ctx: int, host: str = "") -> d
 
 
 def check_parity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, files: dict[str, Path],
-                 cfg: ExportConfig, *, add_bos: bool) -> dict[str, Any]:
-    """Compare the GGUF files with the merged model on the student prompts of `cfg.parity_problems` problems."""
+                 cfg: ExportConfig, *, add_bos: bool, styles: tuple[str, ...] = STYLES) -> dict[str, Any]:
+    """Compare the GGUF files with the merged model on the student prompts of `cfg.parity_problems` problems in
+    `styles` (a student answers only in the styles it learned)."""
     from tqdm import tqdm
 
     from mdlite.llamacpp import open_llama
 
     problems = _parity_problems(cfg)
-    prompts = [(p, style, student_prompt(p.question, style=style)) for p in problems for style in STYLES]
+    prompts = [(p, style, student_prompt(p.question, style=style)) for p in problems for style in styles]
     bos = [tokenizer.bos_token_id] if add_bos else []
     hf_ids = [bos + tokenizer(text, add_special_tokens=False).input_ids for _, _, text in prompts]
     eos = tokenizer.eos_token_id
@@ -638,7 +644,7 @@ def check_parity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fil
 
     outputs: dict[str, list[list[int]]] = {}
     report: dict[str, Any] = {"problems": len(problems), "source": cfg.parity_data or f"synthetic (seed {cfg.seed})",
-                              "max_tokens": cfg.parity_max_tokens}
+                              "styles": list(styles), "max_tokens": cfg.parity_max_tokens}
     device = next(model.parameters()).device
     model.to("cpu")  # the GPU is llama.cpp's while it runs the GGUF files (a 7B F16 needs ~13 GiB of it)
     release_gpu_memory()

@@ -136,7 +136,10 @@ def physical_cores(root: Path = Path("/")) -> int:
 
 
 def _cgroup_cpus(root: Path) -> int:
-    """The CPUs this process's cgroup may use, rounded up (cgroup v2 cpu.max, v1 cfs quota); 0: no limit."""
+    """The CPUs this process's cgroup may use, rounded up (cgroup v2 cpu.max, v1 cfs quota); 0: no limit.
+    A container without its own cgroup namespace (cgroup v1 Docker, `--cgroupns=host`) sees the host's path in
+    /proc/self/cgroup, while its own cgroup is mounted at the root: where that path is missing, the root's
+    files are read."""
     try:
         lines = (root / "proc/self/cgroup").read_text().splitlines()
     except OSError:
@@ -144,14 +147,15 @@ def _cgroup_cpus(root: Path) -> int:
     for line in lines:
         _, controllers, path = line.split(":", 2)
         if controllers == "":  # v2: "0::/path"
-            files = [root / "sys/fs/cgroup" / path.lstrip("/") / "cpu.max"]
+            mount, names = root / "sys/fs/cgroup", ["cpu.max"]
         elif "cpu" in controllers.split(","):  # v1: "4:cpu,cpuacct:/path"
-            folder = root / "sys/fs/cgroup" / controllers / path.lstrip("/")
-            files = [folder / "cpu.cfs_quota_us", folder / "cpu.cfs_period_us"]
+            mount, names = root / "sys/fs/cgroup" / controllers, ["cpu.cfs_quota_us", "cpu.cfs_period_us"]
         else:
             continue
+        folder = mount / path.lstrip("/")
+        folder = folder if folder.is_dir() else mount
         try:
-            values = " ".join(f.read_text().strip() for f in files).split()
+            values = " ".join((folder / name).read_text().strip() for name in names).split()
         except OSError:
             continue
         if len(values) == 2 and values[0].isdigit() and int(values[0]) > 0 and int(values[1]) > 0:

@@ -20,9 +20,12 @@ reported in the reply), `n` (1 only), `stream`, `stream_options` (`include_usage
 and NEUTRAL's fields at their neutral value (`presence_penalty: 0`, `logprobs: false`, `tools: []`, ...;
 another value would change the meaning and is a 400). mdlite's own: `paths` (1..max_paths), `mode` (cot,
 pot, mixed, hybrid) and `program_stdout` (true: each PoT path's printed output in the reply; off by default,
-as it is a channel out of the sandbox). Any other field, malformed or deeply nested JSON, an empty question
-or one over max_prompt_tokens is a 400 with an OpenAI-style `{"error": {"message", "type", "param", "code"}}`
-body; a failure of the server's own (the engine, the sandbox) is a 503 or 500.
+as it is a channel out of the sandbox). A message has `role`, `content` and `name`, and may carry back
+REPLY_FIELDS (what the openai SDK's `message.model_dump()` of a reply holds: `refusal`, `tool_calls`, ...)
+while they are null or empty. Any other field, malformed or deeply nested JSON, a lone surrogate escape
+("\\ud800"), an integer past Python's digit limit, an empty question or one over max_prompt_tokens is a 400 with
+an OpenAI-style `{"error": {"message", "type", "param", "code"}}` body; a failure of the server's own (the
+engine, the sandbox) is a 503 or 500.
 
 Reply: choice 0's content is the winning rationale (the first path, PoT paths before CoT as in the
 vote's tie rule, whose answer is the voted one; a program in a fenced block) ending in "The answer is
@@ -69,6 +72,7 @@ import os
 import random
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -99,6 +103,7 @@ COMMON_FIELDS = {"model", "temperature", "top_p", "max_tokens", "seed", "n", "st
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
 MESSAGE_FIELDS = {"role", "content", "name"}
+REPLY_FIELDS = ("refusal", "tool_calls", "function_call", "audio", "annotations")  # accepted when null or empty
 TICK_S = 0.25  # how often a waiting request checks its client and the engine's worker
 KEEP_ALIVE_S = 5.0  # seconds between SSE keep-alive comments while a streamed request's vote runs
 
@@ -555,8 +560,15 @@ async def _read_json(request: Any, *, limit: int, timeout: float) -> dict[str, A
                          code="timeout", headers={"Connection": "close"}) from None
     try:
         body = json.loads(data)
+        json.dumps(body, ensure_ascii=False).encode()  # "\ud800" parses to a lone surrogate, which is no text
+    except UnicodeEncodeError as error:
+        raise _HttpError(400, f"the request body escapes a lone surrogate ({error.object[error.start]!r}), which is "
+                              "no character", code="invalid_json") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise _HttpError(400, f"the request body is not valid JSON ({error})", code="invalid_json") from None
+    except ValueError:  # json.loads turns a number into int(text), which Python refuses past its digit limit
+        raise _HttpError(400, f"the request body holds a number of over {sys.get_int_max_str_digits()} digits",
+                         code="invalid_json") from None
     except RecursionError:
         raise _HttpError(400, "the request body is JSON nested too deeply", code="invalid_json") from None
     if not isinstance(body, dict):
@@ -639,10 +651,15 @@ def _question(body: dict[str, Any]) -> str:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise _HttpError(400, f"messages[{i}] must be an object with a role and a content", param="messages")
-        unknown = sorted(set(message) - MESSAGE_FIELDS)
+        unknown = sorted(set(message) - MESSAGE_FIELDS - set(REPLY_FIELDS))
         if unknown:
             raise _HttpError(400, f"messages[{i}]: unknown field {unknown[0]!r}; a message has role, content "
                                   "and name", param="messages", code="unknown_field")
+        carried = next((name for name in REPLY_FIELDS if message.get(name) not in (None, [], {}, "")), None)
+        if carried:
+            raise _HttpError(400, f"messages[{i}]: {carried} {json.dumps(message[carried])[:60]} is not supported: "
+                                  "mdlite answers questions in text, without tools or audio; send it empty or "
+                                  "leave it out", param="messages", code="unsupported_value")
     users = [m for m in messages if m["role"] == "user"]
     if not users:
         raise _HttpError(400, "no user message: the question is the last message whose role is user",

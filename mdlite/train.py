@@ -38,7 +38,7 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mdlite import MdliteError, __version__, check_output_dir
+from mdlite import MdliteError, __version__, check_output_dir, import_peft, peft_quietly
 from mdlite.config import TrainConfig, to_dict
 from mdlite.models import BaseModel, gguf_metadata, registry, resolve_base_model
 from mdlite.prompts import STUDENT_STOP, STYLES, prompt_text, student_prompt
@@ -128,6 +128,7 @@ def run(cfg: TrainConfig, *, overwrite: bool = False) -> TrainResult:
 
     split = split_examples(records, max_per_style=cfg.max_per_style, val_fraction=cfg.val_fraction,
                            seed=cfg.seed, styles=cfg.styles)
+    import_peft(four_bit=cfg.quantization == "nf4")
     with ranks.main_process_first():  # a GGUF is dequantized, a hub model downloaded, once, by the main process
         base = resolve_base_model(cfg.model)
         fetch_hub_model(base)
@@ -545,7 +546,8 @@ def add_lora(model: PreTrainedModel, cfg: TrainConfig, base: BaseModel) -> PreTr
     config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
                         task_type="CAUSAL_LM", target_modules=targets if targets != ["all-linear"] else "all-linear")
     try:
-        return get_peft_model(model, config)
+        with peft_quietly():
+            return get_peft_model(model, config)
     except ValueError as error:
         raise MdliteError(f"lora_target_modules {targets}: {error} (flag --lora-target-modules)") from None
 

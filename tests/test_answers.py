@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from mdlite.answers import answers_match, extract_answer, format_number, parse_number
+from mdlite.answers import answer_sentence_end, answers_match, extract_answer, format_number, parse_number
 
 COT_CASES = [
     ("There are 3 + 4 = 7 apples. The answer is 7.", 7),
@@ -73,6 +73,10 @@ COT_CASES = [
     ("The answer is **15**.", 15),
     ("So the answer is therefore 15.", 15),
     ("The answer is approximately 3.5 hours.", 3.5),
+    # a number no float holds is no answer (the vote, and JSON replies, would get inf)
+    ("The answer is 1e999.", None),
+    ("The answer is " + "9" * 400 + ".", None),
+    ("The answer is 8. Tom then counts to 1e999.", 8),
 ]
 
 
@@ -146,6 +150,15 @@ def test_number_helpers() -> None:
     assert parse_number("costs $1,234.50 total") == 1234.5
     assert parse_number("nothing") is None
     assert parse_number("3/0") is None
+    assert parse_number("1e999") is None and parse_number("-" + "9" * 400) is None
+    assert extract_answer("1e999\n", style="pot") is None
     assert format_number(7.0) == "7"
     assert format_number(2.5) == "2.5"
     assert format_number(-0.125) == "-0.125"
+
+
+@pytest.mark.parametrize("bold", ["**", "__", "_"])
+def test_an_answer_sentence_in_markdown_emphasis_ends_the_rationale(bold: str) -> None:
+    text = f"3 + 11 = 14.\n{bold}The answer is 14.{bold}\nExplanation: he buys 11 more."
+    assert text[:answer_sentence_end(text)] == f"3 + 11 = 14.\n{bold}The answer is 14.{bold}"
+    assert answer_sentence_end("Bathe answer is 14.\nMore") is None  # "the" must be a word of its own

@@ -115,6 +115,13 @@ def test_stop_is_shared_or_per_prompt():
         _per_prompt([["a"]], 2)
 
 
+@pytest.mark.parametrize("stop", ["abc", [""], ["\n", ""], [["a"], [""]]])
+def test_a_bare_or_empty_stop_string_is_refused(stop):
+    """"abc" would stop at any of its characters, "" after the first character."""
+    with pytest.raises(ValueError, match="stop must be a list of non-empty strings"):
+        _per_prompt(stop, 2)
+
+
 # ---- the real model -----------------------------------------------------------------------------
 
 
@@ -348,6 +355,14 @@ def test_multibyte_characters_split_across_tokens_decode_whole(engine, llm):
                                       stop=STUDENT_STOP)["choices"][0]
     assert path.text == reference["text"]
     assert "\ufffd" not in path.text and any(ord(c) > 0x2E80 for c in path.text)
+
+
+@pytest.mark.slow
+def test_submit_refuses_a_bare_or_empty_stop_string(engine):
+    for stop in ("abc", [""]):
+        with pytest.raises(ValueError, match="stop must be a list of non-empty strings"):
+            engine.submit(chat("Say hi."), stop=stop)
+    assert len(engine.submit(chat("Say hi."), max_tokens=2, stop=["abc"]).result()) == 1
 
 
 @pytest.mark.slow

@@ -137,6 +137,10 @@ def fake_machine(root: Path, cores: dict[int, tuple[int, int]], cgroup: str, fil
                                                    "sys/fs/cgroup/cpu,cpuacct/d/cpu.cfs_period_us": "100000\n"}, 1),
     (set(range(8)), "4:cpu,cpuacct:/d\n", {"sys/fs/cgroup/cpu,cpuacct/d/cpu.cfs_quota_us": "-1\n",
                                            "sys/fs/cgroup/cpu,cpuacct/d/cpu.cfs_period_us": "100000\n"}, 4),
+    # no cgroup namespace of its own: the host's path is not under /sys/fs/cgroup, the container's cgroup is its root
+    (set(range(8)), "0::/system.slice/docker-1f2e.scope\n", {"sys/fs/cgroup/cpu.max": "200000 100000\n"}, 2),
+    (set(range(8)), "4:cpu,cpuacct:/docker/1f2e\n", {"sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us": "100000\n",
+                                                     "sys/fs/cgroup/cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, 1),
 ])
 def test_physical_cores_counts_cores_in_the_affinity_mask_capped_by_the_cgroup_quota(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, affinity: set[int], cgroup: str, files: dict[str, str],

@@ -239,6 +239,12 @@ def test_per_request_settings_and_limits():
     ({"messages": [{"role": "user", "content": QUESTION}], "stream_options": {"include_usage": 1}},
      "include_usage must be a bool"),
     ({"messages": [{"role": "user", "content": QUESTION}], "seed": True}, "seed must be an integer"),
+    # what Python's json reads but cannot use: a lone surrogate, an integer past the int-digit limit
+    (b'{"messages": [{"role": "user", "content": "How many \\ud800 apples?"}]}', "lone surrogate ('\\ud800')"),
+    (b'{"messages": [{"role": "user", "content": "How many?"}], "seed": ' + b"9" * 5000 + b"}",
+     "a number of over 4300 digits"),
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function"}]},
+                   {"role": "user", "content": QUESTION}]}, "messages[0]: tool_calls [{"),
 ])
 def test_bad_requests_get_a_clear_400_and_the_server_keeps_serving(body, fragment):
     with serving(FakeEngine()) as (url, _, _):
@@ -389,6 +395,48 @@ def test_an_error_after_the_stream_began_is_raised_by_the_openai_client():
             client.chat.completions.create(model="student", messages=[{"role": "user", "content": QUESTION}], n=2,
                                            stream=True)
         assert chat(url, paths=2).status_code == 200
+
+
+def test_a_multi_turn_client_sends_the_replies_back():
+    """The openai SDK's `message.model_dump()` of a reply (refusal, tool_calls, function_call, audio: None; OpenAI's
+    own server also sends annotations: []) goes back in the conversation; the question is the last user message."""
+    with serving(FakeEngine(), paths=2) as (url, _, _):
+        client = openai_client(url)
+        messages = [{"role": "user", "content": QUESTION}]
+        reply = client.chat.completions.create(model="student", messages=messages).choices[0].message.model_dump()
+        assert {"refusal", "tool_calls", "function_call", "audio", "annotations"} <= set(reply)
+        messages += [reply, {"role": "user", "content": "And with 2 more?"}]
+        second = client.chat.completions.create(model="student", messages=messages)
+        messages += [{**second.choices[0].message.model_dump(), "annotations": []},
+                     {"role": "user", "content": "And with 3 more?"}]
+        third = client.chat.completions.create(model="student", messages=messages)
+    assert second.model_extra["mdlite"]["question"] == "And with 2 more?"
+    assert third.model_extra["mdlite"]["question"] == "And with 3 more?"
+
+
+class HugeAnswerEngine(FakeEngine):
+    """Its paths state answers no float holds."""
+
+    def texts(self, prompt, n, *_):
+        return [("The answer is 1e999.\n", f"He has {'9' * 400} apples. The answer is {'9' * 400}.\n")[j % 2]
+                for j in range(n)]
+
+
+def test_answers_that_are_not_finite_are_no_answer_in_plain_and_streamed_replies():
+    def strict(text):  # JSON has no Infinity or NaN
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in {text[:200]}"))
+
+    body = {"messages": [{"role": "user", "content": QUESTION}], "mode": "cot", "paths": 2, "seed": 1}
+    with serving(HugeAnswerEngine()) as (url, _, _):
+        plain = httpx.post(f"{url}/v1/chat/completions", json=body)
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}) as raw:
+            events = [line.removeprefix("data: ") for line in raw.iter_lines() if line.startswith("data: {")]
+            chunks = [strict(event) for event in events]
+    assert plain.status_code == 200, plain.text
+    reply = strict(plain.text)
+    assert reply["mdlite"]["answer"] is None and [p["answer"] for p in reply["mdlite"]["paths"]] == [None] * 2
+    assert reply["choices"][0]["message"]["content"] == "No answer: none of the 2 paths gave one."
+    assert chunks[-1]["mdlite"] == reply["mdlite"]
 
 
 def test_a_request_without_seed_gets_a_fresh_one_that_reproduces_it():

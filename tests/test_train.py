@@ -357,6 +357,21 @@ def test_kill_9_then_rerun_resumes_from_the_last_checkpoint(tiny_model: Path, ra
     assert (out / "adapter" / "adapter_model.safetensors").exists()
 
 
+def test_plain_lora_prints_no_library_notes_that_read_as_errors(tiny_model: Path, rationales: Path,
+                                                                 tmp_path: Path) -> None:
+    """`make demo`'s path (plain LoRA) prints neither bitsandbytes' note that the optional `kernels` package for its
+    CPU 4-bit kernel is missing (logged on CPUs with AVX512-BF16) nor transformers' FutureWarning about peft's use of
+    a deprecated property: a newcomer reads them as errors."""
+    cfg = tiny_config(tiny_model, rationales, tmp_path / "out", quantization="none", max_steps=2, save_steps=2,
+                      eval_steps=2)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"train": to_dict(cfg)}))
+    done = subprocess.run([sys.executable, "-m", "mdlite", "train", "-c", str(config)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "gemm_4bit_forward" not in done.stderr and "Warning" not in done.stderr, done.stderr[-2000:]
+
+
 # ---- bad input --------------------------------------------------------------------------------------------
 
 
