@@ -21,11 +21,11 @@ and NEUTRAL's fields at their neutral value (`presence_penalty: 0`, `logprobs: f
 another value would change the meaning and is a 400). mdlite's own: `paths` (1..max_paths), `mode` (cot,
 pot, mixed, hybrid) and `program_stdout` (true: each PoT path's printed output in the reply; off by default,
 as it is a channel out of the sandbox). A message has `role`, `content` and `name`, and may carry back
-REPLY_FIELDS (what the openai SDK's `message.model_dump()` of a reply holds: `refusal`, `tool_calls`, ...)
-while they are null or empty. Any other field, malformed or deeply nested JSON, a lone surrogate escape
-("\\ud800"), an integer past Python's digit limit, an empty question or one over max_prompt_tokens is a 400 with
-an OpenAI-style `{"error": {"message", "type", "param", "code"}}` body; a failure of the server's own (the
-engine, the sandbox) is a 503 or 500.
+REPLY_FIELDS (what the openai SDK's `message.model_dump()` of a reply holds: `refusal`, `annotations`, ...);
+of those, ACTIONS (`tool_calls`, `function_call`, `audio`) only while null or empty. Any other field,
+malformed or deeply nested JSON, a lone surrogate escape ("\\ud800"), an integer past Python's digit limit, an
+empty question or one over max_prompt_tokens is a 400 with an OpenAI-style `{"error": {"message", "type",
+"param", "code"}}` body; a failure of the server's own (the engine, the sandbox) is a 503 or 500.
 
 Reply: choice 0's content is the winning rationale (the first path, PoT paths before CoT as in the
 vote's tie rule, whose answer is the voted one; a program in a fenced block) ending in "The answer is
@@ -103,7 +103,8 @@ COMMON_FIELDS = {"model", "temperature", "top_p", "max_tokens", "seed", "n", "st
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
 MESSAGE_FIELDS = {"role", "content", "name"}
-REPLY_FIELDS = ("refusal", "tool_calls", "function_call", "audio", "annotations")  # accepted when null or empty
+REPLY_FIELDS = ("refusal", "annotations", "tool_calls", "function_call", "audio")  # a past reply's, sent back
+ACTIONS = ("tool_calls", "function_call", "audio")  # of those, what mdlite cannot honour unless null or empty
 TICK_S = 0.25  # how often a waiting request checks its client and the engine's worker
 KEEP_ALIVE_S = 5.0  # seconds between SSE keep-alive comments while a streamed request's vote runs
 
@@ -655,7 +656,7 @@ def _question(body: dict[str, Any]) -> str:
         if unknown:
             raise _HttpError(400, f"messages[{i}]: unknown field {unknown[0]!r}; a message has role, content "
                                   "and name", param="messages", code="unknown_field")
-        carried = next((name for name in REPLY_FIELDS if message.get(name) not in (None, [], {}, "")), None)
+        carried = next((name for name in ACTIONS if message.get(name) not in (None, [], {}, "")), None)
         if carried:
             raise _HttpError(400, f"messages[{i}]: {carried} {json.dumps(message[carried])[:60]} is not supported: "
                                   "mdlite answers questions in text, without tools or audio; send it empty or "

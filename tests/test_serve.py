@@ -407,8 +407,8 @@ def test_a_multi_turn_client_sends_the_replies_back():
         assert {"refusal", "tool_calls", "function_call", "audio", "annotations"} <= set(reply)
         messages += [reply, {"role": "user", "content": "And with 2 more?"}]
         second = client.chat.completions.create(model="student", messages=messages)
-        messages += [{**second.choices[0].message.model_dump(), "annotations": []},
-                     {"role": "user", "content": "And with 3 more?"}]
+        messages += [{**second.choices[0].message.model_dump(), "annotations": [], "refusal": "I cannot."},
+                     {"role": "user", "content": "And with 3 more?"}]  # a past refusal is history, not an action
         third = client.chat.completions.create(model="student", messages=messages)
     assert second.model_extra["mdlite"]["question"] == "And with 2 more?"
     assert third.model_extra["mdlite"]["question"] == "And with 3 more?"
