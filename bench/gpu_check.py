@@ -4,6 +4,8 @@ tokens/s next to `mdlite train --dry-run`'s estimate; then the export's merge on
     .venv/bin/python bench/gpu_check.py                        # one CUDA GPU: 7B shapes, random weights, minutes
     .venv/bin/python bench/gpu_check.py --shape tiny           # CPU or GPU, seconds (tests/test_gpu_check.py)
     .venv/bin/python bench/gpu_check.py --probe                # saved activations per token per layer vs estimate
+    .venv/bin/python bench/gpu_check.py --memory-cap-gib 16 --steps 20 --no-merge   # a 16 GB card, emulated
+    .venv/bin/python bench/gpu_check.py --memory-cap-gib 16 --batch-search 8,12,16 --steps 2   # largest micro-batch
 
 The model is a random-weight LlamaForCausalLM with LLaMA-2-7B's shapes (hidden 4096, intermediate 11008,
 32 layers, 32 heads, vocab 32000; nothing is downloaded), built directly on the GPU in bf16 and saved; its
@@ -15,6 +17,19 @@ for. The merge is `mdlite.export.build_model_folder`: the adapter merged into a 
 dtype (bf16 here) on the GPU, written as safetensors. Prints each measured peak (PyTorch's max allocated and
 reserved, and the whole GPU's use from NVML) with the estimate's total and their ratio, the estimate by part,
 tokens/s (median per step) and the merge's time and peak memory; `--json` keeps them.
+
+`--memory-cap-gib CAP` emulates a consumer card: `torch.cuda.set_per_process_memory_fraction(CAP / total)` is
+called before anything is allocated, so PyTorch's allocator may reserve at most CAP GiB and raises
+`torch.OutOfMemoryError` beyond it, as on a card of that size (what a cap leaves out: the CUDA context and the
+paged optimizer's managed memory, which NVML's `nvml_used` counts; a real card also holds those, so the report
+also says whether NVML's peak stayed under the cap). An OOM is a result, not a failure: the JSON says
+`fits: false` with the peaks reached, and the exit code is 0. `--model DIR` reuses a model folder (built there
+first when it has none), so several capped runs share one 7B build. `--batch-search 8,12,16` loads the model
+once (mdlite's `load_model` and `add_lora`, the config's QLoRA settings) and trains `--steps` optimizer steps
+(gradient accumulation 1) with mdlite's own Trainer at each micro-batch size, upward from the first and
+stopping at the first OOM (downward when the first does not fit), freeing memory between tries; it reports
+each try (fits, peaks, tokens/s, the `--dry-run` estimate) and the largest that fits. `--fake-oom-above N`
+raises the OOM for micro-batches above N instead of training them: the CPU rehearsal of those paths.
 
 `--probe` measures what `--dry-run`'s activation terms predict: a 2-layer model of the shape, loaded and given
 LoRA by mdlite's own `load_model` and `add_lora` (the config's QLoRA settings), run forward in train mode under
@@ -61,6 +76,7 @@ SHAPES = {
 }
 GIB = 2**30
 TOLERANCE = 0.15  # the estimate should be within 15% of the measured peak
+BUILT = ".gpu_check-built.json"  # written into a model folder once its build finished (--model reuses it)
 
 
 def main() -> None:
@@ -77,11 +93,19 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     parser.add_argument("--probe", action="store_true", help="only the saved-activation probe (see above)")
     parser.add_argument("--probe-tokens", type=int, default=2048, help="the probe's longer sequence (tokens)")
+    parser.add_argument("--memory-cap-gib", type=float,
+                        help="emulate a card of this size: set_per_process_memory_fraction(cap / total) first")
+    parser.add_argument("--model", type=Path, help="reuse this model folder (built there first if it has none)")
+    parser.add_argument("--batch-search", type=_sizes,
+                        help="micro-batch sizes to try, e.g. 8,12,16 (see above); implies --no-merge")
+    parser.add_argument("--fake-oom-above", type=int,
+                        help="rehearsal: raise torch.OutOfMemoryError for micro-batches above this instead of training")
     args = parser.parse_args()
 
     import torch
 
     cuda = torch.cuda.is_available()
+    args.cap = memory_cap(args.memory_cap_gib, cuda=cuda)  # before anything touches the GPU
     if args.probe:
         work = args.work or Path(tempfile.mkdtemp(prefix="mdlite-probe-"))
         try:
@@ -91,12 +115,17 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
         _save(report, args.json)
         return
+    if args.batch_search:
+        args.no_merge = True
     if args.shape != "tiny" and not cuda:
         parser.error(f"--shape {args.shape} needs a CUDA GPU; use --shape tiny on the CPU")
     work = args.work or Path(tempfile.mkdtemp(prefix="mdlite-gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        check(args, work, cuda=cuda)
+        if args.batch_search:
+            batch_search(args, work, cuda=cuda)
+        else:
+            check(args, work, cuda=cuda)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -110,10 +139,7 @@ def check(args: argparse.Namespace, work: Path, *, cuda: bool) -> dict[str, Any]
     from mdlite import train
 
     device = torch.cuda.get_device_name() if cuda else "cpu"
-    clock = time.perf_counter()
-    model_dir, parameters = build_model(work / "model", SHAPES[args.shape], cuda=cuda)
-    print(f"built a random {args.shape} ({parameters / 1e6:,.1f}M parameters) in {time.perf_counter() - clock:.0f} s "
-          f"on {device}", flush=True)
+    model_dir, parameters = model_folder(args, work, cuda=cuda)
     overrides = {"model": str(model_dir), "output_dir": str(work / "train"), "max_steps": args.steps,
                  "val_fraction": 0.0, "logging_steps": 1, "save_steps": 10**6, "eval_steps": 10**6,
                  "warmup_steps": 0, "max_length": args.max_length,
@@ -125,25 +151,36 @@ def check(args: argparse.Namespace, work: Path, *, cuda: bool) -> dict[str, Any]
 
     _reset_peak(cuda)
     clock = time.perf_counter()
+    result, oom = None, None
     with device_peak(cuda) as nvml:
-        result = train.run(cfg, overwrite=True)
+        try:
+            if args.fake_oom_above is not None and cfg.per_device_train_batch_size > args.fake_oom_above:
+                raise torch.OutOfMemoryError(f"fake OOM: micro-batch {cfg.per_device_train_batch_size} > "
+                                             f"--fake-oom-above {args.fake_oom_above}")
+            result = train.run(cfg, overwrite=True)
+        except torch.OutOfMemoryError as error:
+            oom = str(error).splitlines()[0][:300]
     train_s = time.perf_counter() - clock
     measured = {**_peak(cuda), **nvml}
-    logs = [json.loads(line) for line in (work / "train" / "trainer_log.jsonl").read_text().splitlines()]
-    rates = [r["tokens_per_s"] for r in logs if r.get("tokens_per_s") and r["step"] > 1]
-    tokens_per_s = statistics.median(rates) if rates else None
-    run_record = json.loads(result.run_json.read_text())
+    tokens_per_s, steps_logged = _train_log(work / "train" / "trainer_log.jsonl")
     optim = train._optimizer(cfg, cuda=cuda)
-    print(f"\n{cfg.quantization}, LoRA r {cfg.lora_r} ({run_record['trainable_parameters'] / 1e6:.1f}M trainable), "
-          f"micro-batch {cfg.per_device_train_batch_size} x {cfg.max_length} tokens, gradient accumulation "
-          f"{cfg.gradient_accumulation_steps}, gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, "
-          f"optimizer {optim}; {result.global_step} steps in {train_s:.0f} s (model loading included), "
-          f"final loss {result.train_loss:.3f}")
+    settings = (f"{cfg.quantization}, LoRA r {cfg.lora_r}, micro-batch {cfg.per_device_train_batch_size} x "
+                f"{cfg.max_length} tokens, gradient accumulation {cfg.gradient_accumulation_steps}, gradient "
+                f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, optimizer {optim}")
+    if result is not None:
+        run_record = json.loads(result.run_json.read_text())
+        print(f"\n{settings} ({run_record['trainable_parameters'] / 1e6:.1f}M trainable); {result.global_step} steps "
+              f"in {train_s:.0f} s (model loading included), final loss {result.train_loss:.3f}")
+    else:
+        print(f"\n{settings}: OUT OF MEMORY after {steps_logged} logged steps, {train_s:.0f} s: {oom}")
     report: dict[str, Any] = {
         "shape": args.shape, "parameters": parameters, "device": device, "config": str(args.config),
-        "steps": result.global_step, "train_s": round(train_s, 1), "tokens_per_s": tokens_per_s,
-        "estimate_gb": estimate, "train_peak_gb": measured, "optimizer": optim, "train_config": to_dict(cfg),
+        "steps": result.global_step if result else steps_logged, "train_s": round(train_s, 1),
+        "tokens_per_s": tokens_per_s, "estimate_gb": estimate, "train_peak_gb": measured, "optimizer": optim,
+        "train_config": to_dict(cfg), "fits": result is not None, "oom": oom,
     }
+    if args.cap:
+        report["memory_cap"] = args.cap
     print(f"{'training':<10} {'measured':<26} {'GiB':>7}   {'estimate GiB':>12}   estimate/measured")
     for name, value in measured.items():
         ratio = estimate["total"] / value if value else float("nan")
@@ -158,12 +195,18 @@ def check(args: argparse.Namespace, work: Path, *, cuda: bool) -> dict[str, Any]
                                                  if k not in ("total", "lora_parameters_millions"))
           + "; x 1.1 fragmentation (torch's max_memory_* exclude the CUDA context and the paged optimizer "
             "states; nvml_used, the whole GPU as nvidia-smi shows it, includes them)")
-    print(f"tokens/s (training, median over steps 2..{result.global_step}): "
+    print(f"tokens/s (training, median over steps 2..{report['steps']}): "
           f"{tokens_per_s:,.0f}" if tokens_per_s else "tokens/s: not enough steps logged")
     report["estimate_vs_measured"] = round(off, 3)
+    if args.cap:
+        report["memory_cap"]["card_fits"] = _card_verdict(args.cap, measured, fits=result is not None)
+        print(f"RESULT cap {args.cap['gib']:g} GiB: {'fits' if result else 'OOM'}, {report['steps']} steps; peak "
+              + ", ".join(f"{k} {v:.2f}" for k, v in measured.items())
+              + f" GiB; tokens/s {tokens_per_s or 'n/a'}; estimate {estimate['total']} GiB ({off:+.0%} vs {key}); "
+              f"a real {args.cap['gib']:g} GiB card: {report['memory_cap']['card_fits']}")
     _save(report, args.json)
 
-    if not args.no_merge:
+    if not args.no_merge and result is not None:
         gc.collect()
         _reset_peak(cuda)
         left = round(torch.cuda.memory_allocated() / GIB, 2) if cuda else None  # training's leftovers, if any
@@ -181,6 +224,180 @@ def _save(report: dict[str, Any], path: Path | None) -> None:
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def memory_cap(cap_gib: float | None, *, cuda: bool) -> dict[str, Any] | None:
+    """`--memory-cap-gib`: PyTorch's allocator limited to `cap_gib` GiB of this GPU, set before anything is
+    allocated (a consumer card, emulated); on the CPU only recorded."""
+    if cap_gib is None:
+        return None
+    if not cuda:
+        print(f"memory cap {cap_gib:g} GiB: not enforced on the CPU (a rehearsal of the GPU run)")
+        return {"gib": cap_gib, "total_gib": None, "fraction": None, "enforced": False}
+    import torch
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    if cap_gib * GIB > total:
+        raise SystemExit(f"--memory-cap-gib {cap_gib:g}: more than this GPU's {total / GIB:.1f} GiB")
+    fraction = cap_gib * GIB / total
+    torch.cuda.set_per_process_memory_fraction(fraction)
+    print(f"memory cap: {cap_gib:g} GiB of {total / GIB:.1f} GiB (set_per_process_memory_fraction({fraction:.4f}))")
+    return {"gib": cap_gib, "total_gib": round(total / GIB, 2), "fraction": round(fraction, 5), "enforced": True}
+
+
+def _card_verdict(cap: dict[str, Any], measured: dict[str, float], *, fits: bool) -> str:
+    """Would a real card of the cap's size have held the run? PyTorch's part is enforced by the cap; the CUDA
+    context and the paged optimizer states (managed memory, which a full card pages out to the host) are not."""
+    if not fits:
+        return "no (PyTorch's allocator ran out under the cap)"
+    used = measured.get("nvml_used")
+    if used is None:
+        return "yes by PyTorch's allocator (no whole-GPU figure)"
+    return (f"yes, whole GPU {used:.2f} GiB <= {cap['gib']:g}" if used <= cap["gib"] else
+            f"tight: PyTorch fits, but the whole GPU peaked at {used:.2f} GiB > {cap['gib']:g} (CUDA context and "
+            "paged optimizer states; a full card pages the latter out)")
+
+
+def model_folder(args: argparse.Namespace, work: Path, *, cuda: bool) -> tuple[Path, int]:
+    """The random model: `--model` when it holds a finished build, else built (into `--model` or work/model)."""
+    folder = args.model or work / "model"
+    if (folder / BUILT).exists():
+        parameters = json.loads((folder / BUILT).read_text())["parameters"]
+        print(f"reusing the random {args.shape} in {folder} ({parameters / 1e6:,.1f}M parameters)", flush=True)
+        return folder, parameters
+    if folder.exists() and any(folder.iterdir()):
+        raise SystemExit(f"--model {folder}: holds no finished gpu_check build ({BUILT}); give a new or empty folder")
+    clock = time.perf_counter()
+    folder, parameters = build_model(folder, SHAPES[args.shape], cuda=cuda)
+    (folder / BUILT).write_text(json.dumps({"shape": args.shape, "parameters": parameters}) + "\n")
+    print(f"built a random {args.shape} ({parameters / 1e6:,.1f}M parameters) in {time.perf_counter() - clock:.0f} s "
+          f"on {torch_device(cuda)}", flush=True)
+    return folder, parameters
+
+
+def torch_device(cuda: bool) -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if cuda else "cpu"
+
+
+def _train_log(path: Path) -> tuple[float | None, int]:
+    """(median tokens/s from step 2 on, the last logged step) of a trainer_log.jsonl; (None, 0) without one."""
+    if not path.exists():
+        return None, 0
+    logs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rates = [r["tokens_per_s"] for r in logs if r.get("tokens_per_s") and r["step"] > 1]
+    return (statistics.median(rates) if rates else None), max((r["step"] for r in logs), default=0)
+
+
+def _sizes(text: str) -> list[int]:
+    sizes = [int(part) for part in text.split(",") if part.strip()]
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError("give micro-batch sizes >= 1, e.g. 8,12,16")
+    return sizes
+
+
+def batch_search(args: argparse.Namespace, work: Path, *, cuda: bool) -> dict[str, Any]:
+    """The largest micro-batch that trains under the cap: the model loaded once with mdlite's `load_model` and
+    `add_lora`, then per size mdlite's own Trainer (`build_trainer`) for `--steps` optimizer steps (gradient
+    accumulation 1: the peak is one micro-batch's), upward from the first size until one runs out of memory
+    (downward when the first does not fit); memory is freed between tries."""
+    import dataclasses
+
+    import transformers
+
+    from mdlite import train
+
+    model_dir, parameters = model_folder(args, work, cuda=cuda)
+    first, sizes = args.batch_search[0], sorted(set(args.batch_search))
+    overrides = {"model": str(model_dir), "output_dir": str(work / "search"), "max_steps": args.steps,
+                 "val_fraction": 0.0, "logging_steps": 1, "save_steps": 10**6, "eval_steps": 10**6,
+                 "warmup_steps": 0, "max_length": args.max_length, "gradient_accumulation_steps": 1,
+                 "per_device_train_batch_size": max(sizes), "rationales": str(work / "rationales.jsonl")}
+    cfg = load_config(TrainConfig, args.config, overrides, section="train")
+    write_rationales(Path(cfg.rationales), model_dir, cfg, examples=max(sizes) * args.steps)
+    base = train.resolve_base_model(cfg.model)
+    tokenizer = train.load_tokenizer(base)
+    split = train.split_examples(train.read_rationales(Path(cfg.rationales)), max_per_style=cfg.max_per_style,
+                                 val_fraction=0.0, seed=cfg.seed, styles=cfg.styles)
+    data, _ = train.encode_examples(split.train, tokenizer, cfg, add_bos=train.expected_bos(tokenizer, base))
+    clock = time.perf_counter()
+    train.import_peft(four_bit=cfg.quantization == "nf4")  # as train.run does
+    transformers.set_seed(cfg.seed)
+    model = train.add_lora(train.load_model(base, cfg, cuda=cuda), cfg, base)
+    print(f"loaded {args.shape} ({parameters / 1e6:,.1f}M parameters) with LoRA in "
+          f"{time.perf_counter() - clock:.0f} s; {len(data)} examples of ~{cfg.max_length} tokens", flush=True)
+    up = [size for size in sizes if size >= first]
+    down = [size for size in reversed(sizes) if size < first]
+    tries: list[dict[str, Any]] = []
+    for order in (up, down):
+        for size in order:
+            tries.append(_try_size(model, tokenizer, data, dataclasses.replace(
+                cfg, per_device_train_batch_size=size, output_dir=str(work / f"search-{size}")), args, cuda=cuda))
+            if order is up and not tries[-1]["fits"]:
+                break
+            if order is down and tries[-1]["fits"]:
+                break
+        if any(t["fits"] for t in tries):
+            break
+    fitting = [t["micro_batch"] for t in tries if t["fits"]]
+    report: dict[str, Any] = {
+        "shape": args.shape, "parameters": parameters, "device": torch_device(cuda), "config": str(args.config),
+        "memory_cap": args.cap, "steps_per_try": args.steps, "max_length": cfg.max_length, "tries": tries,
+        "largest_fitting": max(fitting) if fitting else None,
+        "largest_tried": max(t["micro_batch"] for t in tries),
+        "train_config": to_dict(cfg),
+    }
+    cap = f"{args.cap['gib']:g} GiB" if args.cap else "no cap"
+    bound = ("" if not fitting or any(not t["fits"] and t["micro_batch"] > max(fitting) for t in tries)
+             else " (the largest tried: the limit may be higher)")
+    print(f"RESULT micro-batch search at {cap} ({cfg.max_length} tokens, {args.steps} steps each): largest that fits "
+          f"{report['largest_fitting']}{bound}; " + ", ".join(
+              f"{t['micro_batch']} {'ok' if t['fits'] else 'OOM'}" for t in tries))
+    _save(report, args.json)
+    del model
+    return report
+
+
+def _try_size(model: Any, tokenizer: Any, data: list[dict[str, Any]], cfg: TrainConfig, args: argparse.Namespace,
+              *, cuda: bool) -> dict[str, Any]:
+    """One micro-batch size of the search: fits or OOM, peaks, tokens/s, the estimate."""
+    import torch
+
+    from mdlite import train
+
+    size = cfg.per_device_train_batch_size
+    estimate = train.dry_run(cfg)["memory_gb"]["total"]
+    gc.collect()
+    _reset_peak(cuda)
+    clock, oom, trainer = time.perf_counter(), None, None
+    with device_peak(cuda) as nvml:
+        try:
+            if args.fake_oom_above is not None and size > args.fake_oom_above:
+                raise torch.OutOfMemoryError(f"fake OOM: micro-batch {size} > --fake-oom-above {args.fake_oom_above}")
+            trainer = train.build_trainer(model, tokenizer, data[:size * cfg.max_steps], [], cfg, cuda=cuda)
+            trainer.train()
+        except torch.OutOfMemoryError as error:
+            oom = str(error).splitlines()[0][:300]
+    seconds = time.perf_counter() - clock
+    measured = {**_peak(cuda), **nvml}
+    del trainer
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    tokens_per_s, _ = _train_log(Path(cfg.output_dir) / "trainer_log.jsonl")
+    key = ("nvml_used" if "nvml_used" in measured else "max_memory_reserved") if cuda else "max_rss"
+    result = {"micro_batch": size, "fits": oom is None, "oom": oom, "seconds": round(seconds, 1),
+              "tokens_per_s": tokens_per_s, "peak_gb": measured, "estimate_gb": estimate,
+              "estimate_vs_measured": round(estimate / measured[key] - 1, 3) if measured.get(key) else None}
+    if args.cap and oom is None:
+        result["card_fits"] = _card_verdict(args.cap, measured, fits=True)
+    print(f"  micro-batch {size:>3}: {'fits' if oom is None else 'OOM '} in {seconds:5.1f} s; peak "
+          + ", ".join(f"{k} {v:.2f}" for k, v in measured.items())
+          + f" GiB; estimate {estimate} GiB; tokens/s {tokens_per_s or 'n/a'}" + (f"; {oom}" if oom else ""),
+          flush=True)
+    return result
 
 
 def build_model(folder: Path, shape: dict[str, int], *, cuda: bool) -> tuple[Path, int]:
