@@ -144,7 +144,7 @@ def plan(config_path: Path, overrides: dict[str, Any], *, force: tuple[str, ...]
     attempt(lambda: _check_force(force, stages))
     if problems:
         raise MdliteError("; ".join(problems))
-    reused = {name: source / name for name in REUSABLE if source and name in stages}
+    reused = {name: source / name for name in REUSABLE if source and name in stages and _source_has(source, name)}
     return {"distill": cfg, "stages": stages, "upstream": upstream, "sources": sources, "reused": reused,
             "warnings": _overridden(config_path, linked)}
 
@@ -560,6 +560,13 @@ def pack_reusable(run_folder: Path, dest: Path) -> list[str]:
                                              .hexdigest() for file in sorted(files)})
     write_json(dest / STATE, {name: state[name] for name in names})
     return names
+
+
+def _source_has(source: Path, name: str) -> bool:
+    """Whether the `teach_from` run `source` gives stage `name`: teach always (checked when copied), another
+    stage when that run has a record of it (unfinished: refused until it finishes) or is not there yet; one
+    it never had (a packed teach stage without its teacher row) runs here."""
+    return name == "teach" or not (source / STATE).exists() or name in _read_state(source / STATE)
 
 
 def _how_to_make(run_folder: Path, config_path: Path) -> str:

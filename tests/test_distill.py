@@ -454,7 +454,7 @@ def test_a_packed_teach_stage_is_reused_without_the_data_or_the_run_folder(
         teacher_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--pack-reusable keeps teach/, eval-teacher/, their records and the data files' sha256, not the data:
     the packed folder alone is accepted by teach_from (as dataset:NAME when shipped), and refused when the
-    data differs, with the message naming it."""
+    data differs, with the message naming it. A stage it does not hold runs here."""
     import shutil
 
     import mdlite.distill as distill
@@ -483,6 +483,13 @@ def test_a_packed_teach_stage_is_reused_without_the_data_or_the_run_folder(
     assert [kind for kind, _ in calls] == ["train", "export", "evaluate"]
     out = tmp_path / "copy" / "out"
     assert (out / "teach" / "rationales.jsonl").read_bytes() == (packed / "teach" / "rationales.jsonl").read_bytes()
+
+    teach_only = shipped / "tiny"  # packed before its run's teacher row finished: that stage runs here
+    shutil.rmtree(teach_only / "eval-teacher")
+    (teach_only / "pipeline.json").write_text(json.dumps({"teach": _state(teach_only)["teach"]}))
+    plan_text = CliRunner().invoke(cli, ["distill", str(_teach_from_config(tmp_path / "again", "dataset:tiny")),
+                                         "--dry-run"]).output
+    assert "teach             copy (reused from" in plan_text and "eval-teacher      run (never ran)" in plan_text
 
     other_data = _teach_from_config(tmp_path / "other", "dataset:tiny", distill={"train_data": "synth:6:3"})
     _one_line_error(CliRunner().invoke(cli, ["distill", str(other_data), "--dry-run"]), "holds other problems")
