@@ -20,8 +20,9 @@ sequence nobody takes is filled by moving the path on the highest id into it (it
 Requests with different sampling settings share batches. A path ends on an end-of-generation token, a
 stop string (the text is cut before it), its `stop_after` callable (given the text so far, the index
 where it is complete or None; the text is kept up to that index: prompts.STOP_AFTER ends CoT after its
-answer sentence and PoT after its program's closing fence) or its `max_tokens` budget. `sample()` is
-submit-all-and-wait.
+answer sentence and PoT after its program's closing fence) or its `max_tokens` budget. What raises while a
+path is handled (its stop_after, ...) fails that path's request alone; a failed `llama_decode` fails every
+request in flight. `sample()` is submit-all-and-wait.
 
 Context: `max_paths` sequences of `n_ctx` KV cells each, plus one per prefix-cache slot, allocated once.
 A request whose prompt + max_tokens exceeds n_ctx fails alone (MdliteError from `submit`). `n_ctx` 0
@@ -357,6 +358,12 @@ class Engine:
                 self._sample_token(path, i)
         mem = llama.llama_get_memory(self._ctx)
         for request in list(self._live):
+            if error := next((path.error for path in request.paths if path.error), None):
+                log.warning("a request failed: %s: %s", type(error).__name__, error)
+                self._live.remove(request)
+                self._release(request)
+                request.fail(error)
+                continue
             for path in request.paths:
                 if path.finish_reason and path.sampler is not None:
                     llama.llama_sampler_free(path.sampler)
@@ -509,9 +516,15 @@ class Engine:
         return time.perf_counter() - started
 
     def _sample_token(self, path: _Path, row: int) -> None:
-        """Sample `path`'s next token from the logits of batch row `row` and add it to the path, ending it on
-        end-of-generation, a stop string, its stop_after or its budget."""
-        token = self._llama.llama_sampler_sample(path.sampler, self._ctx, row)
+        """Sample `path`'s next token from the logits of batch row `row` and add it to the path (`_add_token`).
+        What raises there (its stop_after, ...) ends the path with that error: it fails its own request alone."""
+        try:
+            self._add_token(path, self._llama.llama_sampler_sample(path.sampler, self._ctx, row))
+        except Exception as error:  # noqa: BLE001 - one path's failure is its request's, not the batch's
+            path.error, path.finish_reason = error, "error"
+
+    def _add_token(self, path: _Path, token: int) -> None:
+        """Add `token` to `path`, ending it on end-of-generation, a stop string, its stop_after or its budget."""
         if self._llama.llama_vocab_is_eog(self._vocab, token):
             path.finish(path.decoder.decode(b"", final=True), "stop")
             return
@@ -569,6 +582,7 @@ class _Path:
         self.text = ""
         self.tokens = self.pos = self.last = 0
         self.finish_reason = ""
+        self.error: Exception | None = None  # what raised while it was handled (its request fails with it)
         self._longest_stop = max(map(len, stop), default=0)
 
     def add(self, piece: str) -> None:

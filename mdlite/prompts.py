@@ -103,7 +103,7 @@ def _complete_program(text: str) -> tuple[str, int] | None:
 def _parses(code: str) -> bool:
     try:
         ast.parse(code)
-    except (SyntaxError, ValueError):
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # the last two: code nested too deep to parse
         return False
     return True
 

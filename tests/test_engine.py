@@ -224,6 +224,32 @@ def test_an_engine_failure_reaches_every_waiting_caller(engine, monkeypatch):
         broken.close()
 
 @pytest.mark.slow
+def test_a_path_that_raises_fails_only_its_own_request(engine):
+    """A stop_after that raises (at the first token, or later) fails its own request; the request decoded beside
+    it gets the text it gets alone, and the failed requests' sequences are free again."""
+    prompt = student_prompt(QUESTIONS[0], style="cot")
+    knobs = {"max_tokens": 12, "ignore_eos": True}
+    [[alone]] = engine.sample([prompt], n=1, **knobs)
+
+    def explode(after: int):
+        def stop_after(text: str) -> int | None:
+            if len(text) >= after:
+                raise RecursionError("maximum recursion depth exceeded during ast construction")
+            return None
+        return stop_after
+
+    with engine._cond:  # all three admitted in one step
+        at_once = engine.submit(student_prompt(QUESTIONS[1], style="pot"), n=2, stop_after=explode(0), **knobs)
+        later = engine.submit(student_prompt(QUESTIONS[2], style="pot"), n=2, stop_after=explode(10), **knobs)
+        beside = engine.submit(prompt, n=1, **knobs)
+    for failed in (at_once, later):
+        with pytest.raises(RecursionError):
+            failed.result(timeout=60)
+    assert beside.result(timeout=60) == [alone]
+    assert len(engine.sample([prompt], n=engine.max_paths, max_tokens=2)[0]) == engine.max_paths
+
+
+@pytest.mark.slow
 def test_batched_greedy_equals_sequential_greedy(engine, llm):
     prompts = [student_prompt(q, style=style) for q in QUESTIONS[:2] for style in ("cot", "pot")]
     batched = engine.sample(prompts, n=2, max_tokens=24, ignore_eos=True)

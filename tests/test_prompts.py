@@ -11,6 +11,7 @@ from mdlite.prompts import (
     STUDENT_DIRECTIVES,
     TEACHER_STOP,
     extract_program,
+    program_end,
     prompt_hash,
     prompt_text,
     student_prompt,
@@ -69,6 +70,14 @@ def test_student_prompt_has_the_style_directive() -> None:
 )
 def test_extract_program(text: str, expected: str | None) -> None:
     assert extract_program(text) == expected
+
+
+@pytest.mark.parametrize("line", ["x = " + "-" * 5000 + "1", "x = " + "not " * 5000 + "1"])
+def test_code_too_deep_for_the_parser_is_no_complete_program(line: str) -> None:
+    """Small models write lines of thousands of `-`; ast.parse raises RecursionError on them, not SyntaxError."""
+    text = f"```python\nprint(1)\n{line}\n```\nMore text."
+    assert program_end(text) is None
+    assert extract_program(text) == f"print(1)\n{line}\n"  # the fenced block, as for any code that does not parse
 
 
 # Where STOP_AFTER ends a generated text, and what is read from the cut text: (style, generated text, cut
