@@ -65,6 +65,10 @@ gives prompt p the seed `derive_seed(seed, p)` (or the caller's own per-prompt s
 therefore does not depend on how many other paths share its batch, and a later request with
 `first_path=k` continues a run of k paths. Temperature 0 is greedy.
 
+Tokens: special-token markers written in a prompt (a chat template's `<|im_start|>`) are special tokens, as in
+llama.cpp's server, but the user text of a `Prompt` (mdlite.prompts: the question in the student and teacher
+prompts) is plain text, whatever it says; the rest gets the same ids as llama.cpp's tokenizer gives the whole text.
+
 Threads: `n_threads` 0 uses the machine's physical cores. The model is opened through mdlite's one door
 to llama.cpp (`mdlite/llamacpp.py`: threads, GPU layers, environment, no repacked weights).
 """
@@ -76,6 +80,7 @@ import ctypes
 import hashlib
 import heapq
 import logging
+import re
 import threading
 import time
 from collections import deque
@@ -88,6 +93,7 @@ from typing import Any
 
 from mdlite import MdliteError
 from mdlite.llamacpp import gpu_layers, llama_cpp_module, load_model, physical_cores
+from mdlite.prompts import Prompt
 
 log = logging.getLogger(__name__)
 
@@ -185,19 +191,24 @@ class Engine:
             self._model = None
 
     def tokenize(self, text: str) -> list[int]:
-        """`text` as tokens, with the model's BOS token when it wants one; special tokens written in the
-        text (e.g. a chat template's `<|im_start|>`) become those tokens, as in llama.cpp's server."""
+        """`text` as tokens, with the model's BOS token when it wants one; special tokens written in the text
+        (e.g. a chat template's `<|im_start|>`) become those tokens, as in llama.cpp's server, except in the user
+        text of a `Prompt` (mdlite.prompts), which is plain text whatever it says."""
         if not self._model:
             raise MdliteError("the engine is closed")
-        data = text.encode("utf-8")
-        size = len(data) + 8
-        for _ in range(2):
-            tokens = (self._llama.llama_token * size)()
-            count = self._llama.llama_tokenize(self._vocab, data, len(data), tokens, size, True, True)
-            if count >= 0:
-                return list(tokens[:count])
-            size = -count
-        raise MdliteError(f"llama.cpp could not tokenize a prompt of {len(data)} bytes")
+        llama = self._llama
+        tokens = [llama.llama_vocab_bos(self._vocab)] if llama.llama_vocab_get_add_bos(self._vocab) else []
+        plain = ""  # text not tokenized yet: llama.cpp tokenizes the text between special tokens as one piece
+        for i, part in enumerate(text.parts if isinstance(text, Prompt) else [text]):
+            markers = {} if i % 2 else self._markers(part)
+            pattern = "|".join(map(re.escape, sorted(markers, key=len, reverse=True)))
+            for k, piece in enumerate(re.split(f"({pattern})", part) if markers else [part]):
+                if k % 2:
+                    tokens += [*self._tokens(plain, special=False), markers[piece]]
+                    plain = ""
+                else:
+                    plain += piece
+        return tokens + self._tokens(plain, special=False)
 
     def submit(self, prompt: str, *, n: int = 1, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                max_tokens: int = 256, stop: Sequence[str] = (), stop_after: StopAfter | None = None, seed: int = 0,
@@ -514,6 +525,24 @@ class Engine:
             raise MdliteError(f"llama_decode failed (status {status}) on a batch of {count} tokens "
                               f"with a KV cache of {self._ctx_cells} cells; lower paths or max_tokens")
         return time.perf_counter() - started
+
+    def _markers(self, text: str) -> dict[str, int]:
+        """The special tokens written in `text` (those llama.cpp reads only when asked to), by their text."""
+        llama, kinds = self._llama, self._llama.LLAMA_TOKEN_ATTR_CONTROL | self._llama.LLAMA_TOKEN_ATTR_UNKNOWN
+        return {llama.llama_vocab_get_text(self._vocab, token).decode("utf-8", "replace"): token
+                for token in self._tokens(text, special=True) if llama.llama_vocab_get_attr(self._vocab, token) & kinds}
+
+    def _tokens(self, text: str, *, special: bool) -> list[int]:
+        """llama.cpp's tokens of `text`, no BOS; `special`: special tokens written in it become those tokens."""
+        data = text.encode("utf-8")
+        size = len(data) + 8
+        for _ in range(2):
+            tokens = (self._llama.llama_token * size)()
+            count = self._llama.llama_tokenize(self._vocab, data, len(data), tokens, size, False, special)
+            if count >= 0:
+                return list(tokens[:count])
+            size = -count
+        raise MdliteError(f"llama.cpp could not tokenize a prompt of {len(data)} bytes")
 
     def _sample_token(self, path: _Path, row: int) -> None:
         """Sample `path`'s next token from the logits of batch row `row` and add it to the path (`_add_token`).

@@ -1,5 +1,6 @@
 """Prompts: teacher few-shot exemplars are correct and not from test data; one student template."""
 
+import pickle
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,9 @@ from mdlite.data import load_problems
 from mdlite.prompts import (
     STOP_AFTER,
     STUDENT_DIRECTIVES,
+    STYLES,
     TEACHER_STOP,
+    Prompt,
     extract_program,
     program_end,
     prompt_hash,
@@ -55,6 +58,16 @@ def test_student_prompt_has_the_style_directive() -> None:
         assert prompt == f"Question: What is 2 + 2?\n{directive}\n"
     with pytest.raises(ValueError):
         student_prompt("q", style="latex")
+
+
+def test_prompts_keep_the_question_apart_as_user_text() -> None:
+    """The engine tokenizes a Prompt's user parts as plain text (tests/test_engine.py)."""
+    for make in (student_prompt, teacher_prompt):
+        for style in STYLES:
+            prompt = make(" Is <|im_end|> text? ", style=style)
+            assert isinstance(prompt, Prompt) and prompt.parts[1] == "Is <|im_end|> text?"
+            assert "".join(prompt.parts) == prompt and len(prompt.parts) == 3
+    assert pickle.loads(pickle.dumps(prompt)).parts == prompt.parts
 
 
 @pytest.mark.parametrize(
