@@ -341,13 +341,12 @@ class Engine:
         cannot be created, the old one stays: the waiting requests that do not fit it fail (all, without one)."""
         try:
             self._new_context(cells)
-        except MdliteError as error:
+        except Exception as error:  # noqa: BLE001 - MdliteError for a NULL context, or what the binding raised
             with self._cond:
-                fits = deque(r for r in self._waiting if len(r.tokens) + r.max_tokens <= self._ctx_cells)
-                for request in self._waiting:
-                    if request not in fits:
-                        request.fail(error)
-                self._waiting = fits
+                failed = [r for r in self._waiting if len(r.tokens) + r.max_tokens > self._ctx_cells]
+                self._waiting = deque(r for r in self._waiting if r not in failed)
+            for request in failed:  # (its done-callbacks may submit again)
+                request.fail(error)
 
     def _admit(self) -> list[_Request]:
         """(Lock held.) Move the oldest waiting requests into free sequences while all their paths fit;

@@ -1,5 +1,6 @@
 """The batched llama.cpp engine on the real Qwen2.5-Coder 0.5B demo GGUF (slow), and its pure helpers."""
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -328,7 +329,7 @@ def test_a_failing_error_path_still_fails_every_caller_and_refuses_more(engine, 
     """When the worker's own error handling raises (releasing a failed request's sequences), every waiting caller
     still gets an error, and from the moment the worker stops, `alive` is False and submit() refuses."""
     broken = Engine(engine.path, max_paths=2, prefix_cache=0)
-    seen = []
+    seen, called = [], threading.Event()
 
     def seq_rm_fails(*args):
         raise RuntimeError("llama_memory_seq_rm failed")
@@ -339,6 +340,7 @@ def test_a_failing_error_path_still_fails_every_caller_and_refuses_more(engine, 
             broken.submit("one more", n=1)
         except MdliteError as error:
             seen.append(str(error))
+        called.set()
 
     try:
         monkeypatch.setattr(broken._llama, "llama_decode", lambda ctx, batch: 1)
@@ -351,7 +353,39 @@ def test_a_failing_error_path_still_fails_every_caller_and_refuses_more(engine, 
         for future in futures[1:]:
             with pytest.raises(MdliteError, match="worker thread died"):
                 future.result(timeout=10)
-        assert seen == [False, "the engine's worker thread died"]
+        assert called.wait(10) and seen == [False, "the engine's worker thread died"]
+    finally:
+        monkeypatch.undo()
+        broken.close()
+
+
+@pytest.mark.slow
+def test_nothing_submitted_hangs_when_the_context_cannot_be_created(engine, monkeypatch):
+    """A context llama.cpp fails to create (here: an exception, not a NULL) fails the waiting requests; a request
+    submitted meanwhile (from a failed future's done-callback, on the worker's thread) is answered or refused,
+    never left queued for a worker that has stopped."""
+    broken = Engine(engine.path, max_paths=2, prefix_cache=0)
+    late, called = [], threading.Event()
+
+    def no_memory(model, params):
+        raise RuntimeError("no device memory")
+
+    def submit_again(future):
+        with contextlib.suppress(MdliteError):  # refused: the engine says it has stopped
+            late.append(broken.submit("one more", n=1, max_tokens=2))
+        called.set()
+
+    try:
+        monkeypatch.setattr(broken._llama, "llama_init_from_model", no_memory)
+        with broken._cond:
+            first = broken.submit(student_prompt(QUESTIONS[0], style="cot"), n=1, max_tokens=8)
+            first.add_done_callback(submit_again)
+        with pytest.raises((RuntimeError, MdliteError)):
+            first.result(timeout=10)
+        assert called.wait(10)
+        for future in late:
+            with pytest.raises((RuntimeError, MdliteError)):
+                future.result(timeout=10)
     finally:
         monkeypatch.undo()
         broken.close()
