@@ -9,7 +9,8 @@ paths, and a finished path's place goes to the next waiting one at once.
 
 `Engine.submit(prompt, n=...)` queues a request and returns a `concurrent.futures.Future` of its n
 `Generation`s; any thread may submit (teach's event loop, eval's loop, one coroutine per served request),
-and `Future.cancel()` drops a request's paths at the next decode step. One worker thread owns the
+and `Future.cancel()` drops a request's paths at the next decode step (futures' done-callbacks run on the
+worker thread; `close()` there lets the running step finish first). One worker thread owns the
 llama.cpp context and repeats one step: admit waiting requests (oldest first) while free sequences are
 left for all of a request's paths: evaluate the prompt alone, copy its KV cells to its n sequences
 (`llama_memory_seq_cp`), sample each path's first token; then decode every live path in one batch, each
@@ -20,14 +21,17 @@ sequence nobody takes is filled by moving the path on the highest id into it (it
 Requests with different sampling settings share batches. A path ends on an end-of-generation token, a
 stop string (the text is cut before it), its `stop_after` callable (given the text so far, the index
 where it is complete or None; the text is kept up to that index: prompts.STOP_AFTER ends CoT after its
-answer sentence and PoT after its program's closing fence) or its `max_tokens` budget. `sample()` is
-submit-all-and-wait.
+answer sentence and PoT after its program's closing fence) or its `max_tokens` budget. What raises while a
+path is handled (its stop_after, ...) fails that path's request alone; a failed `llama_decode` fails every
+request in flight. `sample()` is submit-all-and-wait.
 
 Context: `max_paths` sequences of `n_ctx` KV cells each, plus one per prefix-cache slot, allocated once.
 A request whose prompt + max_tokens exceeds n_ctx fails alone (MdliteError from `submit`). `n_ctx` 0
 sizes the context from the requests waiting when it is first needed, and regrows it (which empties the
-prefix cache) only when a longer request arrives, once the paths in flight have ended. Memory: about
-2 x 1.06 bytes x n_layers x n_kv_heads x head_dim per cell (Q8_0 K and V): ~6.5 KB for the 0.5B demo
+prefix cache) only when a longer request arrives, once the paths in flight have ended. The worker creates it
+without the engine's lock, so submit() does not wait for llama.cpp's allocation; the new context is made before
+the old one is freed, so when llama.cpp cannot make it, only the requests that do not fit the old one fail.
+Memory: about 2 x 1.06 bytes x n_layers x n_kv_heads x head_dim per cell (Q8_0 K and V): ~6.5 KB for the 0.5B demo
 model, ~0.27 MB for a 7B LLaMA, so 16 paths + 2 slots of 1,024 cells take ~120 MB and ~5 GB.
 
 Prefix cache: the engine keeps the KV cells of its last `prefix_cache` prompts, one KV stream each
@@ -64,6 +68,10 @@ gives prompt p the seed `derive_seed(seed, p)` (or the caller's own per-prompt s
 therefore does not depend on how many other paths share its batch, and a later request with
 `first_path=k` continues a run of k paths. Temperature 0 is greedy.
 
+Tokens: special-token markers written in a prompt (a chat template's `<|im_start|>`) are special tokens, as in
+llama.cpp's server, but the user text of a `Prompt` (mdlite.prompts: the question in the student and teacher
+prompts) is plain text, whatever it says; the rest gets the same ids as llama.cpp's tokenizer gives the whole text.
+
 Threads: `n_threads` 0 uses the machine's physical cores. The model is opened through mdlite's one door
 to llama.cpp (`mdlite/llamacpp.py`: threads, GPU layers, environment, no repacked weights).
 """
@@ -75,6 +83,7 @@ import ctypes
 import hashlib
 import heapq
 import logging
+import re
 import threading
 import time
 from collections import deque
@@ -87,6 +96,7 @@ from typing import Any
 
 from mdlite import MdliteError
 from mdlite.llamacpp import gpu_layers, llama_cpp_module, load_model, physical_cores
+from mdlite.prompts import Prompt
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +159,7 @@ class Engine:
         self._cond = threading.Condition()
         self._worker: threading.Thread | None = None
         self._closing = False
+        self._stopped = False  # the worker has stopped (closed, or died): nothing queued would be answered
         self._piece = ctypes.create_string_buffer(256)
         self._eog: list[int] | None = None  # end-of-generation tokens, listed on first use
         log.info("loaded %s (%d threads, n_gpu_layers %d)", self.path, self.n_threads, self.n_gpu_layers)
@@ -162,41 +173,42 @@ class Engine:
 
     @property
     def alive(self) -> bool:
-        """False once the engine is closed or its worker thread died."""
-        return not self._closing and (self._worker is None or self._worker.is_alive())
+        """False once the engine is closed or its worker thread stopped."""
+        return not self._closing and not self._stopped
 
     def close(self) -> None:
-        """Fail what is waiting or in flight (MdliteError), stop the worker, free the context and the model."""
+        """Fail what is waiting or in flight (MdliteError), stop the worker, free the context and the model. On
+        the worker's own thread (a future's done-callback, inside its step) it only tells the worker to stop:
+        the worker frees them once the step is done."""
         with self._cond:
             self._closing = True
             self._cond.notify()
-        if self._worker is not None and self._worker is not threading.current_thread():
+        if self._worker is threading.current_thread():
+            return
+        if self._worker is not None:
             self._worker.join()
-        if self.steps:
-            log.info("engine: %d steps, %.1f paths per step, %d moved; %.1f s decoding steps, %.1f s prompts (%d of "
-                     "%d prompt tokens from the prefix cache)", self.steps, self.rows / self.steps, self.moves,
-                     self.step_s, self.prompt_s, self.cached_tokens, self.prompt_tokens)
-        if self._ctx:
-            self._llama.llama_free(self._ctx)
-            self._ctx = None
-        if self._model:
-            self._llama.llama_model_free(self._model)
-            self._model = None
+        self._free_llama()
 
     def tokenize(self, text: str) -> list[int]:
-        """`text` as tokens, with the model's BOS token when it wants one; special tokens written in the
-        text (e.g. a chat template's `<|im_start|>`) become those tokens, as in llama.cpp's server."""
-        if not self._model:
-            raise MdliteError("the engine is closed")
-        data = text.encode("utf-8")
-        size = len(data) + 8
-        for _ in range(2):
-            tokens = (self._llama.llama_token * size)()
-            count = self._llama.llama_tokenize(self._vocab, data, len(data), tokens, size, True, True)
-            if count >= 0:
-                return list(tokens[:count])
-            size = -count
-        raise MdliteError(f"llama.cpp could not tokenize a prompt of {len(data)} bytes")
+        """`text` as tokens, with the model's BOS token when it wants one; special tokens written in the text
+        (e.g. a chat template's `<|im_start|>`) become those tokens, as in llama.cpp's server, except in the user
+        text of a `Prompt` (mdlite.prompts), which is plain text whatever it says."""
+        with self._cond:  # close() frees the model under the lock
+            if not self._model:
+                raise MdliteError("the engine is closed")
+            llama = self._llama
+            tokens = [llama.llama_vocab_bos(self._vocab)] if llama.llama_vocab_get_add_bos(self._vocab) else []
+            plain = ""  # text not tokenized yet: llama.cpp tokenizes the text between special tokens as one piece
+            for i, part in enumerate(text.parts if isinstance(text, Prompt) else [text]):
+                markers = {} if i % 2 else self._markers(part)
+                pattern = "|".join(map(re.escape, sorted(markers, key=len, reverse=True)))
+                for k, piece in enumerate(re.split(f"({pattern})", part) if markers else [part]):
+                    if k % 2:
+                        tokens += [*self._tokens(plain, special=False), markers[piece]]
+                        plain = ""
+                    else:
+                        plain += piece
+            return tokens + self._tokens(plain, special=False)
 
     def submit(self, prompt: str, *, n: int = 1, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                max_tokens: int = 256, stop: Sequence[str] = (), stop_after: StopAfter | None = None, seed: int = 0,
@@ -277,7 +289,8 @@ class Engine:
                               "fewer paths or raise batch_paths (flag --batch-paths)")
 
     def _work(self) -> None:
-        """The worker thread: admit, decode one step, repeat; fail everything left when the engine closes."""
+        """The worker thread: size the context, admit, decode one step, repeat; fail everything left when the
+        engine closes or the worker fails (its error handling included), then refuse new requests."""
         batch = self._llama.llama_batch_init(self.n_batch, 0, 1)
         try:
             while True:
@@ -286,42 +299,58 @@ class Engine:
                         self._cond.wait()
                     if self._closing:
                         break
-                    admitted = self._admit()
+                    cells = self._cells_wanted()
                 try:
+                    if cells:
+                        self._resize(cells)
+                    with self._cond:
+                        admitted = self._admit()
                     self._step(admitted, batch)
                 except Exception as error:  # noqa: BLE001 - a llama.cpp failure reaches every caller, none hangs
                     log.error("the engine failed: %s: %s", type(error).__name__, error)
-                    for request in self._live:
-                        self._release(request)
+                    failed, self._live = self._live, []
+                    for request in failed:
                         request.fail(error)
-                    self._live = []
+                    for request in failed:
+                        self._release(request)
         finally:
-            self._llama.llama_batch_free(batch)
             with self._cond:
+                self._stopped = True
                 left, self._waiting = [*self._live, *self._waiting], deque()
+            for request in left:
+                request.fail(MdliteError("the engine was closed before this request was answered" if self._closing
+                                         else "the engine's worker thread died"))
             for request in self._live:
                 self._release(request)
             self._live = []
-            for request in left:
-                request.fail(MdliteError("the engine was closed before this request was answered"))
+            self._llama.llama_batch_free(batch)
+            if self._closing:
+                self._free_llama()
+
+    def _cells_wanted(self) -> int:
+        """(Lock held.) The KV cells per sequence to (re)create the context with before admitting, or 0: none
+        yet, or (n_ctx 0) a waiting request longer than the context once nothing is in flight."""
+        needed = max((len(r.tokens) + r.max_tokens for r in self._waiting if not r.future.cancelled()), default=0)
+        if not needed or (self._ctx and (self.n_ctx or needed <= self._ctx_cells or self._live)):
+            return 0
+        cells = self.n_ctx or min(needed + needed // 4, self.n_ctx_train)  # headroom for longer prompts
+        return -(-cells // _CTX_ROUND) * _CTX_ROUND
+
+    def _resize(self, cells: int) -> None:
+        """(Re)create the context without the lock (submit() does not wait for llama.cpp's allocation). If it
+        cannot be created, the old one stays: the waiting requests that do not fit it fail (all, without one)."""
+        try:
+            self._new_context(cells)
+        except Exception as error:  # noqa: BLE001 - MdliteError for a NULL context, or what the binding raised
+            with self._cond:
+                failed = [r for r in self._waiting if len(r.tokens) + r.max_tokens > self._ctx_cells]
+                self._waiting = deque(r for r in self._waiting if r not in failed)
+            for request in failed:  # (its done-callbacks may submit again)
+                request.fail(error)
 
     def _admit(self) -> list[_Request]:
         """(Lock held.) Move the oldest waiting requests into free sequences while all their paths fit;
-        cancelled ones are dropped. Sizes (or regrows, once nothing is in flight) the context first."""
-        while self._waiting and self._waiting[0].future.cancelled():
-            self._waiting.popleft()
-        if not self._waiting:
-            return []
-        needed = max(len(r.tokens) + r.max_tokens for r in self._waiting)
-        if self._ctx is None or (not self.n_ctx and needed > self._ctx_cells and not self._live):
-            cells = self.n_ctx or min(needed + needed // 4, self.n_ctx_train)  # headroom for longer prompts
-            try:
-                self._new_context(-(-cells // _CTX_ROUND) * _CTX_ROUND)
-            except MdliteError as error:
-                for request in self._waiting:
-                    request.fail(error)
-                self._waiting.clear()
-                return []
+        cancelled ones are dropped."""
         admitted = []
         while self._waiting:
             request = self._waiting[0]
@@ -357,6 +386,12 @@ class Engine:
                 self._sample_token(path, i)
         mem = llama.llama_get_memory(self._ctx)
         for request in list(self._live):
+            if error := next((path.error for path in request.paths if path.error), None):
+                log.warning("a request failed: %s: %s", type(error).__name__, error)
+                self._live.remove(request)
+                self._release(request)
+                request.fail(error)
+                continue
             for path in request.paths:
                 if path.finish_reason and path.sampler is not None:
                     llama.llama_sampler_free(path.sampler)
@@ -428,10 +463,8 @@ class Engine:
         request.seqs = []
 
     def _new_context(self, cells: int) -> None:
+        """A context of `cells` KV cells per sequence, replacing the old one (freed only once this one exists)."""
         llama = self._llama
-        if self._ctx:
-            llama.llama_free(self._ctx)
-            self._ctx = None
         seqs = self.max_paths + self.prefix_cache
         params = llama.llama_context_default_params()
         params.n_ctx, params.n_seq_max, params.kv_unified = cells * seqs, seqs, False
@@ -439,15 +472,31 @@ class Engine:
         params.type_k = params.type_v = llama.GGML_TYPE_Q8_0
         params.n_batch = params.n_ubatch = self.n_batch
         params.n_threads = params.n_threads_batch = self.n_threads
-        self._ctx = llama.llama_init_from_model(self._model, params)
-        if not self._ctx:
-            self._ctx_cells = 0
+        ctx = llama.llama_init_from_model(self._model, params)
+        if not ctx:
             raise MdliteError(f"llama.cpp could not create a context of {cells} KV cells for each of {seqs} "
                               "sequences; lower n_ctx (flag --num-ctx), max_tokens or batch_paths")
-        self._ctx_cells = cells
-        self._cached = [_Cached(seq=i) for i in range(self.prefix_cache)]
-        self._free = list(range(self.prefix_cache, seqs))  # sorted, so already a heap
+        with self._cond:
+            if self._ctx:
+                llama.llama_free(self._ctx)
+            self._ctx, self._ctx_cells = ctx, cells
+            self._cached = [_Cached(seq=i) for i in range(self.prefix_cache)]
+            self._free = list(range(self.prefix_cache, seqs))  # sorted, so already a heap
         log.debug("context: %d cells per sequence, %d sequences", cells, seqs)
+
+    def _free_llama(self) -> None:
+        """Free the context and the model (once; under the lock, which tokenize() holds)."""
+        with self._cond:
+            if self._model and self.steps:
+                log.info("engine: %d steps, %.1f paths per step, %d moved; %.1f s decoding steps, %.1f s prompts (%d "
+                         "of %d prompt tokens from the prefix cache)", self.steps, self.rows / self.steps, self.moves,
+                         self.step_s, self.prompt_s, self.cached_tokens, self.prompt_tokens)
+            if self._ctx:
+                self._llama.llama_free(self._ctx)
+                self._ctx = None
+            if self._model:
+                self._llama.llama_model_free(self._model)
+                self._model = None
 
     def _sampler(self, temperature: float, top_p: float, top_k: int, seed: int, *, ignore_eos: bool) -> Any:
         llama = self._llama
@@ -508,10 +557,34 @@ class Engine:
                               f"with a KV cache of {self._ctx_cells} cells; lower paths or max_tokens")
         return time.perf_counter() - started
 
+    def _markers(self, text: str) -> dict[str, int]:
+        """The special tokens written in `text` (those llama.cpp reads only when asked to), by their text."""
+        llama, kinds = self._llama, self._llama.LLAMA_TOKEN_ATTR_CONTROL | self._llama.LLAMA_TOKEN_ATTR_UNKNOWN
+        return {llama.llama_vocab_get_text(self._vocab, token).decode("utf-8", "replace"): token
+                for token in self._tokens(text, special=True) if llama.llama_vocab_get_attr(self._vocab, token) & kinds}
+
+    def _tokens(self, text: str, *, special: bool) -> list[int]:
+        """llama.cpp's tokens of `text`, no BOS; `special`: special tokens written in it become those tokens."""
+        data = text.encode("utf-8")
+        size = len(data) + 8
+        for _ in range(2):
+            tokens = (self._llama.llama_token * size)()
+            count = self._llama.llama_tokenize(self._vocab, data, len(data), tokens, size, False, special)
+            if count >= 0:
+                return list(tokens[:count])
+            size = -count
+        raise MdliteError(f"llama.cpp could not tokenize a prompt of {len(data)} bytes")
+
     def _sample_token(self, path: _Path, row: int) -> None:
-        """Sample `path`'s next token from the logits of batch row `row` and add it to the path, ending it on
-        end-of-generation, a stop string, its stop_after or its budget."""
-        token = self._llama.llama_sampler_sample(path.sampler, self._ctx, row)
+        """Sample `path`'s next token from the logits of batch row `row` and add it to the path (`_add_token`).
+        What raises there (its stop_after, ...) ends the path with that error: it fails its own request alone."""
+        try:
+            self._add_token(path, self._llama.llama_sampler_sample(path.sampler, self._ctx, row))
+        except Exception as error:  # noqa: BLE001 - one path's failure is its request's, not the batch's
+            path.error, path.finish_reason = error, "error"
+
+    def _add_token(self, path: _Path, token: int) -> None:
+        """Add `token` to `path`, ending it on end-of-generation, a stop string, its stop_after or its budget."""
         if self._llama.llama_vocab_is_eog(self._vocab, token):
             path.finish(path.decoder.decode(b"", final=True), "stop")
             return
@@ -569,6 +642,7 @@ class _Path:
         self.text = ""
         self.tokens = self.pos = self.last = 0
         self.finish_reason = ""
+        self.error: Exception | None = None  # what raised while it was handled (its request fails with it)
         self._longest_stop = max(map(len, stop), default=0)
 
     def add(self, piece: str) -> None:

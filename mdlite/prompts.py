@@ -38,18 +38,33 @@ def prompt_text(name: str) -> str:
     return resources.files("mdlite").joinpath(f"resources/prompts/{name}.txt").read_text("utf-8")
 
 
-def teacher_prompt(question: str, *, style: str) -> str:
-    """Few-shot completion prompt asking the teacher for a `style` rationale of `question`."""
-    _check_style(style)
-    return prompt_text(f"teacher_{style}") + _TEACHER_SUFFIX[style].format(question=question.strip())
+class Prompt(str):
+    """A prompt's text that knows its user text: `Prompt(template, user, template, ...)` (template text and user
+    text alternating, template first) is their concatenation, and `parts` keeps them apart. The engine reads
+    special-token markers (a chat template's `<|im_start|>`) as special tokens in the template parts only: a
+    question that types `<|im_end|>` is text, not the end of its turn."""
+
+    parts: tuple[str, ...]
+
+    def __new__(cls, *parts: str) -> Prompt:
+        prompt = super().__new__(cls, "".join(parts))
+        prompt.parts = parts
+        return prompt
 
 
-def student_prompt(question: str, *, style: str) -> str:
-    """The student's prompt: the question and the style directive; the rationale follows it."""
+def teacher_prompt(question: str, *, style: str) -> Prompt:
+    """Few-shot completion prompt asking the teacher for a `style` rationale of `question` (its user text)."""
     _check_style(style)
-    return prompt_text("student").format(
-        question=question.strip(), directive=STUDENT_DIRECTIVES[style]
-    )
+    head, _, tail = _TEACHER_SUFFIX[style].partition("{question}")
+    return Prompt(prompt_text(f"teacher_{style}") + head, question.strip(), tail)
+
+
+def student_prompt(question: str, *, style: str) -> Prompt:
+    """The student's prompt: the question (its user text) and the style directive; the rationale follows it."""
+    _check_style(style)
+    head, _, tail = prompt_text("student").partition("{question}")
+    directive = STUDENT_DIRECTIVES[style]
+    return Prompt(head.format(directive=directive), question.strip(), tail.format(directive=directive))
 
 
 def prompt_hash(style: str) -> str:
@@ -103,7 +118,7 @@ def _complete_program(text: str) -> tuple[str, int] | None:
 def _parses(code: str) -> bool:
     try:
         ast.parse(code)
-    except (SyntaxError, ValueError):
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # the last two: code nested too deep to parse
         return False
     return True
 

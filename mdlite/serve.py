@@ -77,6 +77,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,9 +111,9 @@ KEEP_ALIVE_S = 5.0  # seconds between SSE keep-alive comments while a streamed r
 
 
 def run(cfg: ServeConfig, *, on_ready: Callable[[str], None] | None = None) -> None:
-    """Serve cfg.model until Ctrl-C / SIGTERM: listen at once (/health says loading), load the model in the
-    background, then `on_ready(base_url)`. MdliteError for an unsafe --host, a missing model or one that does
-    not load or fit."""
+    """Serve cfg.model until Ctrl-C / SIGTERM: listen at once (/health says loading), load the model on a daemon
+    thread (a SIGTERM meanwhile exits at once), then `on_ready(base_url)`. MdliteError for an unsafe --host, a
+    missing model or one that does not load or fit."""
     import uvicorn
 
     from mdlite.engine import Engine
@@ -225,7 +226,7 @@ def create_app(cfg: ServeConfig, load_engine: Callable[[], Any], *, api_key: str
 
     async def load() -> None:
         try:
-            engine = await asyncio.to_thread(load_engine)
+            engine = await _in_daemon_thread(load_engine)
         except Exception as error:  # noqa: BLE001 - reported to the caller, or logged
             app.state.failed = f"{type(error).__name__}: {error}"
             if on_fail:
@@ -779,3 +780,19 @@ def _log_isolation() -> None:
         log.error("the PoT sandbox does not start (%s); requests with PoT paths will get 503", error)
         return
     log.log(logging.INFO if offline else logging.WARNING, "PoT programs run %s", words)
+
+
+async def _in_daemon_thread(function: Callable[[], Any]) -> Any:
+    """`function()` on a daemon thread: unlike asyncio.to_thread's threads, the exit does not wait for it (SIGTERM
+    during a model load exits at once)."""
+    result: Future[Any] = Future()
+
+    def run() -> None:
+        if result.set_running_or_notify_cancel():
+            try:
+                result.set_result(function())
+            except BaseException as error:  # noqa: BLE001 - raised in the awaiting coroutine
+                result.set_exception(error)
+
+    threading.Thread(target=run, name="mdlite-load", daemon=True).start()
+    return await asyncio.wrap_future(result)

@@ -65,11 +65,12 @@ class PathResult:
     index: int  # path number within the question's style (seeded by it)
     text: str
     tokens: int
-    finish_reason: str  # "stop" or "length"
+    finish_reason: str  # "stop", "length", or "error" (not sampled: see `error`)
     answer: float | None
     program: str | None = None  # PoT: the extracted program, None when there was none
     program_error: str | None = None  # PoT: "no program", "timeout", "NameError: ...", None when it answered
     program_stdout: str | None = None  # PoT: what the program printed
+    error: str | None = None  # why the path was not sampled (its prompt does not fit the context, ...)
 
 
 @dataclass(frozen=True)
@@ -176,14 +177,15 @@ def solve_each(engine: Engine, questions: Sequence[Question], *, program_timeout
                program_memory_mb: int = 256) -> Iterator[tuple[int, Solution]]:
     """(position, Solution) of every question, as each is solved: rounds are submitted while fewer than
     twice the engine's sequences are in flight, so a finished path's place is taken at once; the programs of
-    the rounds that finish together run in the sandbox while the engine decodes the others."""
+    the rounds that finish together run in the sandbox while the engine decodes the others. A round the engine
+    refuses (a prompt over n_ctx) gives its question failed paths, not the run an error."""
     waiting = deque(range(len(questions)))
     rounds: dict[int, list[Call]] = {}
     try:
         while waiting or rounds:
             while waiting and sum(call.n for calls in rounds.values() for call in calls) < 2 * engine.max_paths:
                 i = waiting.popleft()
-                if calls := submit_round(engine, questions[i]):
+                if calls := _submit_or_fail(engine, questions[i]):
                     rounds[i] = calls
                 else:
                     yield i, finish(questions[i])
@@ -195,7 +197,7 @@ def solve_each(engine: Engine, questions: Sequence[Question], *, program_timeout
             run_new_programs([(questions[i], take_round(questions[i], rounds.pop(i))) for i in done],
                              program_timeout=program_timeout, program_memory_mb=program_memory_mb)
             for i in done:
-                if calls := submit_round(engine, questions[i]):
+                if calls := _submit_or_fail(engine, questions[i]):
                     rounds[i] = calls
                 else:
                     yield i, finish(questions[i])
@@ -255,18 +257,41 @@ def submit_round(engine: Engine, question: Question) -> list[Call]:
     """Submit what `question` lacks of its next round (one engine request per style; path j of a style
     seeded as the module docstring says, whatever else shares the engine); [] when it is done."""
     targets = next_round(question.found, mode=question.mode, paths=question.paths, early_stop=question.early_stop)
-    calls = []
-    for style, target in (targets or {}).items():
-        prompt, stop = prompt_for(question.question, style, prompt_style=question.prompt_style)
-        done = sum(p.style == style for p in question.found)
-        for first in range(done, target, engine.max_paths):  # requests of at most max_paths paths
-            n = min(engine.max_paths, target - first)
-            future = engine.submit(prompt, n=n, temperature=question.temperature, top_p=question.top_p,
-                                   top_k=question.top_k, max_tokens=question.max_tokens, stop=stop,
-                                   stop_after=STOP_AFTER[style], seed=derive_seed(question.seed, question.id, style),
-                                   first_path=first)
-            calls.append(Call(style, first, n, future))
+    calls: list[Call] = []
+    try:
+        for style, target in (targets or {}).items():
+            prompt, stop = prompt_for(question.question, style, prompt_style=question.prompt_style)
+            done = sum(p.style == style for p in question.found)
+            for first in range(done, target, engine.max_paths):  # requests of at most max_paths paths
+                n = min(engine.max_paths, target - first)
+                future = engine.submit(prompt, n=n, temperature=question.temperature, top_p=question.top_p,
+                                       top_k=question.top_k, max_tokens=question.max_tokens, stop=stop,
+                                       stop_after=STOP_AFTER[style],
+                                       seed=derive_seed(question.seed, question.id, style), first_path=first)
+                calls.append(Call(style, first, n, future))
+    except BaseException:  # a request refused (a prompt over n_ctx): the round's others do not decode on
+        for call in calls:
+            call.future.cancel()
+        raise
     return calls
+
+
+def _submit_or_fail(engine: Engine, question: Question) -> list[Call]:
+    """`submit_round`; while the engine refuses a round (MdliteError: its prompt does not fit the context, ...),
+    that round's paths are recorded as failed, with the reason, and the next round is tried."""
+    while True:
+        try:
+            return submit_round(engine, question)
+        except MdliteError as error:
+            if not engine.alive:  # the engine's failure, not the question's
+                raise
+            log.warning("question %s: %s", question.id[:60], error)
+            targets = next_round(question.found, mode=question.mode, paths=question.paths,
+                                 early_stop=question.early_stop) or {}
+            for style, target in targets.items():
+                question.found += [PathResult(style=style, index=j, text="", tokens=0, finish_reason="error",
+                                              answer=None, error=str(error))
+                                   for j in range(sum(p.style == style for p in question.found), target)]
 
 
 def take_round(question: Question, calls: Sequence[Call]) -> list[int]:

@@ -333,7 +333,8 @@ class LlamaCppTeacher:
     """A GGUF in this process on mdlite's continuously batching engine (every layer on the GPU when llama.cpp
     was built with GPU offload, as the engine's default): each request is submitted as it comes, and the
     engine decodes up to `batch_paths` paths together, a finished path's place taken by the next waiting
-    one. The context is sized once to `num_ctx` cells per path: a prompt that does not fit fails alone."""
+    one. The context is sized once to `num_ctx` cells per path: a prompt that does not fit fails alone. An engine
+    failure is a TeacherError, retryable while the engine still runs; once closed, requests get a TeacherError."""
 
     max_concurrency = None
 
@@ -343,6 +344,7 @@ class LlamaCppTeacher:
         self.n_gpu_layers, self.batch_paths = n_gpu_layers, batch_paths
         self.endpoint = f"in-process {model}"
         self._engine: Any = None
+        self._closed = False
         self._lock = threading.Lock()
 
     async def check(self) -> str | None:
@@ -350,36 +352,50 @@ class LlamaCppTeacher:
 
     async def complete(self, prompt: str, *, n: int = 1, temperature: float, max_tokens: int, stop: list[str],
                        seed: int | None = None, stop_after: StopAfter | None = None) -> list[Completion]:
-        if self._engine is None:
-            await asyncio.to_thread(self._load)
+        engine = self._engine or await asyncio.to_thread(self._load_engine)
         start = time.perf_counter()
         try:
-            future = self._engine.submit(prompt, n=n, temperature=temperature, top_k=40, top_p=0.95,
-                                         max_tokens=max_tokens, stop=stop, stop_after=stop_after,
-                                         seed=random.getrandbits(31) if seed is None else seed)
+            future = engine.submit(prompt, n=n, temperature=temperature, top_k=40, top_p=0.95, max_tokens=max_tokens,
+                                   stop=stop, stop_after=stop_after,
+                                   seed=random.getrandbits(31) if seed is None else seed)
         except (MdliteError, ValueError) as error:  # this prompt cannot be sampled (too long for num_ctx, ...)
             raise TeacherError(f"{self.endpoint}: {error}", retryable=False) from None
-        generations = await asyncio.wrap_future(future)  # cancelling this call drops its paths
+        try:
+            generations = await asyncio.wrap_future(future)  # cancelling this call drops its paths
+        except Exception as error:  # noqa: BLE001 - the engine failed: retryable while it still runs
+            raise TeacherError(f"{self.endpoint}: {_describe(error)}", retryable=engine.alive) from error
         latency = time.perf_counter() - start
         return [Completion(text=g.text, tokens=g.tokens, latency_s=latency, finish_reason=g.finish_reason)
                 for g in generations]
 
     async def aclose(self) -> None:
-        with self._lock:
-            if self._engine is not None:
-                self._engine.close()
-                self._engine = None
+        await asyncio.to_thread(self._close)  # the engine's worker finishes its step off the event loop
 
     def _load(self) -> str | None:
-        from mdlite.engine import Engine
         from mdlite.models import registry
 
+        self._load_engine()
+        card = registry().get(self.model)
+        return card.gguf.get("sha256") if card and card.gguf else None
+
+    def _load_engine(self) -> Any:
+        """The engine, loaded on first use; TeacherError once the teacher is closed."""
+        from mdlite.engine import Engine
+
         with self._lock:
+            if self._closed:
+                raise TeacherError(f"{self.endpoint}: the teacher is closed", retryable=False)
             if self._engine is None:
                 self._engine = Engine(self.model, n_ctx=self.num_ctx, max_paths=self.batch_paths,
                                       n_gpu_layers=self.n_gpu_layers, n_threads=self.n_threads)
-        card = registry().get(self.model)
-        return card.gguf.get("sha256") if card and card.gguf else None
+            return self._engine
+
+    def _close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._engine is not None:
+                self._engine.close()
+                self._engine = None
 
 
 def cut_after(text: str, stop_after: StopAfter | None) -> str:

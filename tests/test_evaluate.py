@@ -369,6 +369,25 @@ def test_eval_of_the_real_gguf_writes_consistent_reports(tmp_path: Path, shared_
 
 
 @pytest.mark.slow
+def test_eval_scores_a_problem_over_the_models_context_as_failed_paths(tmp_path: Path) -> None:
+    """A problem whose prompt exceeds the model's context gets its rows (finish_reason error, no answer); the run
+    goes on with the other problems."""
+    from mdlite.data import Problem
+
+    problems = [Problem("short", "Tom has 3 apples and buys 5 more. How many apples does he have?", 8),
+                Problem("long", "Tom has 3 apples. " * 8000 + "How many apples does he have?", 3)]
+    write_problems(problems, tmp_path / "problems.jsonl")
+    out = tmp_path / "eval"
+    _eval(["--model", "qwen2.5-coder-0.5b-instruct", "--data", str(tmp_path / "problems.jsonl"), "--paths", "0",
+           "--max-tokens", "24", "--output-dir", str(out)])
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert sorted((r["id"], r["style"], r["finish_reason"]) for r in samples if r["id"] == "long") == [
+        ("long", "cot", "error"), ("long", "pot", "error")]
+    assert all(r["finish_reason"] in ("stop", "length") for r in samples if r["id"] == "short")
+    assert json.loads((out / "report.json").read_text())["problems"] == 2
+
+
+@pytest.mark.slow
 def test_eval_resumes_after_kill_9(tmp_path: Path, shared_data: Path) -> None:
     out = tmp_path / "resume"
     command = [str(Path(sys.executable).parent / "mdlite"), "eval", "--model", "qwen2.5-coder-0.5b-instruct", "--data",

@@ -1,5 +1,6 @@
 """Prompts: teacher few-shot exemplars are correct and not from test data; one student template."""
 
+import pickle
 from pathlib import Path
 
 import pytest
@@ -9,8 +10,11 @@ from mdlite.data import load_problems
 from mdlite.prompts import (
     STOP_AFTER,
     STUDENT_DIRECTIVES,
+    STYLES,
     TEACHER_STOP,
+    Prompt,
     extract_program,
+    program_end,
     prompt_hash,
     prompt_text,
     student_prompt,
@@ -56,6 +60,16 @@ def test_student_prompt_has_the_style_directive() -> None:
         student_prompt("q", style="latex")
 
 
+def test_prompts_keep_the_question_apart_as_user_text() -> None:
+    """The engine tokenizes a Prompt's user parts as plain text (tests/test_engine.py)."""
+    for make in (student_prompt, teacher_prompt):
+        for style in STYLES:
+            prompt = make(" Is <|im_end|> text? ", style=style)
+            assert isinstance(prompt, Prompt) and prompt.parts[1] == "Is <|im_end|> text?"
+            assert "".join(prompt.parts) == prompt and len(prompt.parts) == 3
+    assert pickle.loads(pickle.dumps(prompt)).parts == prompt.parts
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
@@ -69,6 +83,14 @@ def test_student_prompt_has_the_style_directive() -> None:
 )
 def test_extract_program(text: str, expected: str | None) -> None:
     assert extract_program(text) == expected
+
+
+@pytest.mark.parametrize("line", ["x = " + "-" * 5000 + "1", "x = " + "not " * 5000 + "1"])
+def test_code_too_deep_for_the_parser_is_no_complete_program(line: str) -> None:
+    """Small models write lines of thousands of `-`; ast.parse raises RecursionError on them, not SyntaxError."""
+    text = f"```python\nprint(1)\n{line}\n```\nMore text."
+    assert program_end(text) is None
+    assert extract_program(text) == f"print(1)\n{line}\n"  # the fenced block, as for any code that does not parse
 
 
 # Where STOP_AFTER ends a generated text, and what is read from the cut text: (style, generated text, cut

@@ -632,6 +632,48 @@ def test_serve_help_and_config_errors():
     assert missing.exit_code == 2 and "no such model file" in missing.output
 
 
+SLOW_LOAD = """
+import sys, time
+import mdlite.engine
+
+class SlowEngine(mdlite.engine.Engine):
+    def __init__(self, *args, **kwargs):
+        time.sleep(120)  # a big model from a slow disk
+        super().__init__(*args, **kwargs)
+
+mdlite.engine.Engine = SlowEngine
+from mdlite.cli import cli
+cli(["serve", "--model", sys.argv[1], "--port", sys.argv[2]])
+"""
+
+
+def test_sigterm_while_the_model_loads_exits_at_once(tmp_path):
+    """SIGTERM during a long model load: the server exits at once (0), without waiting for the load to end."""
+    model = tmp_path / "student.gguf"
+    model.write_bytes(b"GGUF")  # never opened: the signal comes first
+    with contextlib.closing(bind("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-c", SLOW_LOAD, str(model), str(port)])
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None and time.monotonic() < deadline, "mdlite serve did not start"
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert (health.status_code, health.json()["status"]) == (503, "loading")
+        process.send_signal(signal.SIGTERM)
+        signalled = time.perf_counter()
+        assert process.wait(timeout=60) == 0
+        assert time.perf_counter() - signalled < 10
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+
 # ---- the real model -------------------------------------------------------------------------------
 
 MODEL = "qwen2.5-coder-0.5b-instruct"
@@ -640,6 +682,37 @@ LOAD_QUESTIONS = ["Tom has 3 apples and buys 5 more. How many apples does he hav
                   "Sara had 20 dollars and spent 7. How much money is left?",
                   "There are 9 birds on a tree and 4 fly away. How many birds are left?"]
 SETTINGS = ["--prompt-style", "few-shot", "--paths", "2", "--temperature", "0.7", "--max-tokens", "24"]
+
+
+@pytest.mark.slow
+def test_health_answers_while_the_engine_creates_its_context(monkeypatch):
+    """A request that arrives while the engine creates its context (llama.cpp allocating the KV cache) does not
+    hold up the event loop: /health answers at once."""
+    from mdlite.engine import Engine
+
+    engine = Engine(MODEL, max_paths=4, prefix_cache=0)
+    creating = threading.Event()
+    create = engine._llama.llama_init_from_model
+
+    def slow_create(model, params):
+        creating.set()
+        time.sleep(3)
+        return create(model, params)
+
+    monkeypatch.setattr(engine._llama, "llama_init_from_model", slow_create)
+    try:
+        with serving(engine, paths=1, max_tokens=8, temperature=0.0) as (url, _, _), ThreadPoolExecutor(2) as pool:
+            first = pool.submit(chat, url, timeout=120)
+            assert creating.wait(30)
+            second = pool.submit(chat, url, "A box holds 12 pens. How many pens are in 4 boxes?", timeout=120)
+            time.sleep(0.5)  # the second request is submitted to the engine while the context is created
+            started = time.perf_counter()
+            assert httpx.get(f"{url}/health", timeout=30).json()["status"] == "ok"
+            assert time.perf_counter() - started < 1
+            assert first.result().status_code == second.result().status_code == 200
+    finally:
+        monkeypatch.undo()
+        engine.close()
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ from concurrent.futures import Future
 import pytest
 from click.testing import CliRunner
 
+from mdlite import MdliteError
 from mdlite.cli import cli
 from mdlite.engine import Generation, derive_seed
 from mdlite.solve import solve_questions
@@ -89,6 +90,33 @@ def test_a_round_of_more_paths_than_the_engine_decodes_together_is_split():
     assert [p.index for p in q1.paths] == [0, 1, 2, 3] and q1.answer == 8
 
 
+class RefusingEngine(ScriptedEngine):
+    """Refuses Q2's PoT prompt as the engine refuses a prompt over n_ctx; Q2's CoT request stays pending."""
+
+    alive = True
+    refusal = "a prompt of 300 tokens + max_tokens 256 needs 556 KV cells per path, but n_ctx is 512"
+
+    def submit(self, prompt, **kwargs):
+        if "Q2" not in prompt:
+            return super().submit(prompt, **kwargs)
+        if "Python program" in prompt:
+            raise MdliteError(self.refusal)
+        self.pending = Future()
+        return self.pending
+
+
+def test_a_question_that_cannot_be_sampled_is_its_own_error_row():
+    """A round whose second request is refused cancels its first; the question gets failed paths with the
+    reason, and the run goes on with the other questions."""
+    engine = RefusingEngine(SCRIPT)
+    [q1, q2] = solve_questions(engine, ["Q1", "Q2"], mode="mixed", paths=2)
+    assert engine.pending.cancelled()  # Q2's CoT request does not decode on for nothing
+    assert q1.answer == 8 and [p.finish_reason for p in q1.paths] == ["stop", "stop"]
+    assert q2.answer is None and q2.tokens == 0
+    assert [(p.style, p.index, p.finish_reason, p.error) for p in q2.paths] == [
+        ("cot", 0, "error", engine.refusal), ("pot", 0, "error", engine.refusal)]
+
+
 def test_few_shot_prompts_use_the_teacher_stops():
     engine = ScriptedEngine(SCRIPT)
     solve_questions(engine, ["Q1"], mode="mixed", paths=2, prompt_style="few-shot")
@@ -133,7 +161,7 @@ def test_solve_json_from_stdin_on_the_real_model(tmp_path):
     assert set(records[0]) == {"id", "question", "answer", "vote", "paths", "paths_saved", "tokens"}
     assert set(records[0]["vote"]) == {"answer", "tallies", "decided_by"}
     assert set(records[0]["paths"][0]) == {"style", "index", "text", "tokens", "finish_reason", "answer", "program",
-                                           "program_error", "program_stdout"}
+                                           "program_error", "program_stdout", "error"}
     assert [r["answer"] for r in records] == [8, 48]  # few-shot Qwen gets these right
     for record in records:
         assert len(record["paths"]) + record["paths_saved"] == 4
@@ -149,3 +177,20 @@ def test_solve_json_from_stdin_on_the_real_model(tmp_path):
     assert shown.stdout.startswith("answer: 8\nvotes: 8 x2 (cot 1, pot 1)")
     assert "--- pot path 0: answer 8" in shown.output and "def solution" in shown.output
     assert "[program: ok" in shown.output
+
+
+@pytest.mark.slow
+def test_an_over_long_question_is_its_own_error_row_on_the_real_model():
+    """A question whose prompt does not fit n_ctx gets failed paths naming the flag to change; the questions beside
+    it get the answers they get alone."""
+    from mdlite.engine import Engine
+
+    short = "Tom has 3 apples and buys 5 more. How many apples does he have?"
+    knobs = {"mode": "mixed", "paths": 2, "temperature": 0.0, "max_tokens": 32}
+    with Engine("qwen2.5-coder-0.5b-instruct", n_ctx=256, max_paths=4) as engine:
+        [alone] = solve_questions(engine, [short], **knobs)
+        [long, beside] = solve_questions(engine, [" ".join(["Tom has 3 apples."] * 60), short], **knobs)
+    assert beside == alone and beside.answer is not None
+    assert long.answer is None
+    assert [(p.style, p.finish_reason) for p in long.paths] == [("cot", "error"), ("pot", "error")]
+    assert all("n_ctx is 256" in p.error and "--num-ctx" in p.error for p in long.paths)

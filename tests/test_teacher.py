@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -318,7 +319,90 @@ def test_an_engine_failure_reaches_every_caller(monkeypatch: pytest.MonkeyPatch)
             await teacher.aclose()
 
     results = asyncio.run(go())
-    assert [type(r) for r in results] == [MemoryError] * 3
+    assert [type(r) for r in results] == [TeacherError] * 3
+    assert all("MemoryError: no room for the KV cache" in str(r) for r in results)
+
+
+@pytest.mark.slow
+def test_an_engine_failure_is_retried_by_the_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure of the in-process engine reaches the pool as a TeacherError, retryable while the engine lives:
+    the pool's retry rules apply to it as to an HTTP teacher's 503."""
+    async def go() -> list:
+        pool = make_pool(f"llamacpp:{DEMO_TEACHER}", retries=1, backoff_s=0.01)
+        try:
+            await pool.check()
+            [teacher] = pool.teachers
+            decode, calls = teacher._engine._llama.llama_decode, itertools.count()
+
+            def fails_once(ctx: object, batch: object) -> int:
+                if next(calls) == 0:
+                    raise MemoryError("no room for the KV cache")
+                return decode(ctx, batch)
+
+            monkeypatch.setattr(teacher._engine._llama, "llama_decode", fails_once)
+            return await pool.complete(teacher_prompt(QUESTION, style="cot"), temperature=0.0, max_tokens=8, stop=[])
+        finally:
+            monkeypatch.undo()
+            await pool.aclose()
+
+    [completion] = asyncio.run(go())
+    assert completion.tokens > 0
+
+
+@pytest.mark.slow
+def test_a_closed_in_process_teacher_refuses_requests_without_loading_again() -> None:
+    async def go() -> object:
+        teacher = make_teacher(f"llamacpp:{DEMO_TEACHER}")
+        await teacher.check()
+        await teacher.aclose()
+        try:
+            with pytest.raises(TeacherError, match="closed"):
+                await teacher.complete("Count: 1, 2,", temperature=0.0, max_tokens=4, stop=[])
+            return teacher._engine
+        finally:
+            await teacher.aclose()
+
+    assert asyncio.run(go()) is None  # no model loaded again
+
+
+@pytest.mark.slow
+def test_closing_the_in_process_teacher_keeps_the_event_loop_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    """aclose() waits for the engine's worker to finish its step off the event loop; the request in flight
+    fails with a non-retryable TeacherError."""
+    decoding = threading.Event()
+
+    async def go() -> tuple:
+        teacher = make_teacher(f"llamacpp:{DEMO_TEACHER}")
+        await teacher.check()
+        decode = teacher._engine._llama.llama_decode
+
+        def slow_decode(ctx: object, batch: object) -> int:
+            decoding.set()
+            time.sleep(2)
+            return decode(ctx, batch)
+
+        monkeypatch.setattr(teacher._engine._llama, "llama_decode", slow_decode)
+        request = asyncio.ensure_future(teacher.complete("Count: 1, 2,", temperature=0.0, max_tokens=8, stop=[]))
+        await asyncio.to_thread(decoding.wait, 30)
+        gaps = []
+
+        async def beat() -> None:
+            while True:
+                started = time.perf_counter()
+                await asyncio.sleep(0.05)
+                gaps.append(time.perf_counter() - started)
+
+        beating = asyncio.ensure_future(beat())
+        try:
+            await teacher.aclose()
+        finally:
+            beating.cancel()
+            monkeypatch.undo()
+        return gaps, (await asyncio.gather(request, return_exceptions=True))[0]
+
+    gaps, failed = asyncio.run(go())
+    assert len(gaps) > 10 and max(gaps) < 0.5  # the loop ran every 50 ms while the worker finished its step
+    assert isinstance(failed, TeacherError) and not failed.retryable and "closed" in str(failed)
 
 
 def _free_port() -> int:
