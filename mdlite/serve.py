@@ -87,7 +87,7 @@ from urllib.parse import urlsplit
 from mdlite import MdliteError
 from mdlite.answers import answers_match, extract_answer, format_number
 from mdlite.config import ServeConfig
-from mdlite.prompts import STUDENT_DIRECTIVES, prompt_text
+from mdlite.prompts import STUDENT_DIRECTIVES, Prompt, prompt_text
 from mdlite.solve import Question, Solution, prompt_for, solve_one
 from mdlite.vote import MODES
 
@@ -304,7 +304,7 @@ def create_app(cfg: ServeConfig, load_engine: Callable[[], Any], *, api_key: str
         body = await _read_json(request, limit=64 * cfg.max_prompt_tokens + 65536, timeout=cfg.read_timeout_s)
         job, asked = _parse(body, cfg, chat=chat)
         engine = app.state.engine
-        tokens = len(engine.tokenize(job.question))
+        tokens = len(engine.tokenize(Prompt("", job.question)))  # user text: its markers are plain text
         if tokens > cfg.max_prompt_tokens:
             raise _HttpError(400, f"the question has {tokens} tokens, over the limit of {cfg.max_prompt_tokens} "
                                   "(mdlite serve --max-prompt-tokens)", param="messages" if chat else "prompt",
