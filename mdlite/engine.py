@@ -72,6 +72,15 @@ Tokens: special-token markers written in a prompt (a chat template's `<|im_start
 llama.cpp's server, but the user text of a `Prompt` (mdlite.prompts: the question in the student and teacher
 prompts) is plain text, whatever it says; the rest gets the same ids as llama.cpp's tokenizer gives the whole text.
 
+Sequence copies: with `kv_unified` off each sequence is a KV stream of its own, and `llama_memory_seq_cp`
+between two of them (the whole stream only) splits in two: the cells' positions and sequence ids are copied
+at once, the K/V buffers are queued and copied, in the order queued, at the start of the next
+`llama_decode`; `llama_memory_seq_rm` changes the cells' metadata only, never buffer data. So a move
+(`_pack`: copy to the lower id, then empty the old one), a prefix-cache hit (`_reuse_prefix`: copy the
+cached stream, then cut it after the shared prefix) and a prompt's fan-out to its paths (`_start`) are
+complete when the next decode reads them, as long as no decode writes a source stream in between (none
+does: copies are queued only between decodes). tests/test_engine.py checks each by the logits' bytes.
+
 Threads: `n_threads` 0 uses the machine's physical cores. The model is opened through mdlite's one door
 to llama.cpp (`mdlite/llamacpp.py`: threads, GPU layers, environment, no repacked weights).
 """
@@ -360,31 +369,46 @@ class Engine:
             if len(request.tokens) + request.max_tokens > self._ctx_cells or request.n > len(self._free):
                 break  # it waits for free sequences or, with n_ctx 0, for the context to regrow
             self._waiting.popleft()
-            request.seqs = [heapq.heappop(self._free) for _ in range(request.n)]
+            request.paths = [_Path(seq=heapq.heappop(self._free), key=(request.seed, request.first_path + j),
+                                   stop=request.stop, stop_after=request.stop_after, max_tokens=request.max_tokens)
+                             for j in range(request.n)]
             admitted.append(request)
         return admitted
 
     def _step(self, admitted: list[_Request], batch: Any) -> None:
-        """Drop cancelled requests, start the admitted ones (each prompt alone), decode one token of every
-        live path, then free the sequences of the paths that ended and resolve finished requests."""
-        llama = self._llama
-        for request in [r for r in self._live if r.future.cancelled()]:
-            self._release(request)
-            self._live.remove(request)
+        """One step of the worker: drop cancelled requests, start the admitted ones, decode one token of every
+        live path, then settle what ended."""
+        self._drop_cancelled()
         self._live += admitted  # before any starts: a failure below releases them all
         for request in admitted:
             self._start(request, batch)
+        self._decode_live(batch)
+        self._settle()
+
+    def _drop_cancelled(self) -> None:
+        """Release the requests whose futures were cancelled (Future.cancel())."""
+        for request in [r for r in self._live if r.future.cancelled()]:
+            self._release(request)
+            self._live.remove(request)
+
+    def _decode_live(self, batch: Any) -> None:
+        """Decode every live path's pending token in one batch (sequence order, consecutive ids: `_pack`) and
+        sample each path's next token."""
         live = self._pack()
-        if live:
-            for i, path in enumerate(live):
-                _put(batch, i, path.last, path.pos, path.seq, logits=True)
-            self.step_s += self._decode(batch, len(live))
-            self.steps += 1
-            self.rows += len(live)
-            for i, path in enumerate(live):
-                path.pos += 1
-                self._sample_token(path, i)
-        mem = llama.llama_get_memory(self._ctx)
+        if not live:
+            return
+        for i, path in enumerate(live):
+            _put(batch, i, path.pending_token, path.pos, path.seq, logits=True)
+        self.step_s += self._decode(batch, len(live))
+        self.steps += 1
+        self.rows += len(live)
+        for i, path in enumerate(live):
+            path.pos += 1
+            self._sample_token(path, i)
+
+    def _settle(self) -> None:
+        """Fail the requests one of whose paths raised, free the sequence of every path that ended, and
+        resolve the requests whose paths have all ended."""
         for request in list(self._live):
             if error := next((path.error for path in request.paths if path.error), None):
                 log.warning("a request failed: %s: %s", type(error).__name__, error)
@@ -393,13 +417,8 @@ class Engine:
                 request.fail(error)
                 continue
             for path in request.paths:
-                if path.finish_reason and path.sampler is not None:
-                    llama.llama_sampler_free(path.sampler)
-                    path.sampler = None
-                    llama.llama_memory_seq_rm(mem, path.seq, -1, -1)
-                    request.seqs.remove(path.seq)
-                    with self._cond:
-                        heapq.heappush(self._free, path.seq)
+                if path.finish_reason:
+                    self._free_path(path)
             if all(path.finish_reason for path in request.paths):
                 self._live.remove(request)
                 request.succeed()
@@ -408,34 +427,29 @@ class Engine:
         """The live paths in sequence order, holding consecutive ids: llama.cpp splits a batch into one ubatch
         per run of consecutive sequence ids (its KV streams), each reading all the weights again. A path on
         the highest id moves into the lowest free one (llama.cpp copies its KV stream: the text is the same)."""
-        live = sorted(((path, request) for request in self._live for path in request.paths if not path.finish_reason),
-                      key=lambda item: item[0].seq)
+        live = sorted((path for request in self._live for path in request.paths if not path.finish_reason),
+                      key=lambda path: path.seq)
         mem = self._llama.llama_get_memory(self._ctx)
         moved = []
         with self._cond:
-            while live and self._free and self._free[0] < live[-1][0].seq:
-                path, request = live.pop()
+            while live and self._free and self._free[0] < live[-1].seq:
+                path = live.pop()
                 seq = heapq.heappushpop(self._free, path.seq)
                 self._llama.llama_memory_seq_cp(mem, path.seq, seq, -1, -1)
                 self._llama.llama_memory_seq_rm(mem, path.seq, -1, -1)
-                request.seqs[request.seqs.index(path.seq)] = seq
                 path.seq = seq
-                moved.append((path, request))
+                moved.append(path)
         self.moves += len(moved)
-        return sorted((path for path, _ in live + moved), key=lambda path: path.seq)
+        return sorted(live + moved, key=lambda path: path.seq)
 
     def _start(self, request: _Request, batch: Any) -> None:
         """Evaluate `request`'s prompt alone on its first sequence (after the cells of its longest cached
         prefix), copy it to the other sequences and the prefix cache, sample every path's first token."""
         llama = self._llama
-        prompt, first = request.tokens, request.seqs[0]
-        temperature, top_p, top_k, ignore_eos = request.sampling
-        request.paths = [_Path(seq=seq, key=(request.seed, request.first_path + j), stop=request.stop,
-                               end=request.stop_after, max_tokens=request.max_tokens,
-                               sampler=self._sampler(temperature, top_p, top_k,
-                                                     derive_seed(request.seed, request.first_path + j),
-                                                     ignore_eos=ignore_eos))
-                         for j, seq in enumerate(request.seqs)]
+        prompt, first = request.tokens, request.paths[0].seq
+        temperature, top_p, top_k, ignore_eos = request.sampler_params
+        for path in request.paths:
+            path.sampler = self._sampler(temperature, top_p, top_k, derive_seed(*path.key), ignore_eos=ignore_eos)
         for start in range(self._reuse_prefix(prompt, first), len(prompt), self.n_batch):
             chunk = prompt[start:start + self.n_batch]
             for i, token in enumerate(chunk):
@@ -450,17 +464,20 @@ class Engine:
             self._sample_token(path, len(chunk) - 1)
 
     def _release(self, request: _Request) -> None:
-        """Free the samplers of `request`'s paths and the sequences it still holds."""
+        """Free the samplers and sequences that `request`'s paths still hold."""
         for path in request.paths:
-            if path.sampler is not None:
-                self._llama.llama_sampler_free(path.sampler)
-                path.sampler = None
-        mem = self._llama.llama_get_memory(self._ctx)
-        with self._cond:
-            for seq in request.seqs:
-                self._llama.llama_memory_seq_rm(mem, seq, -1, -1)
-                heapq.heappush(self._free, seq)
-        request.seqs = []
+            self._free_path(path)
+
+    def _free_path(self, path: _Path) -> None:
+        """Free `path`'s sampler and give its sequence back (emptied) to the free ones, once."""
+        if path.sampler is not None:
+            self._llama.llama_sampler_free(path.sampler)
+            path.sampler = None
+        if path.seq is not None:
+            self._llama.llama_memory_seq_rm(self._llama.llama_get_memory(self._ctx), path.seq, -1, -1)
+            with self._cond:
+                heapq.heappush(self._free, path.seq)
+            path.seq = None
 
     def _new_context(self, cells: int) -> None:
         """A context of `cells` KV cells per sequence, replacing the old one (freed only once this one exists)."""
@@ -529,7 +546,7 @@ class Engine:
         if best is None or shared < MIN_PREFIX:
             return 0
         mem = self._llama.llama_get_memory(self._ctx)
-        self._llama.llama_memory_seq_cp(mem, best.seq, seq, -1, -1)  # a whole stream (buffers copied in order)
+        self._llama.llama_memory_seq_cp(mem, best.seq, seq, -1, -1)  # see "Sequence copies" (module docstring)
         self._llama.llama_memory_seq_rm(mem, seq, shared, -1)
         self.cached_tokens += shared
         return shared
@@ -589,7 +606,7 @@ class Engine:
             path.finish(path.decoder.decode(b"", final=True), "stop")
             return
         path.tokens += 1
-        path.last = token
+        path.pending_token = token
         size = self._llama.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, False)
         if size < 0:
             raise MdliteError(f"token {token} does not fit a {len(self._piece)}-byte piece buffer")
@@ -608,18 +625,17 @@ class _Cached:
 
 @dataclass(eq=False)
 class _Request:
-    """A submitted prompt: its paths' settings, and once admitted, its sequences and paths."""
+    """A submitted prompt: its paths' settings, and once admitted, its paths (each holding its sequence)."""
 
     tokens: list[int]
     n: int
-    sampling: tuple[float, float, int, bool]  # temperature, top_p, top_k, ignore_eos
+    sampler_params: tuple[float, float, int, bool]  # temperature, top_p, top_k, ignore_eos
     max_tokens: int
     stop: list[str]
     stop_after: StopAfter | None
     seed: int
     first_path: int
     future: Future[list[Generation]] = field(default_factory=Future)
-    seqs: list[int] = field(default_factory=list)
     paths: list[_Path] = field(default_factory=list)
 
     def succeed(self) -> None:
@@ -632,29 +648,32 @@ class _Request:
 
 
 class _Path:
-    """The state of one sequence while it is being generated."""
+    """One path being generated. It is the one owner of its sequence id (`seq`, None once given back), which
+    `_pack` may change; `pending_token` is the token sampled last, which the next step decodes at `pos`."""
 
-    def __init__(self, *, seq: int, sampler: Any, stop: list[str], end: StopAfter | None = None,
-                 max_tokens: int = 256, key: tuple[int, int] = (0, 0)) -> None:
-        self.seq, self.sampler, self.stop, self.end, self.max_tokens = seq, sampler, stop, end, max_tokens
+    def __init__(self, *, seq: int, stop: list[str], stop_after: StopAfter | None = None, max_tokens: int = 256,
+                 key: tuple[int, int] = (0, 0)) -> None:
+        self.seq: int | None = seq
+        self.sampler: Any = None  # its sampler chain, from _start until it ends
+        self.stop, self.stop_after, self.max_tokens = stop, stop_after, max_tokens
         self.key = key  # (the request's seed, the path's number): which draw this is
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
         self.text = ""
-        self.tokens = self.pos = self.last = 0
+        self.tokens = self.pos = self.pending_token = 0
         self.finish_reason = ""
         self.error: Exception | None = None  # what raised while it was handled (its request fails with it)
         self._longest_stop = max(map(len, stop), default=0)
 
     def add(self, piece: str) -> None:
         """Append decoded text; end the path at the earliest stop string in the new tail, else where its
-        `end` says the text is complete."""
+        `stop_after` says the text is complete."""
         start = max(0, len(self.text) - self._longest_stop + 1)
         self.text += piece
         found = [i for s in self.stop if (i := self.text.find(s, start)) >= 0]
         if found:
             self.text = self.text[:min(found)]
             self.finish_reason = "stop"
-        elif self.end and (cut := self.end(self.text)) is not None:
+        elif self.stop_after and (cut := self.stop_after(self.text)) is not None:
             self.text = self.text[:cut]
             self.finish_reason = "stop"
 

@@ -63,7 +63,7 @@ def test_derive_seed_is_stable_and_spreads():
 
 
 def test_path_cuts_at_the_earliest_stop_string_even_across_pieces():
-    path = _Path(seq=0, sampler=None, stop=["\nQuestion:", "```"])
+    path = _Path(seq=0, stop=["\nQuestion:", "```"])
     for piece in ["x = 1\n", "Quest", "ion: more ``", "`"]:
         path.add(piece)
         if path.finish_reason:
@@ -72,7 +72,7 @@ def test_path_cuts_at_the_earliest_stop_string_even_across_pieces():
 
 
 def _ends(pieces, *, style):
-    path = _Path(seq=0, sampler=None, stop=[], end=STOP_AFTER[style])
+    path = _Path(seq=0, stop=[], stop_after=STOP_AFTER[style])
     for piece in pieces:
         path.add(piece)
         if path.finish_reason:
