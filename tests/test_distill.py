@@ -565,10 +565,13 @@ def fresh_home(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> P
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in DEMO.parent.glob("*.yaml")))
-def test_every_shipped_configs_dry_run_works_on_a_fresh_machine(fresh_home: Path, config: str) -> None:
-    """No run folder exists: the plan is printed in full; a `teach_from` run that is not there yet is the
-    line of the stage that copies it, naming the config that makes it, and only then is the exit non-zero; a
-    shipped dataset (`dataset:NAME`) is copied."""
+def test_every_shipped_configs_dry_run_works_on_a_fresh_machine(fresh_home: Path, shared_data: Path, config: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """No run folder exists (the benchmark data does, as for a user who set MDLITE_DATA): the plan is printed in
+    full; a `teach_from` run that is not there yet is the line of the stage that copies it, naming the config
+    that makes it, and only then is the exit non-zero; a shipped dataset (`dataset:NAME`) passes every check
+    (teacher, data hash, teach settings, prompts) and is copied."""
+    monkeypatch.setenv("MDLITE_DATA", str(shared_data))
     path = DEMO.parent / config
     teach_from = yaml.safe_load(path.read_text())["distill"].get("teach_from")
     result = CliRunner().invoke(cli, ["distill", str(path), "--dry-run"])
@@ -606,3 +609,18 @@ def test_the_gemma_config_would_reuse_svamp_smalls_teach_and_teacher_row(fresh_h
     assert [gemma["distill"].train_data, gemma["distill"].test_data] == ["svamp:train", "svamp:test"]
     assert gemma["distill"].student == "gemma-3-270m" and list(gemma["distill"].variants) == [
         "mixed", "cot-only", "pot-only"]
+
+
+def test_the_shipped_svamp_strong_dataset_is_whole() -> None:
+    """dataset:svamp-strong holds every sample of its teach stage (kept or not) once, as its stats count them."""
+    from mdlite.distill import shipped_dataset
+
+    folder = shipped_dataset("svamp-strong")
+    records = [json.loads(line) for line in (folder / "teach" / "rationales.jsonl").read_text().splitlines()]
+    stats = json.loads((folder / "teach" / "teach_stats.json").read_text())["styles"]
+    assert len({r["key"] for r in records}) == len(records) == 1600
+    for style in ("cot", "pot"):
+        mine = [r for r in records if r["style"] == style]
+        assert len(mine) == stats[style]["samples"] and sum(r["kept"] for r in mine) == stats[style]["kept"]
+    assert {r["teacher"] for r in records} == {"llamacpp:qwen2.5-coder-1.5b-instruct"}
+    assert all(r["answer"] == r["gold"] for r in records if r["kept"])
