@@ -551,9 +551,10 @@ def pack_reusable(run_folder: Path, dest: Path) -> list[str]:
                           "let the run finish it first")
     if dest.resolve() == run_folder.resolve():
         raise MdliteError(f"--pack-reusable: {dest} is the run folder itself; give a new folder")
-    for name in names:
+    for name in REUSABLE:  # a stage packed there before and not finished here would not match its record
         if (dest / name).exists():
             shutil.rmtree(dest / name)
+    for name in names:
         shutil.copytree(run_folder / name, dest / name, ignore=shutil.ignore_patterns(".*.lock", "*.partial"))
     files = {DATA_FILE[_kind(name)] for name in names}
     write_json(dest / "data" / DATA_SHA256, {file: hashlib.sha256((run_folder / "data" / file).read_bytes())
