@@ -284,20 +284,12 @@ def test_user_text_is_plain_text_and_the_templates_markers_are_special(engine, l
 
 
 @pytest.mark.slow
-def test_submit_does_not_wait_for_a_context_being_created(engine, monkeypatch):
+def test_submit_does_not_wait_for_a_context_being_created(engine, monkeypatch, slow_context_creation):
     """The worker creates the context (llama.cpp allocates the KV cache: seconds for a big one) without the lock
     that submit() takes: a caller on an event loop (mdlite serve) is not held up meanwhile."""
     slow = Engine(engine.path, max_paths=2, prefix_cache=0)
-    creating = threading.Event()
-    create = slow._llama.llama_init_from_model
-
-    def slow_create(model, params):
-        creating.set()
-        time.sleep(2)
-        return create(model, params)
-
     try:
-        monkeypatch.setattr(slow._llama, "llama_init_from_model", slow_create)
+        creating = slow_context_creation(slow, 2)
         prompt = student_prompt(QUESTIONS[0], style="cot")
         first = slow.submit(prompt, n=1, max_tokens=4)
         assert creating.wait(30)

@@ -685,21 +685,13 @@ SETTINGS = ["--prompt-style", "few-shot", "--paths", "2", "--temperature", "0.7"
 
 
 @pytest.mark.slow
-def test_health_answers_while_the_engine_creates_its_context(monkeypatch):
+def test_health_answers_while_the_engine_creates_its_context(monkeypatch, slow_context_creation):
     """A request that arrives while the engine creates its context (llama.cpp allocating the KV cache) does not
     hold up the event loop: /health answers at once."""
     from mdlite.engine import Engine
 
     engine = Engine(MODEL, max_paths=4, prefix_cache=0)
-    creating = threading.Event()
-    create = engine._llama.llama_init_from_model
-
-    def slow_create(model, params):
-        creating.set()
-        time.sleep(3)
-        return create(model, params)
-
-    monkeypatch.setattr(engine._llama, "llama_init_from_model", slow_create)
+    creating = slow_context_creation(engine, 3)
     try:
         with serving(engine, paths=1, max_tokens=8, temperature=0.0) as (url, _, _), ThreadPoolExecutor(2) as pool:
             first = pool.submit(chat, url, timeout=120)
