@@ -473,14 +473,15 @@ class DistillConfig:
     base_paths: int = knob(-1, "Sampled paths per style for the untrained student's rows; -1: eval.paths.")
     variants: dict = knob({}, "Named students that share the teach stage, each a mapping of section changes, e.g. "
                               "{mixed: {}, cot-only: {train: {styles: [cot]}}}; {}: one student.")
-    teach_from: str = knob("", "Another distill run's folder (or its teach/), or dataset:NAME (a finished teach stage "
-                               "shipped with mdlite, e.g. dataset:svamp-strong): copy its finished teach stage (and "
-                               "eval-teacher, with teacher_eval) instead of asking the teacher; it must have been made "
-                               "with this config's teacher, data, prompts and teach settings. Empty: teach here.")
+    teach_from: str = knob("", "Another distill run's folder (or its teach/), or rationales:NAME (a finished teach "
+                               "stage shipped with mdlite, e.g. rationales:svamp-strong): copy its finished teach "
+                               "stage (and eval-teacher, with teacher_eval) instead of asking the teacher; it must "
+                               "have been made with this config's teacher, data, prompts and teach settings. Empty: "
+                               "teach here.")
 
     def __post_init__(self) -> None:
         self.output_dir = str(Path(self.output_dir).expanduser())
-        if self.teach_from and not self.teach_from.startswith("dataset:"):
+        if self.teach_from and not self.teach_from.startswith("rationales:"):
             self.teach_from = str(Path(self.teach_from).expanduser())
 
     def problems(self) -> list[str]:

@@ -64,11 +64,12 @@ from mdlite.runinfo import write_json
 log = logging.getLogger(__name__)
 
 STATE = "pipeline.json"
-DATA_SHA256 = "sha256.json"  # a packed run's data/: the hashes of the split files its stages read
+PACKED_INPUTS = "inputs.json"  # a packed run's stand-in for data/: the sha256 of the split files its stages read
 SUMMARY = "summary.md"
 PLOT = "accuracy.png"
 DATA_FILE = {"teach": "train.jsonl", "eval": "test.jsonl"}  # by stage kind: the split file a stage reads
 MODES = ("cot", "pot", "mixed", "hybrid")
+SHIPPED = "rationales:"  # teach_from's prefix for a teach stage shipped with mdlite (resources/rationales/NAME)
 REUSABLE = ("teach", "eval-teacher")  # the stages `teach_from` copies from another run (they read no other stage)
 SET_INSTEAD = {"teacher": "distill.teacher", "model": "distill.student", "data": "distill.train_data / test_data",
                "output_dir": "distill.output_dir"}
@@ -502,10 +503,10 @@ def _overridden(config_path: Path, linked: dict[str, list[dict[str, Any]]]) -> l
 
 def _teach_source(teach_from: str, out: Path, *, must_exist: bool = True) -> Path:
     """The distill run folder that `teach_from` names (the folder itself, or its teach/), or the dataset
-    shipped with mdlite that `dataset:NAME` names. A folder that does not exist yet is accepted unless
+    shipped with mdlite that `rationales:NAME` names. A folder that does not exist yet is accepted unless
     `must_exist` (a dry run reports it as a stage that waits)."""
-    if teach_from.startswith("dataset:"):
-        return shipped_dataset(teach_from.removeprefix("dataset:"))
+    if teach_from.startswith(SHIPPED):
+        return shipped_rationales(teach_from.removeprefix(SHIPPED))
     folder = Path(teach_from)
     if folder.name == "teach" and not (folder / STATE).exists():
         folder = folder.parent
@@ -513,31 +514,31 @@ def _teach_source(teach_from: str, out: Path, *, must_exist: bool = True) -> Pat
         return folder
     if not (folder / STATE).is_file():
         raise MdliteError(f"distill.teach_from: {teach_from} is not a distill run folder (it has no {STATE}); point "
-                          "it at one, e.g. ~/mdlite-runs/svamp-small, or at a shipped dataset: "
-                          f"{', '.join('dataset:' + name for name in shipped_datasets())}")
+                          "it at one, e.g. ~/mdlite-runs/svamp-small, or at rationales shipped with mdlite: "
+                          f"{', '.join(SHIPPED + name for name in shipped_names())}")
     if folder.resolve() == out.resolve():
         raise MdliteError(f"distill.teach_from: {teach_from} is this run's own output_dir; point it at another run "
                           "or remove it")
     return folder
 
 
-def datasets_folder() -> Path:
-    """Where the finished teach stages that ship with mdlite live: resources/datasets/NAME, each a packed run."""
-    return Path(str(resources.files("mdlite").joinpath("resources/datasets")))
+def shipped_folder() -> Path:
+    """Where the finished teach stages that ship with mdlite live: resources/rationales/NAME, each a packed run."""
+    return Path(str(resources.files("mdlite").joinpath("resources/rationales")))
 
 
-def shipped_datasets() -> list[str]:
-    """The names of the shipped datasets (`teach_from: dataset:NAME`)."""
-    folder = datasets_folder()
+def shipped_names() -> list[str]:
+    """The names of the shipped teach stages (`teach_from: rationales:NAME`)."""
+    folder = shipped_folder()
     return sorted(p.name for p in folder.iterdir() if (p / STATE).is_file()) if folder.is_dir() else []
 
 
-def shipped_dataset(name: str) -> Path:
-    """The folder of shipped dataset `name`: a packed distill run (`pack_reusable`) that `teach_from` accepts."""
-    if name not in shipped_datasets():
-        raise MdliteError(f"distill.teach_from: no shipped dataset {name!r}; known: "
-                          f"{', '.join('dataset:' + n for n in shipped_datasets()) or 'none'}")
-    return datasets_folder() / name
+def shipped_rationales(name: str) -> Path:
+    """The folder of shipped teach stage `name`: a packed distill run (`pack_reusable`) that `teach_from` accepts."""
+    if name not in shipped_names():
+        raise MdliteError(f"distill.teach_from: no rationales {name!r} ship with mdlite; known: "
+                          f"{', '.join(SHIPPED + n for n in shipped_names()) or 'none'}")
+    return shipped_folder() / name
 
 
 def pack_reusable(run_folder: Path, dest: Path) -> list[str]:
@@ -557,8 +558,8 @@ def pack_reusable(run_folder: Path, dest: Path) -> list[str]:
     for name in names:
         shutil.copytree(run_folder / name, dest / name, ignore=shutil.ignore_patterns(".*.lock", "*.partial"))
     files = {DATA_FILE[_kind(name)] for name in names}
-    write_json(dest / "data" / DATA_SHA256, {file: hashlib.sha256((run_folder / "data" / file).read_bytes())
-                                             .hexdigest() for file in sorted(files)})
+    write_json(dest / PACKED_INPUTS, {file: hashlib.sha256((run_folder / "data" / file).read_bytes()).hexdigest()
+                                      for file in sorted(files)})
     write_json(dest / STATE, {name: state[name] for name in names})
     return names
 
@@ -616,7 +617,7 @@ def _differences(name: str, cfg: Any, ran: dict[str, Any], data_file: Path, data
              f"{mine[key]!r} here" for key in mine
              if key in theirs and key not in ("data", "output_dir") and theirs[key] != mine[key]]
     theirs_hash = hashlib.sha256(data_file.read_bytes()).hexdigest() if data_file.exists() else \
-        _read_json(data_file.parent / DATA_SHA256).get(data_file.name)  # a packed run keeps the hash only
+        _read_json(data_file.parent.parent / PACKED_INPUTS).get(data_file.name)  # a packed run keeps the hash only
     if data_hash and theirs_hash != data_hash:
         found.append(f"its {data_file} holds other problems")
     prompts = ran.get("inputs", {}).get("prompt_hash") if name == "teach" else ran.get("sampling", {}).get(

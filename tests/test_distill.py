@@ -453,7 +453,7 @@ def test_teach_from_copies_the_teach_stage_and_teacher_row_without_the_teacher(
 def test_a_packed_teach_stage_is_reused_without_the_data_or_the_run_folder(
         teacher_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--pack-reusable keeps teach/, eval-teacher/, their records and the data files' sha256, not the data:
-    the packed folder alone is accepted by teach_from (as dataset:NAME when shipped), and refused when the
+    the packed folder alone is accepted by teach_from (as rationales:NAME when shipped), and refused when the
     data differs, with the message naming it. A stage it does not hold runs here."""
     import shutil
 
@@ -465,15 +465,15 @@ def test_a_packed_teach_stage_is_reused_without_the_data_or_the_run_folder(
     result = CliRunner().invoke(cli, ["distill", str(source_config), "--pack-reusable", str(packed)])
     assert result.exit_code == 0 and "packed teach, eval-teacher of" in result.output, result.output
     shutil.rmtree(tmp_path / "src")  # the run folder is gone (another machine)
-    assert sorted(p.name for p in packed.iterdir()) == ["data", "eval-teacher", "pipeline.json", "teach"]
-    assert [p.name for p in (packed / "data").iterdir()] == ["sha256.json"]  # hashes only, no problems
+    assert sorted(p.name for p in packed.iterdir()) == ["eval-teacher", "inputs.json", "pipeline.json", "teach"]
+    assert set(json.loads((packed / "inputs.json").read_text())) == {"train.jsonl", "test.jsonl"}  # hashes only
 
-    shipped = tmp_path / "datasets"
+    shipped = tmp_path / "shipped"
     shipped.mkdir()
     shutil.copytree(packed, shipped / "tiny")
-    monkeypatch.setattr(distill, "datasets_folder", lambda: shipped)
-    assert distill.shipped_datasets() == ["tiny"]
-    for teach_from in (packed, "dataset:tiny"):
+    monkeypatch.setattr(distill, "shipped_folder", lambda: shipped)
+    assert distill.shipped_names() == ["tiny"]
+    for teach_from in (packed, "rationales:tiny"):
         config = _teach_from_config(tmp_path / "copy", teach_from)
         plan_text = CliRunner().invoke(cli, ["distill", str(config), "--dry-run"]).output
         assert "teach             copy (reused from" in plan_text and "eval-teacher      copy" in plan_text, plan_text
@@ -487,14 +487,15 @@ def test_a_packed_teach_stage_is_reused_without_the_data_or_the_run_folder(
     teach_only = shipped / "tiny"  # packed before its run's teacher row finished: that stage runs here
     shutil.rmtree(teach_only / "eval-teacher")
     (teach_only / "pipeline.json").write_text(json.dumps({"teach": _state(teach_only)["teach"]}))
-    plan_text = CliRunner().invoke(cli, ["distill", str(_teach_from_config(tmp_path / "again", "dataset:tiny")),
+    plan_text = CliRunner().invoke(cli, ["distill", str(_teach_from_config(tmp_path / "again", "rationales:tiny")),
                                          "--dry-run"]).output
     assert "teach             copy (reused from" in plan_text and "eval-teacher      run (never ran)" in plan_text
 
-    other_data = _teach_from_config(tmp_path / "other", "dataset:tiny", distill={"train_data": "synth:6:3"})
+    other_data = _teach_from_config(tmp_path / "other", "rationales:tiny", distill={"train_data": "synth:6:3"})
     _one_line_error(CliRunner().invoke(cli, ["distill", str(other_data), "--dry-run"]), "holds other problems")
-    _one_line_error(CliRunner().invoke(cli, ["distill", str(_teach_from_config(tmp_path / "x", "dataset:nope")),
-                                             "--dry-run"]), "no shipped dataset 'nope'; known: dataset:tiny")
+    unknown = _teach_from_config(tmp_path / "x", "rationales:nope")
+    _one_line_error(CliRunner().invoke(cli, ["distill", str(unknown), "--dry-run"]),
+                    "no rationales 'nope' ship with mdlite; known: rationales:tiny")
 
 
 @pytest.mark.parametrize(("changes", "needle"), [
@@ -555,8 +556,8 @@ def test_teach_from_must_be_another_finished_run(teacher_server: Any, tmp_path: 
 
 @pytest.fixture
 def fresh_home(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty HOME (and MDLITE_HOME), also the working directory: a shipped config's run folder
-    (`~/mdlite-runs/...`, `runs/demo`) names nothing that exists."""
+    """An empty folder in tmp_path as HOME (and MDLITE_HOME) and working directory: a shipped config's run
+    folder (under HOME, or `runs/demo`) names nothing that exists."""
     folder = tmp_path / "fresh-home"
     folder.mkdir()
     monkeypatch.setenv("HOME", str(folder))
@@ -564,12 +565,17 @@ def fresh_home(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> P
     return folder
 
 
+def _under(home: Path, path: str) -> Path:
+    """A config's path as it reads with HOME = `home` (a leading "~/" is that folder)."""
+    return home / path[2:] if path.startswith("~/") else Path(path)
+
+
 @pytest.mark.parametrize("config", sorted(p.name for p in DEMO.parent.glob("*.yaml")))
 def test_every_shipped_configs_dry_run_works_on_a_fresh_machine(fresh_home: Path, shared_data: Path, config: str,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """No run folder exists (the benchmark data does, as for a user who set MDLITE_DATA): the plan is printed in
     full; a `teach_from` run that is not there yet is the line of the stage that copies it, naming the config
-    that makes it, and only then is the exit non-zero; a shipped dataset (`dataset:NAME`) passes every check
+    that makes it, and only then is the exit non-zero; shipped rationales (`rationales:NAME`) pass every check
     (teacher, data hash, teach settings, prompts) and is copied."""
     monkeypatch.setenv("MDLITE_DATA", str(shared_data))
     path = DEMO.parent / config
@@ -578,13 +584,13 @@ def test_every_shipped_configs_dry_run_works_on_a_fresh_machine(fresh_home: Path
     assert "Traceback" not in result.output and "error" not in result.output, result.output
     assert result.output.startswith(f"distill plan for {path}") and "stages would run" in result.output
     assert "up to date" not in result.output and "resume" not in result.output  # nothing ran here
-    if teach_from is None or teach_from.startswith("dataset:"):  # nothing to wait for: a shipped dataset is here
+    if teach_from is None or teach_from.startswith("rationales:"):  # nothing to wait for: they ship with mdlite
         assert result.exit_code == 0, result.output
         assert teach_from is None or "teach             copy (reused from" in result.output
         return
-    source = Path(teach_from).expanduser()
+    source = _under(fresh_home, teach_from)
     makes = [p for p in DEMO.parent.glob("*.yaml")
-             if Path(yaml.safe_load(p.read_text())["distill"]["output_dir"]).expanduser() == source]
+             if _under(fresh_home, yaml.safe_load(p.read_text())["distill"]["output_dir"]) == source]
     assert result.exit_code == 1 and len(makes) == 1
     teach_line = next(line for line in result.output.splitlines() if line.strip().startswith("1. teach"))
     assert f"copy (waits for {source}: run `mdlite distill {makes[0]}` first)" in teach_line
@@ -601,7 +607,7 @@ def test_the_gemma_config_would_reuse_svamp_smalls_teach_and_teacher_row(fresh_h
     small = plan(configs / "svamp-small.yaml", {"output_dir": str(tmp_path / "small")}, download=False)
     gemma = plan(configs / "svamp-gemma.yaml", {"output_dir": str(tmp_path / "gemma")}, download=False)
     small_run = yaml.safe_load((configs / "svamp-small.yaml").read_text())["distill"]["output_dir"]
-    assert gemma["distill"].teach_from == str(Path(small_run).expanduser())  # svamp-small's own run folder
+    assert gemma["distill"].teach_from == str(_under(fresh_home, small_run))  # svamp-small's own run folder
     for name in ("teach", "eval-teacher"):
         theirs = small["stages"][name]
         ours = dataclasses.replace(gemma["stages"][name], data=theirs.data, output_dir=theirs.output_dir)
@@ -611,11 +617,11 @@ def test_the_gemma_config_would_reuse_svamp_smalls_teach_and_teacher_row(fresh_h
         "mixed", "cot-only", "pot-only"]
 
 
-def test_the_shipped_svamp_strong_dataset_is_whole() -> None:
-    """dataset:svamp-strong holds every sample of its teach stage (kept or not) once, as its stats count them."""
-    from mdlite.distill import shipped_dataset
+def test_the_shipped_svamp_strong_rationales_are_whole() -> None:
+    """rationales:svamp-strong holds every sample of its teach stage (kept or not) once, as its stats count them."""
+    from mdlite.distill import shipped_rationales
 
-    folder = shipped_dataset("svamp-strong")
+    folder = shipped_rationales("svamp-strong")
     records = [json.loads(line) for line in (folder / "teach" / "rationales.jsonl").read_text().splitlines()]
     stats = json.loads((folder / "teach" / "teach_stats.json").read_text())["styles"]
     assert len({r["key"] for r in records}) == len(records) == 1600
