@@ -557,9 +557,7 @@ def pack_reusable(run_folder: Path, dest: Path) -> list[str]:
             shutil.rmtree(dest / name)
     for name in names:
         shutil.copytree(run_folder / name, dest / name, ignore=shutil.ignore_patterns(".*.lock", "*.partial"))
-    files = {DATA_FILE[_kind(name)] for name in names}
-    write_json(dest / PACKED_INPUTS, {file: hashlib.sha256((run_folder / "data" / file).read_bytes()).hexdigest()
-                                      for file in sorted(files)})
+    write_json(dest / PACKED_INPUTS, {DATA_FILE[_kind(name)]: _data_hash(run_folder, name) for name in names})
     write_json(dest / STATE, {name: state[name] for name in names})
     return names
 
