@@ -378,16 +378,31 @@ def eval_(config: Path | None, overrides: dict[str, Any]) -> None:
 
 @eval_.command("compare")
 @click.argument("folders", nargs=-1, required=True, type=click.Path(path_type=Path))
-def eval_compare(folders: tuple[Path, ...]) -> None:
+@click.option("--paired", "metrics", multiple=True, metavar="METRIC[:METRIC]",
+              help="With two folders: compare this score of the first (greedy-cot, greedy-pot, MODE@k such as "
+                   "mixed@4) with the second's (after the colon; default: the same), problem by problem "
+                   "(repeatable).  [default: greedy per style and every mode at the largest k]")
+def eval_compare(folders: tuple[Path, ...], metrics: tuple[str, ...]) -> None:
     """Print the reports of eval output folders side by side (e.g. base, student, teacher).
+
+    With two folders of the same problems, a second table pairs them problem by problem: both accuracies,
+    the problems where each scores higher, and the exact two-sided sign test's p (McNemar's exact test
+    for greedy paths), so "B beats A" can be told from noise.
 
     \b
     Example:
       mdlite eval compare runs/eval-base runs/eval-student
+      mdlite eval compare runs/eval-mixed runs/eval-pot-only --paired mixed@4:pot@4 --paired greedy-pot
     """
-    from mdlite.evaluate import compare_reports
+    from mdlite.evaluate import SAMPLES, compare_reports, paired_comparison
 
+    if metrics and len(folders) != 2:
+        raise click.UsageError("--paired compares two folders; give exactly two")
+    pairs = [tuple(m.replace("greedy-", "greedy ") for m in (a, b or a)) for a, _, b in
+             (metric.partition(":") for metric in metrics)]
     click.echo(compare_reports(folders))
+    if len(folders) == 2 and (metrics or all((folder / SAMPLES).exists() for folder in folders)):
+        click.echo("\n" + paired_comparison(*folders, pairs))
 
 
 # ---- export-gguf --------------------------------------------------------------------------------

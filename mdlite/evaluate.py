@@ -84,7 +84,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         plan = sampling_plan(cfg)
         done = load_samples(output_dir / SAMPLES, per_problem=sum(plan.values()),
                             hashes={p.id: problem_hash(p) for p in problems})
-        scores = {p.id: problem_scores(done[p.id], p.answer, cfg) for p in problems if p.id in done}
+        scores = {p.id: problem_scores(done[p.id], p.answer, cfg.mode, cfg.paths) for p in problems if p.id in done}
         if scores:
             log.info("%s: resuming; %d of %d problems are done", output_dir, len(scores), len(problems))
         if len(scores) < len(problems):
@@ -246,14 +246,15 @@ def build_report(problems: list[Problem], done: dict[str, list[dict[str, Any]]],
     }
 
 
-def problem_scores(records: list[dict[str, Any]], gold: float, cfg: EvalConfig) -> dict[str, float]:
-    """One problem's scores: "greedy cot", "greedy pot" (0 or 1) and "MODE@k" (maj@k) for every mode and k."""
+def problem_scores(records: list[dict[str, Any]], gold: float, modes: Sequence[str], paths: int) -> dict[str, float]:
+    """One problem's scores: "greedy cot", "greedy pot" (0 or 1) and "MODE@k" (maj@k) for every mode and
+    k up to `paths`."""
     scores = {f"greedy {r['style']}": float(r["correct"]) for r in records if r["greedy"]}
     pools: dict[str, list[float | None]] = {"cot": [], "pot": []}
     for record in sorted((r for r in records if not r["greedy"]), key=lambda r: r["path"]):
         pools[record["style"]].append(record["answer"])
-    for mode in cfg.mode if cfg.paths else ():
-        scores |= {f"{mode}@{k}": mode_at_k(mode, pools, gold, k) for k in k_values(cfg.paths)}
+    for mode in modes if paths else ():
+        scores |= {f"{mode}@{k}": mode_at_k(mode, pools, gold, k) for k in k_values(paths)}
     return scores
 
 
@@ -341,6 +342,71 @@ def compare_reports(folders: Sequence[str | Path]) -> str:
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in table]
     lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
     return "\n".join(lines)
+
+
+def paired_comparison(first: str | Path, second: str | Path, metrics: Sequence[tuple[str, str]] = ()) -> str:
+    """Two finished evals of the same problems, problem by problem, as a Markdown table: for each pair of
+    metrics (FIRST's, SECOND's; default: every greedy style and mode at the largest k both have), both
+    accuracies, the problems where each scores higher, and the exact two-sided sign test's p over those
+    problems (McNemar's exact test for greedy, right-or-wrong scores; maj@k scores are expectations)."""
+    scores = [_scores_per_problem(Path(folder)) for folder in (first, second)]
+    if scores[0].keys() != scores[1].keys():
+        raise MdliteError(f"{first} and {second} hold different problems ({len(scores[0])} and {len(scores[1])}, "
+                          f"{len(scores[0].keys() ^ scores[1].keys())} not in both); compare evals of the same data")
+    if mismatched := [pid for pid in scores[0] if scores[0][pid][1] != scores[1][pid][1]]:
+        raise MdliteError(f"problem {mismatched[0]} has another question or gold answer in {first} than in "
+                          f"{second}; compare evals of the same data")
+    names = [{name for score, _ in folder.values() for name in score} for folder in scores]
+    pairs = list(metrics) or [(name, name) for name in _default_metrics(names[0] & names[1])]
+    for side, (folder, known) in enumerate(zip((first, second), names, strict=True)):
+        if missing := sorted({pair[side] for pair in pairs} - known):
+            raise MdliteError(f"{folder} has no score {missing[0]!r}; it has: {', '.join(_metric_order(known))}")
+    lines = [f"| metric ({Path(first).name} vs {Path(second).name}, {len(scores[0])} problems) | "
+             f"{Path(first).name} | {Path(second).name} | higher in {Path(first).name} | "
+             f"higher in {Path(second).name} | exact p |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for mine, theirs in pairs:
+        a = [scores[0][pid][0][mine] for pid in scores[0]]
+        b = [scores[1][pid][0][theirs] for pid in scores[0]]
+        wins, losses = sum(x > y for x, y in zip(a, b, strict=True)), sum(x < y for x, y in zip(a, b, strict=True))
+        label = mine if mine == theirs else f"{mine} vs {theirs}"
+        lines.append(f"| {label} | {_percent(_mean(a))} | {_percent(_mean(b))} | {wins} | {losses} | "
+                     f"{sign_test_p(wins, losses):.3g} |")
+    return "\n".join(lines)
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """Exact two-sided sign test of `wins` against `losses` (ties left out): McNemar's exact test."""
+    n = wins + losses
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1))
+    return min(1.0, 2 * tail / 2**n)
+
+
+def _scores_per_problem(folder: Path) -> dict[str, tuple[dict[str, float], str]]:
+    """{problem id: (problem_scores, problem_hash)} of the finished problems of eval folder `folder`, scored
+    from its samples.jsonl with the modes and paths of its run.json."""
+    try:
+        run = json.loads((folder / RUN_JSON).read_text(encoding="utf-8"))
+        modes, paths, plan = run["config"]["mode"], run["config"]["paths"], run["sampling"]["plan"]
+        groups, _ = _read_samples(folder / SAMPLES)
+    except OSError:
+        raise MdliteError(f"{folder}: no run.json and samples.jsonl; run `mdlite eval --output-dir {folder}` "
+                          "first") from None
+    except (ValueError, KeyError, TypeError) as error:
+        raise MdliteError(f"{folder / RUN_JSON}: not an eval record ({error!r})") from None
+    return {pid: (problem_scores(records, records[0]["gold"], modes, paths), records[0].get("problem_hash", ""))
+            for pid, records in groups.items() if len(records) == sum(plan.values())}
+
+
+def _default_metrics(names: set[str]) -> list[str]:
+    """Greedy styles, then every mode at the largest k of `names`."""
+    ks = [int(name.rpartition("@")[2]) for name in names if "@" in name]
+    return [name for name in _metric_order(names) if "@" not in name or name.endswith(f"@{max(ks)}")]
+
+
+def _metric_order(names: set[str]) -> list[str]:
+    """`names` as reports order them: greedy styles, then modes, then k."""
+    order = [*(f"greedy {s}" for s in ("cot", "pot")), *MODE_STYLES]
+    return sorted(names, key=lambda n: (order.index(n.partition("@")[0]), int(n.partition("@")[2] or 0)))
 
 
 def _mean(values: Iterable[float]) -> float:
@@ -539,7 +605,7 @@ def _decode_all(problems: list[Problem], done: dict[str, list[dict[str, Any]]], 
                 sink.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
                 sink.flush()
                 done[problem.id] = records
-                scores[problem.id] = problem_scores(records, problem.answer, cfg)
+                scores[problem.id] = problem_scores(records, problem.answer, cfg.mode, cfg.paths)
                 bar.update()
                 bar.set_postfix_str(_running_accuracy(scores, cfg))
     finally:
@@ -563,19 +629,9 @@ def load_samples(path: Path, *, per_problem: int, hashes: dict[str, str]) -> dic
     from the file."""
     if not path.exists():
         return {}
-    complete, _, torn = path.read_bytes().rpartition(b"\n")
-    if torn.strip():
+    groups, torn = _read_samples(path)
+    if torn:
         log.warning("%s: dropping a torn last line (a run was killed mid-write)", path)
-    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for number, line in enumerate(complete.split(b"\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            groups[record["id"]].append(record)
-        except (ValueError, KeyError, TypeError):
-            raise MdliteError(f"{path}:{number}: not a sample record; delete that line (or the file) and "
-                              "rerun") from None
     finished = {pid: records for pid, records in groups.items() if len(records) == per_problem}
     if len(finished) < len(groups):
         log.warning("%s: dropping the records of %d unfinished problems", path, len(groups) - len(finished))
@@ -590,6 +646,23 @@ def load_samples(path: Path, *, per_problem: int, hashes: dict[str, str]) -> dic
                            encoding="utf-8")
         os.replace(partial, path)
     return done
+
+
+def _read_samples(path: Path) -> tuple[dict[str, list[dict[str, Any]]], bool]:
+    """samples.jsonl's records by problem id, and whether its last line is torn (read only; a line that is
+    not a record is an MdliteError naming it)."""
+    complete, _, torn = path.read_bytes().rpartition(b"\n")
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for number, line in enumerate(complete.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            groups[record["id"]].append(record)
+        except (ValueError, KeyError, TypeError):
+            raise MdliteError(f"{path}:{number}: not a sample record; delete that line (or the file) and "
+                              "rerun") from None
+    return groups, bool(torn.strip())
 
 
 def _check_resumable(output_dir: Path, info: dict[str, Any]) -> None:

@@ -29,7 +29,16 @@ from mdlite.answers import answers_match, format_number
 from mdlite.cli import cli
 from mdlite.config import EvalConfig, load_config
 from mdlite.data import load_problems, write_problems
-from mdlite.evaluate import compare_reports, hybrid_at_k, k_values, load_samples, majority_at_k, mode_at_k, vote_at_k
+from mdlite.evaluate import (
+    compare_reports,
+    hybrid_at_k,
+    k_values,
+    load_samples,
+    majority_at_k,
+    mode_at_k,
+    sign_test_p,
+    vote_at_k,
+)
 from mdlite.llamacpp import server_command
 from mdlite.prompts import STUDENT_STOP, student_prompt
 from mdlite.vote import vote
@@ -222,6 +231,51 @@ def test_eval_of_a_teacher_writes_reports_with_exact_numbers(tmp_path: Path, pro
     assert "| greedy cot" in text and "66.7%" in text and "25.0%" in text
     result = CliRunner().invoke(cli, ["eval", "compare", str(out), str(other)])
     assert result.exit_code == 0 and result.output.strip() == text
+
+
+def test_sign_test_p_is_mcnemars_exact_test() -> None:
+    assert sign_test_p(0, 0) == sign_test_p(3, 3) == 1.0
+    assert sign_test_p(0, 5) == sign_test_p(5, 0) == pytest.approx(2 / 32)
+    assert sign_test_p(20, 6) == pytest.approx(0.00936, abs=1e-5)  # Gemma's mixed vs cot-only in README
+    assert sign_test_p(11, 15) == pytest.approx(0.557, abs=1e-3)
+
+
+def test_two_evals_are_compared_problem_by_problem(tmp_path: Path, problems_file: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    with FakeOllama(model="teacher", parallel=4, script=_teacher_script(problems_file)) as server:
+        monkeypatch.setenv("OLLAMA_HOST", server.url)
+        _eval(["--model", "ollama:teacher", "--data", str(problems_file), "--paths", "2", "--mode", "cot,pot",
+               "--output-dir", str(first)])
+    # first: greedy CoT right on problems 1 and 2, every sampled CoT path too (the third's is wrong).
+    # second: greedy CoT right on problems 2 and 3, every sampled CoT path right.
+    records = [json.loads(line) for line in (first / "samples.jsonl").read_text().splitlines()]
+    ids = list(dict.fromkeys(r["id"] for r in records))
+    for record in records:
+        if record["style"] == "cot":
+            record |= {"correct": record["id"] != ids[0]} if record["greedy"] else {"answer": record["gold"]}
+    second.mkdir()
+    for name in ("run.json", "report.json"):  # second's report.json is first's: only the paired table reads samples
+        (second / name).write_text((first / name).read_text())
+    (second / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    result = CliRunner().invoke(cli, ["eval", "compare", str(first), str(second)])
+    assert result.exit_code == 0, result.output
+    header = "| metric (first vs second, 3 problems) | first | second | higher in first | higher in second |"
+    assert header in result.output
+    assert "| greedy cot | 66.7% | 66.7% | 1 | 1 | 1 |" in result.output
+    assert "| cot@2 | 66.7% | 100.0% | 0 | 1 | 1 |" in result.output
+    assert "| pot@2 | 0.0% | 0.0% | 0 | 0 | 1 |" in result.output and "cot@1" not in result.output
+    result = CliRunner().invoke(cli, ["eval", "compare", str(first), str(second), "--paired", "cot@2:greedy-cot"])
+    assert result.exit_code == 0 and "| cot@2 vs greedy cot | 66.7% | 66.7% | 1 | 1 | 1 |" in result.output
+    assert "| greedy pot |" not in result.output
+
+    result = CliRunner().invoke(cli, ["eval", "compare", str(first), str(second), "--paired", "mixed@2"])
+    assert result.exit_code == 2
+    assert f"{first} has no score 'mixed@2'; it has: greedy cot, greedy pot, cot@1, cot@2, pot@1" in result.output
+    (second / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records if r["id"] != ids[2]))
+    result = CliRunner().invoke(cli, ["eval", "compare", str(first), str(second)])
+    assert result.exit_code == 2 and "hold different problems (3 and 2, 1 not in both)" in result.output
 
 
 def test_samples_of_one_file_are_not_reused_for_another_with_the_same_ids(
