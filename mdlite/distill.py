@@ -162,8 +162,8 @@ def run(config_path: Path, overrides: dict[str, Any], *, force: tuple[str, ...] 
     out = Path(cfg.output_dir)
     write_splits(cfg, out / "data")  # creates out/ once the data loaded
     state = _read_state(out / STATE)
-    copies = {name: _reused_fingerprint(name, stages[name], source, _data_hash(out, name))  # all checked first
-              for name, source in reused.items()}
+    copies = {name: _reused_fingerprint(name, stages[name], source, _data_hash(out, name), state.get(name, {}))
+              for name, source in reused.items()}  # all checked first
     results: dict[str, Any] = {}
     runners: dict[str, Callable[[Any], Any]] = {"teach": _teach, "train": _train, "export": _export,
                                                 "eval": _evaluate}
@@ -220,7 +220,7 @@ def dry_run(config_path: Path, overrides: dict[str, Any], *, force: tuple[str, .
             fates[name] = f"waits for {waiting[name].parent}: {_how_to_make(waiting[name].parent, config_path)}"
             continue
         if name in reused and data_hash:  # checked even when forced: the copy must be usable
-            fingerprint = _reused_fingerprint(name, stage_cfg, reused[name], data_hash)
+            fingerprint = _reused_fingerprint(name, stage_cfg, reused[name], data_hash, state.get(name, {}))
         if name in force:
             fates[name] = "forced"
         elif data_file and data_hash is None:
@@ -552,14 +552,29 @@ def pack_reusable(run_folder: Path, dest: Path) -> list[str]:
                           "let the run finish it first")
     if dest.resolve() == run_folder.resolve():
         raise MdliteError(f"--pack-reusable: {dest} is the run folder itself; give a new folder")
+    records = {name: _made_record(state[name], name) for name in names}  # before dest (maybe a source) is emptied
     for name in REUSABLE:  # a stage packed there before and not finished here would not match its record
         if (dest / name).exists():
             shutil.rmtree(dest / name)
     for name in names:
         shutil.copytree(run_folder / name, dest / name, ignore=shutil.ignore_patterns(".*.lock", "*.partial"))
     write_json(dest / PACKED_INPUTS, {DATA_FILE[_kind(name)]: _data_hash(run_folder, name) for name in names})
-    write_json(dest / STATE, {name: state[name] for name in names})
+    write_json(dest / STATE, records)
     return names
+
+
+def _made_record(record: dict[str, Any], name: str) -> dict[str, Any]:
+    """Stage `name`'s pipeline.json record as the run that made it wrote it: a stage this run copied from
+    another (`teach_from`) packs its source's record, whose fingerprint and stamp teach_from checks and
+    every copy of it keeps."""
+    if not (copied := record.get("reused_from")):
+        return record
+    source = Path(copied["folder"])
+    made = _read_state(source.parent / STATE).get(name, {})
+    if _fingerprint({"reused": str(source), "stamp": made.get("stamp")}) != record.get("fingerprint"):
+        raise MdliteError(f"--pack-reusable: this run copied {name}/ from {source}, which is gone or has changed "
+                          "since; rerun this run first, or pack that one")
+    return made
 
 
 def _source_has(source: Path, name: str) -> bool:
@@ -581,10 +596,11 @@ def _how_to_make(run_folder: Path, config_path: Path) -> str:
     return "no config beside this one makes it; run the distill config whose output_dir it is first"
 
 
-def _reused_fingerprint(name: str, cfg: Any, source: Path, data_hash: str | None) -> str:
+def _reused_fingerprint(name: str, cfg: Any, source: Path, data_hash: str | None, own: dict[str, Any]) -> str:
     """The fingerprint of stage `name` copied from `source` (that stage's folder in another run): its stamp
-    there. MdliteError naming what differs, and the fix, unless it finished with the inputs that this config's
-    own stage would have."""
+    there, or this run's own record's fingerprint when this run made the stage packed there (`own`, the
+    same stamp). MdliteError naming what differs, and the fix, unless it finished with the inputs that this
+    config's own stage would have."""
     record = _read_state(source.parent / STATE).get(name, {})
     fix = "make this config's teach: section, distill.teacher and train_data equal to that run's, or remove " \
         "distill.teach_from to teach here" if name == "teach" else \
@@ -600,7 +616,8 @@ def _reused_fingerprint(name: str, cfg: Any, source: Path, data_hash: str | None
     if differences or _stage_fingerprint(as_there, [], {}, data_hash) != record.get("fingerprint"):
         raise MdliteError(f"distill.teach_from: {source} differs from this config's {name} stage "
                           f"({'; '.join(differences[:3]) or 'another fingerprint'}); {fix}")
-    return _fingerprint({"reused": str(source), "stamp": record["stamp"]})
+    return own["fingerprint"] if own.get("stamp") == record["stamp"] else \
+        _fingerprint({"reused": str(source), "stamp": record["stamp"]})
 
 
 def _differences(name: str, cfg: Any, ran: dict[str, Any], data_file: Path, data_hash: str | None) -> list[str]:

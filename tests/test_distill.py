@@ -498,6 +498,36 @@ def test_a_packed_teach_stage_is_reused_without_the_data_or_the_run_folder(
                     "no rationales 'nope' ship with mdlite; known: rationales:tiny")
 
 
+def test_a_teacher_row_is_packed_beside_the_teach_stage_it_was_copied_with(teacher_server: Any,
+                                                                           tmp_path: Path) -> None:
+    """A run copies a packed teach stage, runs its teacher row here and packs it into the same folder: teach
+    keeps the record of the run that made it, and every run copying from there finds its stages up to date."""
+    import shutil
+
+    run(_teach_from_config(tmp_path / "src"), {})
+    packed = tmp_path / "packed"
+    assert CliRunner().invoke(cli, ["distill", str(_teach_from_config(tmp_path / "src")), "--pack-reusable",
+                                    str(packed)]).exit_code == 0
+    shutil.rmtree(packed / "eval-teacher")  # packed before the teacher row finished
+    (packed / "pipeline.json").write_text(json.dumps({"teach": _state(packed)["teach"]}))
+    teach_record = _state(packed)["teach"]
+    config = _teach_from_config(tmp_path / "copy", packed)
+    run(config, {})
+    requests = len(teacher_server.requests)
+    result = CliRunner().invoke(cli, ["distill", str(config), "--pack-reusable", str(packed)])
+    assert result.exit_code == 0 and "packed teach, eval-teacher of" in result.output, result.output
+    assert _state(packed) == {"teach": teach_record, "eval-teacher": _state(tmp_path / "copy" / "out")["eval-teacher"]}
+    plan_text = CliRunner().invoke(cli, ["distill", str(config), "--dry-run"]).output
+    assert "teach             skip" in plan_text and "eval-teacher      skip" in plan_text, plan_text
+    plan_text = CliRunner().invoke(cli, ["distill", str(_teach_from_config(tmp_path / "other", packed)),
+                                         "--dry-run"]).output
+    assert "teach             copy (reused from" in plan_text and "eval-teacher      copy" in plan_text, plan_text
+    assert len(teacher_server.requests) == requests
+    shutil.rmtree(packed)  # the copy's source is gone: its teach stage cannot be packed again
+    _one_line_error(CliRunner().invoke(cli, ["distill", str(config), "--pack-reusable", str(tmp_path / "again")]),
+                    "this run copied teach/ from")
+
+
 @pytest.mark.parametrize(("changes", "needle"), [
     ({"distill": {"teacher": "ollama:other"}}, "distill.teacher 'ollama:teacher' there, 'ollama:other' here"),
     ({"distill": {"train_data": "synth:6:3"}}, "data/train.jsonl holds other problems"),
