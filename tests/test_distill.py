@@ -606,10 +606,11 @@ def test_every_shipped_configs_dry_run_works_on_a_fresh_machine(fresh_home: Path
     """No run folder exists (the benchmark data does, as for a user who set MDLITE_DATA): the plan is printed in
     full; a `teach_from` run that is not there yet is the line of the stage that copies it, naming the config
     that makes it, and only then is the exit non-zero; shipped rationales (`rationales:NAME`) pass every check
-    (teacher, data hash, teach settings, prompts) and is copied."""
+    (teacher, data hash, teach and eval settings, prompts) and are copied, the teacher row too."""
     monkeypatch.setenv("MDLITE_DATA", str(shared_data))
     path = DEMO.parent / config
-    teach_from = yaml.safe_load(path.read_text())["distill"].get("teach_from")
+    distill = yaml.safe_load(path.read_text())["distill"]
+    teach_from = distill.get("teach_from")
     result = CliRunner().invoke(cli, ["distill", str(path), "--dry-run"])
     assert "Traceback" not in result.output and "error" not in result.output, result.output
     assert result.output.startswith(f"distill plan for {path}") and "stages would run" in result.output
@@ -617,6 +618,7 @@ def test_every_shipped_configs_dry_run_works_on_a_fresh_machine(fresh_home: Path
     if teach_from is None or teach_from.startswith("rationales:"):  # nothing to wait for: they ship with mdlite
         assert result.exit_code == 0, result.output
         assert teach_from is None or "teach             copy (reused from" in result.output
+        assert not (teach_from and distill.get("teacher_eval")) or "eval-teacher      copy (reused" in result.output
         return
     source = _under(fresh_home, teach_from)
     makes = [p for p in DEMO.parent.glob("*.yaml")
@@ -648,7 +650,8 @@ def test_the_gemma_config_would_reuse_svamp_smalls_teach_and_teacher_row(fresh_h
 
 
 def test_the_shipped_svamp_strong_rationales_are_whole() -> None:
-    """rationales:svamp-strong holds every sample of its teach stage (kept or not) once, as its stats count them."""
+    """rationales:svamp-strong holds every sample of its teach stage (kept or not) once, as its stats count them,
+    and its teacher row's every path, as its report counts them."""
     from mdlite.distill import shipped_rationales
 
     folder = shipped_rationales("svamp-strong")
@@ -660,3 +663,10 @@ def test_the_shipped_svamp_strong_rationales_are_whole() -> None:
         assert len(mine) == stats[style]["samples"] and sum(r["kept"] for r in mine) == stats[style]["kept"]
     assert {r["teacher"] for r in records} == {"llamacpp:qwen2.5-coder-1.5b-instruct"}
     assert all(r["answer"] == r["gold"] for r in records if r["kept"])
+    teacher_row = folder / "eval-teacher"
+    report = json.loads((teacher_row / "report.json").read_text())
+    paths = [json.loads(line) for line in (teacher_row / "samples.jsonl").read_text().splitlines()]
+    assert len(paths) == report["paths_decoded"] == 200 * (1 + 4) * 2 and report["problems"] == 200
+    for style in ("cot", "pot"):
+        greedy = [p["correct"] for p in paths if p["style"] == style and p["greedy"]]
+        assert sum(greedy) / len(greedy) == report["greedy_accuracy"][style]
