@@ -386,8 +386,8 @@ def eval_compare(folders: tuple[Path, ...], metrics: tuple[str, ...]) -> None:
     """Print the reports of eval output folders side by side (e.g. base, student, teacher).
 
     With two folders of the same problems, a second table pairs them problem by problem: both accuracies,
-    the problems where each scores higher, and the exact two-sided sign test's p (McNemar's exact test
-    for greedy paths), so "B beats A" can be told from noise.
+    the problems where each scores higher, and a paired test's two-sided p (McNemar's exact test for
+    greedy paths; a sign-flip test for maj@k), so "B beats A" can be told from noise.
 
     \b
     Example:

@@ -36,6 +36,7 @@ from mdlite.evaluate import (
     load_samples,
     majority_at_k,
     mode_at_k,
+    paired_p,
     sign_test_p,
     vote_at_k,
 )
@@ -240,6 +241,17 @@ def test_sign_test_p_is_mcnemars_exact_test() -> None:
     assert sign_test_p(11, 15) == pytest.approx(0.557, abs=1e-3)
 
 
+def test_paired_p_is_mcnemar_for_right_or_wrong_scores_and_a_sign_flip_test_for_fractions() -> None:
+    right_wrong = ([1.0] * 20 + [0.0] * 6 + [1.0] * 50, [0.0] * 20 + [1.0] * 6 + [1.0] * 50)
+    assert paired_p(*right_wrong) == sign_test_p(20, 6)
+    # Ten problems each 0.5 higher in the first: only the two sign patterns with every flip alike are as extreme.
+    assert paired_p([0.5] * 10 + [1.0] * 5, [0.0] * 10 + [1.0] * 5) == pytest.approx(2 / 2**10, abs=0.001)
+    # The same total difference spread over a few large and many small ones is weaker evidence.
+    spread = paired_p([1.0, 1.0, 1.0, 0.25, 0.25], [0.0, 0.0, 0.0, 0.5, 0.5])
+    assert 0.2 < spread < 0.3  # 8 of 32 sign patterns reach |sum| >= 2.5
+    assert paired_p([0.25, 0.75], [0.25, 0.75]) == 1.0
+
+
 def test_two_evals_are_compared_problem_by_problem(tmp_path: Path, problems_file: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     first, second = tmp_path / "first", tmp_path / "second"
@@ -261,7 +273,7 @@ def test_two_evals_are_compared_problem_by_problem(tmp_path: Path, problems_file
 
     result = CliRunner().invoke(cli, ["eval", "compare", str(first), str(second)])
     assert result.exit_code == 0, result.output
-    header = "| metric (first vs second, 3 problems) | first | second | higher in first | higher in second |"
+    header = "| metric (first vs second, 3 problems) | first | second | higher in first | higher in second | p |"
     assert header in result.output
     assert "| greedy cot | 66.7% | 66.7% | 1 | 1 | 1 |" in result.output
     assert "| cot@2 | 66.7% | 100.0% | 0 | 1 | 1 |" in result.output
